@@ -1,0 +1,284 @@
+"""Model configuration: frozen dataclasses read from a checkpoint's ``config.json``.
+
+The hub's ``config.json`` (current form with ``image_token_index``, and the older form without it) is
+translated once, here, into our own field names; no other module reads the hub's keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+
+# Architectures we can build, keyed by the hub's class name.
+GENERATION_ARCHITECTURES = {"Blip2ForConditionalGeneration", "Blip2Model"}
+RETRIEVAL_ARCHITECTURES = {"Blip2ForImageTextRetrieval"}
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """EVA-style ViT (ViT-g/14 in the released checkpoints)."""
+
+    hidden_size: int = 1408
+    num_layers: int = 39
+    num_heads: int = 16
+    mlp_size: int = 6144
+    image_size: int = 224
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    activation: str = "gelu"
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BERT-base Q-Former: learned queries cross-attending to the image every few layers."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_size: int = 3072
+    layer_norm_eps: float = 1e-12
+    cross_attention_every: int = 2
+    encoder_hidden_size: int = 1408
+    activation: str = "gelu"
+    has_text_input: bool = False  # word/position embeddings and the text feed-forward
+    vocab_size: int = 30522
+    max_position_embeddings: int = 512
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class OPTConfig:
+    """OPT decoder-only language model (facebook/opt-2.7b and friends)."""
+
+    vocab_size: int = 50272
+    hidden_size: int = 2560
+    num_layers: int = 32
+    num_heads: int = 32
+    mlp_size: int = 10240
+    max_position_embeddings: int = 2048
+    word_embed_proj_dim: int = 2560
+    pre_norm: bool = True  # do_layer_norm_before
+    final_norm: bool = True
+    bias: bool = True
+    norm_affine: bool = True
+    activation: str = "relu"
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 2
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 1
+
+    kind = "opt"
+
+
+@dataclass(frozen=True)
+class T5Config:
+    """T5 v1.1 / Flan-T5 encoder-decoder."""
+
+    vocab_size: int = 32128
+    hidden_size: int = 2048
+    head_dim: int = 64
+    num_heads: int = 32
+    mlp_size: int = 5120
+    num_layers: int = 24
+    num_decoder_layers: int = 24
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    gated: bool = True
+    activation: str = "gelu_new"
+    tie_word_embeddings: bool = False
+    scale_decoder_outputs: bool = False  # original T5 scales by d_model**-0.5 before a tied lm_head
+    decoder_start_token_id: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | None = 1
+    pad_token_id: int | None = 0
+
+    kind = "t5"
+
+
+@dataclass(frozen=True)
+class Blip2Config:
+    """The whole model: vision → Q-Former → projection → language model (or retrieval heads)."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    text: OPTConfig | T5Config | None = field(default_factory=OPTConfig)
+    num_query_tokens: int = 32
+    image_token_index: int | None = None  # None: the image prefix is prepended (older configs)
+    image_text_hidden_size: int = 256
+    retrieval: bool = False  # Blip2ForImageTextRetrieval layout (no language model)
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return isinstance(self.text, T5Config)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
+        return _blip2_from_dict(d)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Blip2Config:
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: no config.json in this checkpoint folder") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+        if not isinstance(d, dict):
+            raise CheckpointError(f"{path}: config.json does not hold a JSON object")
+        return _blip2_from_dict(d, source=str(path))
+
+
+def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+def _int_or_first(value: Any) -> int:
+    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+
+
+def _vision_from_dict(d: dict[str, Any]) -> VisionConfig:
+    base = VisionConfig()
+    return VisionConfig(
+        hidden_size=_get(d, "hidden_size", default=base.hidden_size),
+        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
+        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
+        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
+        image_size=_int_or_first(_get(d, "image_size", default=base.image_size)),
+        patch_size=_int_or_first(_get(d, "patch_size", default=base.patch_size)),
+        layer_norm_eps=_get(d, "layer_norm_eps", default=base.layer_norm_eps),
+        qkv_bias=_get(d, "qkv_bias", default=base.qkv_bias),
+        activation=_get(d, "hidden_act", default=base.activation),
+    )
+
+
+def _qformer_from_dict(d: dict[str, Any], vision: VisionConfig, retrieval: bool) -> QFormerConfig:
+    base = QFormerConfig()
+    return QFormerConfig(
+        hidden_size=_get(d, "hidden_size", default=base.hidden_size),
+        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
+        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
+        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
+        layer_norm_eps=_get(d, "layer_norm_eps", default=base.layer_norm_eps),
+        cross_attention_every=_get(d, "cross_attention_frequency", default=base.cross_attention_every),
+        encoder_hidden_size=vision.hidden_size,
+        activation=_get(d, "hidden_act", default=base.activation),
+        has_text_input=bool(_get(d, "use_qformer_text_input", default=retrieval)),
+        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
+        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
+        pad_token_id=_get(d, "pad_token_id", default=base.pad_token_id),
+    )
+
+
+def _opt_from_dict(d: dict[str, Any]) -> OPTConfig:
+    base = OPTConfig()
+    hidden = _get(d, "hidden_size", default=base.hidden_size)
+    return OPTConfig(
+        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
+        hidden_size=hidden,
+        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
+        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
+        mlp_size=_get(d, "ffn_dim", default=base.mlp_size),
+        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
+        word_embed_proj_dim=_get(d, "word_embed_proj_dim", default=hidden),
+        pre_norm=_get(d, "do_layer_norm_before", default=True),
+        final_norm=_get(d, "do_layer_norm_before", default=True)
+        and not d.get("_remove_final_layer_norm", False),
+        bias=_get(d, "enable_bias", default=True),
+        norm_affine=_get(d, "layer_norm_elementwise_affine", default=True),
+        activation=_get(d, "activation_function", default="relu"),
+        tie_word_embeddings=_get(d, "tie_word_embeddings", default=True),
+        bos_token_id=d.get("bos_token_id", base.bos_token_id),
+        eos_token_id=d.get("eos_token_id", base.eos_token_id),
+        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+    )
+
+
+def _t5_from_dict(d: dict[str, Any]) -> T5Config:
+    base = T5Config()
+    ff = _get(d, "feed_forward_proj", default="gated-gelu")
+    gated = ff.startswith("gated-")
+    act = ff.split("-")[-1]
+    # T5's own config maps "gated-gelu" to the tanh approximation.
+    act = _get(d, "dense_act_fn", default=("gelu_new" if act == "gelu" else act))
+    num_layers = _get(d, "num_layers", default=base.num_layers)
+    return T5Config(
+        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
+        hidden_size=_get(d, "d_model", default=base.hidden_size),
+        head_dim=_get(d, "d_kv", default=base.head_dim),
+        num_heads=_get(d, "num_heads", default=base.num_heads),
+        mlp_size=_get(d, "d_ff", default=base.mlp_size),
+        num_layers=num_layers,
+        num_decoder_layers=_get(d, "num_decoder_layers", default=num_layers),
+        relative_attention_num_buckets=_get(
+            d, "relative_attention_num_buckets", default=base.relative_attention_num_buckets
+        ),
+        relative_attention_max_distance=_get(
+            d, "relative_attention_max_distance", default=base.relative_attention_max_distance
+        ),
+        layer_norm_eps=_get(d, "layer_norm_epsilon", default=base.layer_norm_eps),
+        gated=_get(d, "is_gated_act", default=gated),
+        activation=act,
+        tie_word_embeddings=_get(d, "tie_word_embeddings", default=True),
+        scale_decoder_outputs=_get(
+            d, "scale_decoder_outputs", default=d.get("tie_word_embeddings") is not False
+        ),
+        decoder_start_token_id=_get(d, "decoder_start_token_id", default=0),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=d.get("eos_token_id", base.eos_token_id),
+        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+    )
+
+
+def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Config:
+    archs = set(d.get("architectures") or [])
+    model_type = d.get("model_type")
+    if model_type not in (None, "blip-2", "blip_2") and not archs & (
+        GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES
+    ):
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not a BLIP-2 checkpoint "
+            f"(expected 'blip-2' with one of {sorted(GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES)})"
+        )
+    unknown = archs - GENERATION_ARCHITECTURES - RETRIEVAL_ARCHITECTURES
+    if unknown and not archs & (GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES):
+        raise CheckpointError(
+            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds "
+            f"{sorted(GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES)}"
+        )
+    retrieval = bool(archs & RETRIEVAL_ARCHITECTURES)
+    vision = _vision_from_dict(d.get("vision_config") or {})
+    qformer = _qformer_from_dict(d.get("qformer_config") or {}, vision, retrieval)
+    text: OPTConfig | T5Config | None = None
+    if not retrieval:
+        td = d.get("text_config") or {}
+        text_type = td.get("model_type", "opt")
+        if text_type == "opt":
+            text = _opt_from_dict(td)
+        elif text_type in ("t5", "mt5", "umt5"):
+            text = _t5_from_dict(td)
+        else:
+            raise CheckpointError(
+                f"{source}: language model type {text_type!r} is not supported (blip2 runs 'opt' and 't5')"
+            )
+    return Blip2Config(
+        vision=vision,
+        qformer=qformer,
+        text=text,
+        num_query_tokens=_get(d, "num_query_tokens", default=32),
+        image_token_index=_get(d, "image_token_index", "image_token_id"),
+        image_text_hidden_size=_get(d, "image_text_hidden_size", default=256),
+        retrieval=retrieval,
+    )

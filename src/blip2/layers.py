@@ -1,0 +1,174 @@
+"""Shared primitives: activations, norms, feed-forwards, attention over SDPA, a static KV cache.
+
+Nothing here knows which model it serves. Shapes: ``B`` batch, ``H`` heads, ``T`` query length,
+``S`` key length, ``D`` width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu_fast": _gelu_tanh,
+    "quick_gelu": _quick_gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}") from None
+
+
+class MLP(nn.Module):
+    """Two linear layers with an activation between: ``fc2(act(fc1(x)))``."""
+
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = True, out_dim: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class GatedMLP(nn.Module):
+    """Gated feed-forward (T5 v1.1): ``wo(act(wi_0 x) * wi_1 x)``, no biases."""
+
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        self.wi_0 = nn.Linear(dim, hidden, bias=False)
+        self.wi_1 = nn.Linear(dim, hidden, bias=False)
+        self.wo = nn.Linear(hidden, dim, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.wi_0(x)) * self.wi_1(x)
+        # Flan-T5 checkpoints are often run with `wo` kept in float32 while the rest is half.
+        weight = self.wo.weight
+        if weight.is_floating_point() and h.dtype != weight.dtype:
+            h = h.to(weight.dtype)
+        return self.wo(h)
+
+
+class RMSNorm(nn.Module):
+    """T5's norm: scale only, no mean subtraction; the variance is accumulated in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, T, H*Dh) -> (B, H, T, Dh)"""
+    b, t, _ = x.shape
+    return x.view(b, t, num_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, T, Dh) -> (B, T, H*Dh)"""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Scaled dot-product attention over (B, H, T, Dh) / (B, H, S, Dh).
+
+    ``mask`` is boolean (True = attend) or additive float, broadcastable to (B, H, T, S).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+
+
+def padding_mask(key_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:
+    """A (B, S) 0/1 key mask -> boolean (B, 1, 1, S) for bidirectional attention."""
+    return key_mask.bool()[:, None, None, :]
+
+
+def causal_mask(key_mask: torch.Tensor, query_start: int, query_len: int) -> torch.Tensor:
+    """Causal + padding mask: boolean (B, 1, T, S) where query i sits at absolute position query_start + i.
+
+    A query with no visible key (a padding position) is let attend to itself, so that SDPA never
+    produces NaN there; such positions are padding and their outputs are never used.
+    """
+    s = key_mask.shape[1]
+    device = key_mask.device
+    q_pos = torch.arange(query_start, query_start + query_len, device=device)[:, None]
+    k_pos = torch.arange(s, device=device)[None, :]
+    allowed = (k_pos <= q_pos)[None] & key_mask.bool()[:, None, :]  # (B, T, S)
+    allowed = allowed | (k_pos == q_pos)[None]
+    return allowed[:, None]
+
+
+class KVCache:
+    """Static per-layer key/value storage, written by position: (B, H, S_max, Dh)."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, head_dim: int, dtype: torch.dtype, device):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, Dh) at positions [start, start+T) and return keys/values [0, start+T)."""
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select batch rows (beam search): row i becomes old row index[i]."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
+
+
+def normal_init_(module: nn.Module, std: float = 0.02) -> None:
+    """Plain initialisation for modules built outside a checkpoint (training from scratch)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

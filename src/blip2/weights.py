@@ -1,0 +1,453 @@
+"""Checkpoint files: find them, read them by memory map, and map the hub's tensor names onto ours.
+
+This is the only module that knows the hub's tensor names. Loading builds the model on the meta
+device and assigns memory-mapped tensors into it (``assign=True``), so the weights are never held
+twice. It is strict: a tensor the model lacks, a tensor the file lacks, a wrong shape, a corrupt file
+-- each is a ``CheckpointError`` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Blip2Config
+from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# ---- finding the files ------------------------------------------------------------------------
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: sharded (from the index) or single; safetensors preferred."""
+    for index_name in WEIGHT_INDEXES:
+        index = folder / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
+            return [folder / s for s in shards]
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    found = sorted(p.name for p in folder.glob("*.safetensors")) or sorted(
+        p.name for p in folder.glob("*.bin")
+    )
+    if found:
+        return [folder / n for n in found]
+    raise CheckpointError(
+        f"{folder}: no weights found (expected model.safetensors, a sharded index, or pytorch_model.bin)"
+    )
+
+
+# ---- reading tensors ----------------------------------------------------------------------------
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors file as views into a private (copy-on-write) memory map."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100_000_000:
+                raise CheckpointError(
+                    f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)"
+                )
+            header = json.loads(f.read(header_len))
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+    data_start = 8 + header_len
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * dtype.itemsize
+        if end - begin != nbytes or data_start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} runs past the end of the file or has a wrong size (truncated download?)"
+            )
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+            continue
+        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=data_start + begin)
+        tensors[name] = t.view(shape)
+    return tensors
+
+
+def read_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A PyTorch pickle checkpoint, loaded safely (tensors only), memory-mapped when possible."""
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e).lower() and "zip" not in str(e).lower():
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means the file is unusable
+        raise CheckpointError(f"{path}: cannot load PyTorch weights ({type(e).__name__}: {e})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        part = read_safetensors(f) if f.suffix == ".safetensors" else read_bin(f)
+        dup = tensors.keys() & part.keys()
+        if dup:
+            raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} also appears in another shard")
+        tensors.update(part)
+    return tensors
+
+
+# ---- hub names -> our names -------------------------------------------------------------------
+
+Rule = tuple[str, str | Callable[[re.Match, Blip2Config], str] | None]
+
+_QF_BLOCKS = {
+    "attention.attention.query": "self_attn.q",
+    "attention.attention.key": "self_attn.k",
+    "attention.attention.value": "self_attn.v",
+    "attention.output.dense": "self_attn.proj",
+    "attention.output.LayerNorm": "self_attn.norm",
+    "crossattention.attention.query": "cross_attn.q",
+    "crossattention.attention.key": "cross_attn.k",
+    "crossattention.attention.value": "cross_attn.v",
+    "crossattention.output.dense": "cross_attn.proj",
+    "crossattention.output.LayerNorm": "cross_attn.norm",
+    "intermediate_query.dense": "query_ffn.mlp.fc1",
+    "output_query.dense": "query_ffn.mlp.fc2",
+    "output_query.LayerNorm": "query_ffn.norm",
+    "intermediate.dense": "text_ffn.mlp.fc1",
+    "output.dense": "text_ffn.mlp.fc2",
+    "output.LayerNorm": "text_ffn.norm",
+}
+
+_OPT_BLOCKS = {
+    "self_attn.q_proj": "attn.q",
+    "self_attn.k_proj": "attn.k",
+    "self_attn.v_proj": "attn.v",
+    "self_attn.out_proj": "attn.out",
+    "self_attn_layer_norm": "norm1",
+    "final_layer_norm": "norm2",
+    "fc1": "mlp.fc1",
+    "fc2": "mlp.fc2",
+}
+
+
+def _t5_block(m: re.Match, cfg: Blip2Config) -> str:
+    stack, n, sub, rest = m["stack"], m["n"], int(m["sub"]), m["rest"]
+    gated = cfg.text.gated
+    is_dec = stack == "decoder"
+    if rest.startswith("SelfAttention.relative_attention_bias"):
+        if n != "0":
+            raise KeyError("relative_attention_bias outside block 0")
+        return f"language_model.{stack}_bias.embed.weight"
+    ff_sub = 2 if is_dec else 1
+    prefix = f"language_model.{stack}.{n}."
+    if sub == 0:
+        if rest.startswith("layer_norm."):
+            return prefix + "norm1." + rest.split(".", 1)[1]
+        if rest.startswith("SelfAttention."):
+            return prefix + "self_attn." + rest.split(".", 1)[1]
+    elif sub == 1 and is_dec:
+        if rest.startswith("layer_norm."):
+            return prefix + "norm_cross." + rest.split(".", 1)[1]
+        if rest.startswith("EncDecAttention."):
+            return prefix + "cross_attn." + rest.split(".", 1)[1]
+    elif sub == ff_sub:
+        if rest.startswith("layer_norm."):
+            return prefix + "norm2." + rest.split(".", 1)[1]
+        if rest.startswith("DenseReluDense."):
+            part = rest.split(".", 1)[1]
+            if not gated:
+                part = part.replace("wi.", "fc1.").replace("wo.", "fc2.")
+            return prefix + "mlp." + part
+    raise KeyError(rest)
+
+
+RULES: list[Rule] = [
+    # vision
+    (r"vision_model\.embeddings\.class_embedding", "vision.class_token"),
+    (r"vision_model\.embeddings\.position_embedding", "vision.pos_embed"),
+    (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"vision.patch_embed.\1"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.(weight|bias)", r"vision.blocks.\1.attn.qkv.\2"),
+    (
+        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)",
+        r"vision.blocks.\1.attn.proj.\2",
+    ),
+    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"vision.blocks.\1.norm\2.\3"),
+    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"vision.blocks.\1.mlp.\2.\3"),
+    (r"vision_model\.post_layernorm\.(weight|bias)", r"vision.norm.\1"),
+    # Q-Former
+    (r"query_tokens", "queries"),
+    (r"qformer\.layernorm\.(weight|bias)", r"qformer.norm.\1"),
+    (
+        r"qformer\.encoder\.layer\.(\d+)\.("
+        + "|".join(re.escape(k) for k in _QF_BLOCKS)
+        + r")\.(weight|bias)",
+        lambda m, cfg: f"qformer.layers.{m[1]}.{_QF_BLOCKS[m[2]]}.{m[3]}",
+    ),
+    (r"(?:qformer\.)?embeddings\.word_embeddings\.weight", "qformer.word_embed.weight"),
+    (r"(?:qformer\.)?embeddings\.position_embeddings\.weight", "qformer.pos_embed.weight"),
+    (r"(?:qformer\.)?embeddings\.position_ids", None),
+    # heads
+    (r"language_projection\.(weight|bias)", r"projection.\1"),
+    (r"vision_projection\.(weight|bias)", r"vision_proj.\1"),
+    (r"text_projection\.(weight|bias)", r"text_proj.\1"),
+    (r"itm_head\.(weight|bias)", r"itm_head.\1"),
+    # OPT
+    (r"language_model\.model\.decoder\.embed_tokens\.weight", "language_model.embed_tokens.weight"),
+    (r"language_model\.model\.decoder\.embed_positions\.weight", "language_model.embed_positions.weight"),
+    (r"language_model\.model\.decoder\.(project_in|project_out)\.weight", r"language_model.\1.weight"),
+    (r"language_model\.model\.decoder\.final_layer_norm\.(weight|bias)", r"language_model.norm.\1"),
+    (
+        r"language_model\.model\.decoder\.layers\.(\d+)\.("
+        + "|".join(re.escape(k) for k in _OPT_BLOCKS)
+        + r")\.(weight|bias)",
+        lambda m, cfg: f"language_model.layers.{m[1]}.{_OPT_BLOCKS[m[2]]}.{m[3]}",
+    ),
+    # T5
+    (r"language_model\.shared\.weight", "language_model.embed_tokens.weight"),
+    (r"language_model\.(encoder|decoder)\.embed_tokens\.weight", "language_model.embed_tokens.weight"),
+    (
+        r"language_model\.(?P<stack>encoder|decoder)\.block\.(?P<n>\d+)\.layer\.(?P<sub>\d)\.(?P<rest>.+)",
+        _t5_block,
+    ),
+    (r"language_model\.encoder\.final_layer_norm\.weight", "language_model.encoder_norm.weight"),
+    (r"language_model\.decoder\.final_layer_norm\.weight", "language_model.decoder_norm.weight"),
+    (r"language_model\.lm_head\.weight", "language_model.lm_head.weight"),
+]
+_COMPILED = [(re.compile(p), r) for p, r in RULES]
+
+# Names several hub tensors may map to (tied copies); the first one present wins.
+ALIASED = {"language_model.embed_tokens.weight"}
+
+
+def our_name(hub_name: str, cfg: Blip2Config) -> str | None:
+    """Map one hub tensor name to ours; None for tensors we deliberately skip. KeyError if unknown."""
+    for pattern, repl in _COMPILED:
+        m = pattern.fullmatch(hub_name)
+        if m is None:
+            continue
+        if repl is None:
+            return None
+        try:
+            return repl(m, cfg) if callable(repl) else m.expand(repl)
+        except KeyError:
+            break
+    raise KeyError(hub_name)
+
+
+def map_state_dict(tensors: dict[str, torch.Tensor], cfg: Blip2Config) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for name, t in tensors.items():
+        try:
+            ours = our_name(name, cfg)
+        except KeyError:
+            unknown.append(name)
+            continue
+        if ours is None:
+            continue
+        if ours in out:
+            if ours in ALIASED:
+                continue
+            raise CheckpointError(f"two checkpoint tensors map to {ours!r} (one is {name!r})")
+        out[ours] = t
+    if unknown:
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise CheckpointError(
+            f"unexpected tensor(s) in the checkpoint: {', '.join(sorted(unknown)[:5])}{more}"
+        )
+    return out
+
+
+# ---- putting them into the model --------------------------------------------------------------
+
+FLOAT32_PREFIXES = ("qformer.", "queries")  # kept in float32 whatever the model's dtype
+
+
+def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if name.startswith(FLOAT32_PREFIXES) else dtype
+
+
+def load_into(
+    model: nn.Module, tensors: dict[str, torch.Tensor], cfg: Blip2Config, dtype: torch.dtype
+) -> None:
+    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree)."""
+    mapped = map_state_dict(tensors, cfg)
+    expected = model.state_dict()
+    lm_head = "language_model.lm_head.weight"
+    if (
+        lm_head in expected
+        and lm_head not in mapped
+        and cfg.text is not None
+        and cfg.text.tie_word_embeddings
+    ):
+        embed = mapped.get("language_model.embed_tokens.weight")
+        if embed is not None:
+            mapped[lm_head] = embed  # tied: share the embedding's storage
+    missing = sorted(expected.keys() - mapped.keys())
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint is missing tensor(s) for: {', '.join(missing[:5])}{more} "
+            "(is this the right checkpoint for this config?)"
+        )
+    extra = sorted(mapped.keys() - expected.keys())
+    if extra:
+        raise CheckpointError(
+            f"checkpoint has tensor(s) this model does not use: {', '.join(extra[:5])} "
+            "(config.json and the weights disagree)"
+        )
+    converted: dict[int, torch.Tensor] = {}  # one conversion per source tensor, so tied weights stay shared
+    final: dict[str, torch.Tensor] = {}
+    for name, ref in expected.items():
+        t = mapped[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"tensor {name!r} has shape {tuple(t.shape)} in the checkpoint, the config implies {tuple(ref.shape)}"
+            )
+        want = target_dtype(name, dtype)
+        if t.dtype != want:
+            key = id(t)
+            if key not in converted:
+                converted[key] = t.to(want)
+            t = converted[key]
+        final[name] = t
+    model.load_state_dict(final, strict=True, assign=True)
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype}")
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
+    try:
+        return names[str(dtype).lower()]
+    except KeyError:
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, not {dtype!r}") from None
+
+
+# ---- local folder or hub id -------------------------------------------------------------------
+
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub id fetched through (and cached by) ``huggingface_hub``."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(
+                f"{path}: no config.json; this folder is not a checkpoint in the hub layout"
+            )
+        return path
+    if path.exists():
+        raise CheckpointError(
+            f"{path}: a checkpoint is a folder (config.json, weights, tokenizer), not a file"
+        )
+    name = str(name_or_path)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise CheckpointError(f"{name}: no such folder, and not a hub model id of the form 'owner/name'")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CheckpointError("huggingface_hub is not installed; pass a local checkpoint folder") from None
+
+    def fetch(patterns: list[str], local_only: bool) -> Path:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+
+    try:
+        folder = fetch(HUB_PATTERNS, local_only=True)
+    except Exception:  # noqa: BLE001 - not (fully) in the cache
+        folder = None
+    if folder is None or not (folder / "config.json").is_file():
+        if _hub_offline():
+            raise CheckpointError(
+                f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. Download it where "
+                f"there is network (`huggingface-cli download {name}`) and copy the cache "
+                "(~/.cache/huggingface), or pass a local checkpoint folder."
+            )
+        log.info("downloading %s from the Hugging Face hub", name)
+        try:
+            folder = fetch(HUB_PATTERNS, local_only=False)
+        except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end here
+            raise CheckpointError(
+                f"cannot fetch {name} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                f"Offline? Download it where there is network (`huggingface-cli download {name}`) and copy "
+                "the cache (~/.cache/huggingface), or pass a local checkpoint folder."
+            ) from None
+    if not any(folder.glob("*.safetensors")):
+        try:  # an older repo with only PyTorch pickles
+            folder = fetch(["*.bin", "*.bin.index.json"], local_only=_hub_offline())
+        except Exception:  # noqa: BLE001
+            pass
+    return folder
