@@ -8,6 +8,7 @@ twice. It is strict: a tensor the model lacks, a tensor the file lacks, a wrong 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import mmap
@@ -318,8 +319,16 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: Blip2Config) -> dict[s
 FLOAT32_PREFIXES = ("qformer.", "queries")  # kept in float32 whatever the model's dtype
 
 
+# T5's feed-forward output projection overflows in float16; like the reference, keep it float32 then.
+_T5_WO = re.compile(r"language_model\.(encoder|decoder)\.\d+\.mlp\.(wo|fc2)\.weight")
+
+
 def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if name.startswith(FLOAT32_PREFIXES) else dtype
+    if name.startswith(FLOAT32_PREFIXES):
+        return torch.float32
+    if dtype == torch.float16 and _T5_WO.fullmatch(name):
+        return torch.float32
+    return dtype
 
 
 def load_into(
@@ -433,7 +442,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         if _hub_offline():
             raise CheckpointError(
                 f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. Download it where "
-                f"there is network (`huggingface-cli download {name}`) and copy the cache "
+                f"there is network (`hf download {name}`) and copy the cache "
                 "(~/.cache/huggingface), or pass a local checkpoint folder."
             )
         log.info("downloading %s from the Hugging Face hub", name)
@@ -442,12 +451,90 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
         except Exception as e:  # noqa: BLE001 - network, auth, missing repo: all end here
             raise CheckpointError(
                 f"cannot fetch {name} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                f"Offline? Download it where there is network (`huggingface-cli download {name}`) and copy "
+                f"Offline? Download it where there is network (`hf download {name}`) and copy "
                 "the cache (~/.cache/huggingface), or pass a local checkpoint folder."
             ) from None
     if not any(folder.glob("*.safetensors")):
-        try:  # an older repo with only PyTorch pickles
+        # an older repo with only PyTorch pickles; weight_files() reports it if this fails too
+        with contextlib.suppress(Exception):
             folder = fetch(["*.bin", "*.bin.index.json"], local_only=_hub_offline())
-        except Exception:  # noqa: BLE001
-            pass
     return folder
+
+
+# ---- saving: our names -> the source checkpoint's hub names -----------------------------------
+
+# Files of a checkpoint folder that are not weights and travel unchanged with saved weights.
+CHECKPOINT_SIDE_FILES = ("*.json", "*.txt", "*.model")
+
+
+def hub_state_dict(
+    model: nn.Module, source: dict[str, torch.Tensor], cfg: Blip2Config, trained: set[str]
+) -> dict[str, torch.Tensor]:
+    """Hub-named tensors to save: the ``source`` checkpoint's tensors under their own names, with those
+    that map to a ``trained`` parameter (our names) replaced by the model's current value.
+
+    Everything not trained is the source's own tensor (same bytes, same dtype), so frozen weights stay
+    bit-identical; tied copies (an ``lm_head`` present or absent, T5's ``shared``) stay as the source had them.
+    """
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    covered: set[str] = set()
+    for hub, t in source.items():
+        try:
+            name = our_name(hub, cfg)
+        except KeyError:
+            raise CheckpointError(f"unexpected tensor {hub!r} in the source checkpoint") from None
+        if name is not None and name in trained:
+            t = ours[name].detach()
+            covered.add(name)
+        out[hub] = t
+    missing = sorted(trained - covered)
+    if missing:
+        raise CheckpointError(
+            f"trained tensor(s) with no place in the checkpoint layout: {', '.join(missing[:5])}"
+        )
+    return out
+
+
+def save_checkpoint(
+    model: nn.Module,
+    src_folder: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    trained: set[str] | None = None,
+) -> Path:
+    """Write ``model`` as a hub-layout checkpoint in ``out_folder``, laid out as ``src_folder`` (the one it
+    was loaded from): ``model.safetensors`` with every tensor under its hub name, and the config, tokenizer,
+    processor and generation-config files copied. ``trained`` (our names; default: parameters that require
+    grad) are taken from the model, everything else from the source files, byte for byte."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src, out = Path(src_folder), Path(out_folder)
+    if src.resolve() == out.resolve():
+        raise CheckpointError(f"{out}: write the trained checkpoint to a new folder, not over its source")
+    cfg = Blip2Config.from_file(src / "config.json")
+    if trained is None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+    # safetensors wants contiguous CPU tensors that share no memory
+    seen: set[int] = set()
+    flat: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        if t.numel() and t.data_ptr() in seen:
+            t = t.clone()
+        if t.numel():
+            seen.add(t.data_ptr())
+        flat[name] = t
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")]:
+        stale.unlink()
+    tmp = out / "model.safetensors.tmp"
+    save_file(flat, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out / "model.safetensors")
+    for pattern in CHECKPOINT_SIDE_FILES:
+        for f in src.glob(pattern):
+            if f.is_file() and not f.name.endswith(".index.json"):
+                shutil.copyfile(f, out / f.name)
+    return out

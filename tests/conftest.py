@@ -1,0 +1,79 @@
+"""Shared fixtures: small random reference checkpoints (built once per session) and the `slow` marker."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from factory import build_checkpoint  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("BLIP2_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: pass --runslow or set BLIP2_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def _build(factory, name: str, **kwargs) -> Path:
+    return build_checkpoint(factory.mktemp(name), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def opt_ckpt(tmp_path_factory) -> Path:
+    """OPT generation checkpoint: safetensors, one file, lm_head written explicitly."""
+    return _build(tmp_path_factory, "opt", lm="opt")
+
+
+@pytest.fixture(scope="session")
+def t5_ckpt(tmp_path_factory) -> Path:
+    """Flan-T5 style generation checkpoint (untied lm_head, gated GELU)."""
+    return _build(tmp_path_factory, "t5", lm="t5")
+
+
+@pytest.fixture(scope="session")
+def t5_asym_ckpt(tmp_path_factory) -> Path:
+    """T5 with 2 encoder and 3 decoder layers (the reference's generate crashes on it)."""
+    return _build(tmp_path_factory, "t5_asym", lm="t5", lm_layers=2, t5_decoder_layers=3)
+
+
+@pytest.fixture(scope="session")
+def itm_ckpt(tmp_path_factory) -> Path:
+    """Blip2ForImageTextRetrieval checkpoint (blip2-itm-vit-g layout, BERT WordPiece tokenizer)."""
+    return _build(tmp_path_factory, "itm", retrieval=True)
+
+
+@pytest.fixture(scope="session")
+def opt_legacy_ckpt(tmp_path_factory) -> Path:
+    """Same tensors as `opt_ckpt`; config without image_token_index, processor without num_query_tokens."""
+    return _build(tmp_path_factory, "opt_legacy", lm="opt", legacy_config=True)
+
+
+@pytest.fixture(scope="session")
+def opt_sharded_bin_ckpt(tmp_path_factory) -> Path:
+    """Same tensors as `opt_ckpt` minus the tied lm_head, as sharded pytorch_model-*.bin + index."""
+    return _build(
+        tmp_path_factory,
+        "opt_sharded_bin",
+        lm="opt",
+        weights_format="bin",
+        max_shard_size="100KB",
+        drop_lm_head=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def opt_sharded_st_ckpt(tmp_path_factory) -> Path:
+    """Same tensors as `opt_ckpt` minus the tied lm_head, as sharded model-*.safetensors + index."""
+    return _build(tmp_path_factory, "opt_sharded_st", lm="opt", max_shard_size="100KB", drop_lm_head=True)
