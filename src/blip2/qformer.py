@@ -9,6 +9,7 @@ only; queries and text have separate feed-forwards. It runs in float32 whatever 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import QFormerConfig
@@ -27,14 +28,16 @@ class QFormerAttention(nn.Module):
         self.v = nn.Linear(kv_dim, d)
         self.proj = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
-        self.dropout = 0.0
+        self.dropout = 0.0  # on the attention weights (training only; see QFormer.set_dropout)
+        self.hidden_dropout = 0.0  # on the output projection, before the residual
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = split_heads(self.q(x), self.num_heads)  # (B, H, T, D/H)
         k = split_heads(self.k(context), self.num_heads)
         v = split_heads(self.v(context), self.num_heads)
         out = merge_heads(attention(q, k, v, mask, dropout=self.dropout if self.training else 0.0))
-        return self.norm(x + self.proj(out))
+        out = F.dropout(self.proj(out), self.hidden_dropout, self.training)
+        return self.norm(x + out)
 
 
 class FeedForward(nn.Module):
@@ -44,9 +47,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.mlp = MLP(cfg.hidden_size, cfg.mlp_size, cfg.activation)
         self.norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.hidden_dropout = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.mlp(x))
+        return self.norm(x + F.dropout(self.mlp(x), self.hidden_dropout, self.training))
 
 
 class QFormerLayer(nn.Module):
@@ -94,6 +98,17 @@ class QFormer(nn.Module):
             for i in range(cfg.num_layers)
         )
         self.gradient_checkpointing = False
+        self.hidden_dropout = 0.0
+
+    def set_dropout(self, hidden: float = 0.1, attention: float = 0.1) -> None:
+        """BERT's dropout for training (0 at load; it only ever acts in ``train()`` mode): ``hidden`` after
+        the embedding norm and on each attention / feed-forward output, ``attention`` on attention weights."""
+        self.hidden_dropout = hidden
+        for m in self.modules():
+            if isinstance(m, QFormerAttention):
+                m.dropout, m.hidden_dropout = attention, hidden
+            elif isinstance(m, FeedForward):
+                m.hidden_dropout = hidden
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) word + absolute position embeddings."""
@@ -128,6 +143,7 @@ class QFormer(nn.Module):
         if not parts:
             raise ValueError("the Q-Former needs queries, text, or both")
         x = self.norm(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+        x = F.dropout(x, self.hidden_dropout, self.training)
         if image is not None:
             image = image.to(dtype)
 
