@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from .chat import QUESTION_TEMPLATE, Conversation, PrefixCache
 from .config import Blip2Config
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
+from .generate import GenerationConfig, generate_ids, stream_ids
 from .model import Blip2
 from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
 log = logging.getLogger(__name__)
+
+PREFIX_CACHE_SIZE = 64  # images whose prefix is kept (LRU)
 
 
 def build_model(folder: Path, dtype: torch.dtype | str | None = None) -> tuple[Blip2, Blip2Config]:
@@ -37,6 +42,8 @@ class Pipeline:
         self.processor = processor
         self.folder = folder
         self.device = device
+        self.prefix_cache = PrefixCache(PREFIX_CACHE_SIZE)
+        self.generation_config = _generation_defaults(folder, model.cfg)
 
     @property
     def config(self) -> Blip2Config:
@@ -47,21 +54,170 @@ class Pipeline:
         dtype = self.model.vision.patch_embed.weight.dtype
         return f"Pipeline({str(self.folder)!r}, {kind}, device={self.device}, dtype={dtype})"
 
+    # ---- generation: captioning, questions, chat -----------------------------------------------
+
+    def generate(self, images, prompts, **gen) -> list[str]:
+        """Continuation of each prompt for its image (one prompt for all images, or one per image).
+
+        ``gen``: ``max_new_tokens``, ``min_new_tokens``, ``num_beams``, ``length_penalty``,
+        ``early_stopping``, ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``repetition_penalty``; defaults come from the checkpoint's ``generation_config.json``.
+        """
+        return [self.processor.decode(ids) for ids in self.generate_ids(images, prompts, **gen)]
+
+    def generate_ids(self, images, prompts, **gen) -> list[list[int]]:
+        """As :meth:`generate`, the new token ids (EOS included when produced)."""
+        lm, embeds, mask, ids, ids_mask, cfg = self._prepare(images, prompts, gen)
+        with torch.inference_mode():
+            return generate_ids(lm, embeds, mask, cfg, ids, ids_mask)
+
+    def stream(self, image, prompt: str | None = None, **gen) -> Iterator[str]:
+        """Yield the continuation of ``prompt`` for one image piece by piece, as it is produced."""
+        yield from self._stream_text(self.generate_steps(image, prompt, **gen))
+
+    def generate_steps(self, images, prompts, **gen) -> Iterator[list[int | None]]:
+        """As :meth:`generate_ids`, step by step: each row's new token per step (None once the row is
+        done). A batch streams as one (the server batches streaming requests with it). Beam search
+        yields its finished result, one token per step, at the end. Bad input raises here, at the call."""
+        lm, embeds, mask, ids, ids_mask, cfg = self._prepare(images, prompts, gen)
+        return _steps(lm, embeds, mask, cfg, ids, ids_mask)
+
+    def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
+        """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only."""
+        return self.generate(images, prompt, **gen)
+
+    def ask(self, image, question: str, template: str = QUESTION_TEMPLATE, **gen) -> str:
+        """The answer to ``question`` about one image (the ``Question: {} Answer:`` prompt by default)."""
+        return self.generate(image, template.format(question), **gen)[0]
+
+    def chat(self, image, **gen) -> Conversation:
+        """A conversation about one image: ``.say(text)`` returns the reply and keeps the history."""
+        return Conversation(self, image, gen)
+
+    # ---- generation internals -------------------------------------------------------------
+
+    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, Q, D_lm) prefix, through the cache keyed by pixel content."""
+        model = self.model
+        dtype = model.vision.patch_embed.weight.dtype
+        keys = [self.prefix_cache.key(p, dtype, self.device) for p in pixel_values]
+        missing = [i for i, k in enumerate(keys) if k not in self.prefix_cache and k not in keys[:i]]
+        if missing:
+            with torch.inference_mode():
+                computed = model.image_prefix(pixel_values[missing].to(self.device))
+            for i, row in zip(missing, computed, strict=True):
+                self.prefix_cache.put(keys[i], row)
+        return torch.stack([self.prefix_cache.get(k) for k in keys])
+
+    def _pixels(self, images) -> torch.Tensor:
+        return self.processor.image_processor(images)
+
+    def _prepare(self, images, prompts, gen: dict):
+        """Pixels -> prefix, prompts -> padded ids, merged into the language model's inputs."""
+        lm = self.model._lm()
+        cfg = self.generation_config.updated(**gen)
+        pixels = images if isinstance(images, torch.Tensor) and images.dim() == 4 else self._pixels(images)
+        prefix = self.image_prefix(pixels)
+        batch = prefix.shape[0]
+        if prompts is None or isinstance(prompts, str):
+            prompts = [prompts or ""] * batch
+        elif isinstance(prompts, list | tuple):
+            if not prompts:
+                raise InputError("the list of prompts is empty: give one prompt per image, or one for all")
+            prompts = ["" if p is None else p for p in prompts]
+            if len(prompts) == 1 and batch > 1:
+                prompts = prompts * batch
+        else:
+            raise InputError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}")
+        if len(prompts) != batch:
+            raise InputError(f"{len(prompts)} prompts for {batch} images: give one per image, or one for all")
+        ids, ids_mask, cfg = self._prompt_ids(prompts, cfg)
+        ids, ids_mask = ids.to(self.device), ids_mask.to(self.device)
+        with torch.inference_mode():
+            embeds, mask = self.model.merge_prefix(prefix, ids, ids_mask)
+        return lm, embeds, mask, ids, ids_mask, cfg
+
+    def _prompt_ids(self, prompts: list[str], cfg: GenerationConfig):
+        """Token ids with ``<image>`` slots (when the config has them), padded: left for OPT (positions
+        come from the mask, so each row equals its run alone), right for T5's encoder."""
+        model_cfg = self.model.cfg
+        tokenizer = self.processor.tokenizer
+        q = model_cfg.num_query_tokens
+        ids = tokenizer.encode(prompts)
+        slots = [model_cfg.image_token_index] * q if model_cfg.image_token_index is not None else []
+        ids = [slots + seq for seq in ids]
+        text = model_cfg.text
+        if text.kind == "opt":
+            limit = text.max_position_embeddings
+            longest = max(len(seq) for seq in ids) + (0 if slots else q)
+            if longest > limit:
+                raise InputError(
+                    f"the prompt is {longest} tokens long (image tokens included); "
+                    f"the model's context holds {limit}"
+                )
+            if longest + cfg.max_new_tokens > limit:
+                room = limit - longest
+                if room < 1:
+                    raise InputError(
+                        f"the prompt fills the model's context ({longest} of {limit} tokens): no room to generate"
+                    )
+                log.warning(
+                    "max_new_tokens=%d clipped to %d: the prompt takes %d of the model's %d positions",
+                    cfg.max_new_tokens,
+                    room,
+                    longest,
+                    limit,
+                )
+                cfg = cfg.updated(max_new_tokens=room)
+        side = "left" if text.kind == "opt" else "right"
+        input_ids, mask = tokenizer.pad(ids, padding_side=side)
+        return input_ids, mask, cfg
+
+    def _stream_text(self, steps) -> Iterator[str]:
+        """Token steps of one row -> text pieces, held back while a character is incomplete."""
+        tokens: list[int] = []
+        sent = ""
+        for row in steps:
+            token = row[0]
+            if token is None:
+                break
+            tokens.append(token)
+            text = self.processor.decode(tokens)
+            if text.endswith("\ufffd"):
+                continue
+            if len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent) :]
+                sent = text
+        text = self.processor.decode(tokens)
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent) :]
+
 
 def load(
     name_or_path: str | os.PathLike,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    quantize: str | None = None,
 ) -> Pipeline:
     """Load a BLIP-2 checkpoint from a local folder or a hub id (``Salesforce/blip2-opt-2.7b``).
 
     ``dtype``: float32 (default), bfloat16 or float16 for the vision encoder and the language model;
     the Q-Former and its queries stay float32, as in the reference.
+    ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder and the language model
+    (CPU only; see ``blip2.quantize``).
     """
     t0 = time.perf_counter()
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    device = torch.device(device)
+    if quantize and device.type != "cpu":
+        raise ValueError("quantize='int8' is a CPU path; on a GPU load in float16 or bfloat16 instead")
     folder = resolve_checkpoint(name_or_path)
     model, cfg = build_model(folder, dtype)
-    device = torch.device(device)
+    if quantize:
+        from .quantize import quantize_model_
+
+        quantize_model_(model)
     if device.type != "cpu":
         model.to(device)
     processor = _load_processor(folder, cfg)
@@ -83,3 +239,19 @@ def _load_processor(folder: Path, cfg: Blip2Config):
         raise
     except FileNotFoundError as e:
         raise CheckpointError(f"{folder}: tokenizer or processor files missing ({e})") from None
+
+
+@torch.inference_mode()
+def _steps(lm, embeds, mask, cfg, ids, ids_mask) -> Iterator[list[int | None]]:
+    # The decorator (unlike a `with` inside) leaves inference mode between steps: the caller's is untouched.
+    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask)
+
+
+def _generation_defaults(folder: Path, cfg: Blip2Config) -> GenerationConfig:
+    """``generation_config.json`` over the language model's own EOS / pad ids."""
+    text = cfg.text
+    if text is None:
+        return GenerationConfig()
+    return GenerationConfig.from_file(
+        folder / "generation_config.json", eos_token_id=text.eos_token_id, pad_token_id=text.pad_token_id
+    )

@@ -65,8 +65,8 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.wi_0(x)) * self.wi_1(x)
         # Flan-T5 checkpoints are often run with `wo` kept in float32 while the rest is half.
-        weight = self.wo.weight
-        if weight.is_floating_point() and h.dtype != weight.dtype:
+        weight = getattr(self.wo, "weight", None)  # absent on int8 layers, which take any float input
+        if weight is not None and weight.is_floating_point() and h.dtype != weight.dtype:
             h = h.to(weight.dtype)
         return self.wo(h)
 

@@ -9,7 +9,6 @@ sum so that left padding does not shift them; pre-LN blocks (post-LN for the 350
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import OPTConfig
@@ -128,4 +127,4 @@ class OPT(nn.Module):
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head.weight)
+        return self.lm_head(hidden)

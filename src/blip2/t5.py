@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import T5Config
@@ -259,4 +258,4 @@ class T5(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.cfg.scale_decoder_outputs:
             hidden = hidden * (self.cfg.hidden_size**-0.5)
-        return F.linear(hidden, self.lm_head.weight)
+        return self.lm_head(hidden)

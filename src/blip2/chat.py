@@ -1,0 +1,125 @@
+"""Prompt templates, the image-prefix cache and the chat conversation used by :class:`blip2.Pipeline`.
+
+Several questions about one image, or a chat, compute the image prefix once: the cache is keyed by
+a hash of the preprocessed pixels (with the model's dtype and device), so the same picture given as
+a path, a PIL image or an array hits the same entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import InputError
+
+if TYPE_CHECKING:
+    from .api import Pipeline
+
+QUESTION_TEMPLATE = "Question: {} Answer:"
+TURN_TEMPLATE = "Question: {} Answer: {}."  # one past exchange in a chat prompt (BLIP-2's own format)
+
+
+class PrefixCache:
+    """LRU map: pixel-content key -> (Q, D_lm) image prefix. ``hits`` / ``misses`` count lookups."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixels: torch.Tensor, dtype: torch.dtype, device: torch.device) -> str:
+        """(3, S, S) pixels -> a key naming their content, shape, and where the prefix lives."""
+        data = pixels.detach().cpu().contiguous()
+        digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
+        return f"{digest}:{tuple(data.shape)}:{data.dtype}:{dtype}:{device}"
+
+    def __contains__(self, key: str) -> bool:
+        found = key in self._entries
+        if found:
+            self.hits += 1
+        else:
+            self.misses += 1
+        return found
+
+    def get(self, key: str) -> torch.Tensor:
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def put(self, key: str, prefix: torch.Tensor) -> None:
+        if self.size <= 0:
+            return
+        self._entries[key] = prefix.clone()
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def chat_prompt(history: list[tuple[str, str]], text: str) -> str:
+    """BLIP-2's conversation format: past exchanges, then the new question."""
+    turns = [TURN_TEMPLATE.format(q, a) for q, a in history]
+    return " ".join([*turns, QUESTION_TEMPLATE.format(text)])
+
+
+class Conversation:
+    """A chat about one image. ``say`` returns the reply; ``stream`` yields it piece by piece.
+
+    The image is preprocessed once and its prefix comes from the pipeline's cache. When the history
+    no longer fits the model's context, the oldest exchanges are left out of the prompt.
+    """
+
+    def __init__(self, pipeline: Pipeline, image: Any, gen: dict[str, Any] | None = None):
+        self.pipeline = pipeline
+        self.pixels = pipeline._pixels(image)
+        if self.pixels.shape[0] != 1:
+            raise InputError(f"a conversation is about one image, got {self.pixels.shape[0]}")
+        self.gen = dict(gen or {})
+        self.history: list[tuple[str, str]] = []
+        pipeline.image_prefix(self.pixels)  # compute (and cache) the prefix now
+
+    @staticmethod
+    def _check(text: str) -> str:
+        if not isinstance(text, str) or not text.strip():
+            raise InputError("say something: the message is empty")
+        return text.strip()
+
+    def say(self, text: str, **gen) -> str:
+        return "".join(self.stream(text, **gen))
+
+    def stream(self, text: str, **gen) -> Iterator[str]:
+        """Yield the reply as it is produced; it joins the history once complete."""
+        options = {**self.gen, **gen}
+        text = self._check(text)
+        start = 0
+        while True:
+            prompt = chat_prompt(self.history[start:], text)
+            try:
+                pieces = self.pipeline.stream(self.pixels, prompt, **options)
+                first = next(pieces, None)
+                break
+            except InputError as e:
+                if "context" not in str(e) or start >= len(self.history):
+                    raise
+                start += 1  # leave the oldest exchange out
+        reply = ""
+        if first is not None:
+            reply += first
+            yield first
+        for piece in pieces:
+            reply += piece
+            yield piece
+        self.history.append((text, reply.strip()))
+
+    def reset(self) -> None:
+        self.history.clear()

@@ -1,0 +1,235 @@
+"""The ``blip2`` command: a thin shell over the Python API.
+
+``blip2 caption IMAGE...``, ``blip2 ask IMAGE QUESTION``, ``blip2 chat IMAGE`` live here. Other
+modules add their own subcommands: a module listed in :data:`COMMAND_MODULES` defines
+``register(subparsers)``, adds its parser(s) with ``parents=[model_options()]`` when it loads a model,
+and sets ``func`` to a handler ``(args) -> exit status``.
+
+Errors a user can cause (:class:`blip2.errors.Blip2Error`, ``OSError``) print one line,
+``blip2: error: <message>``, on stderr and exit 1; usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
+
+# Modules that register more subcommands (``register(subparsers)``), e.g. retrieval, training, serving.
+COMMAND_MODULES: tuple[str, ...] = ("blip2.train.cli", "blip2.serve.cli")
+
+
+def model_options() -> argparse.ArgumentParser:
+    """Options shared by every subcommand that loads a model."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL})"
+    )
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="weights dtype (default float32)",
+    )
+    return p
+
+
+def generation_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="most tokens to generate")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="fewest tokens before EOS is allowed")
+    p.add_argument("--num-beams", type=int, default=None, help="beam search width (1 = greedy)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam score / length**penalty")
+    p.add_argument("--repetition-penalty", type=float, default=None, help=">1 discourages repeated tokens")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (reproducible output)")
+    return p
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.min_new_tokens,
+        "num_beams": args.num_beams,
+        "length_penalty": args.length_penalty,
+        "repetition_penalty": args.repetition_penalty,
+        "do_sample": True if args.sample else None,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+    }
+
+
+def _load(args: argparse.Namespace):
+    import blip2
+
+    return blip2.load(args.model, device=args.device, dtype=args.dtype)
+
+
+def _error(message: str) -> None:
+    print(f"blip2: error: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------- caption
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .errors import ImageError
+    from .images import load_image
+
+    if args.batch_size < 1:
+        raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
+    # Read every image first: the bad ones are reported, the good ones still captioned.
+    good, failed = [], 0
+    for path in args.images:
+        try:
+            good.append((path, load_image(path)))
+        except ImageError as e:
+            _error(str(e))
+            failed += 1
+    if not good:
+        return 1
+    model = _load(args)
+    gen = _gen_kwargs(args)
+    with tqdm(total=len(good), unit="image", file=sys.stderr, disable=len(good) <= args.batch_size) as bar:
+        for i in range(0, len(good), args.batch_size):
+            chunk = good[i : i + args.batch_size]
+            texts = model.caption([img for _, img in chunk], prompt=args.prompt, **gen)
+            for (path, _), text in zip(chunk, texts, strict=True):
+                if args.json:
+                    line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
+                elif len(args.images) == 1:
+                    line = text
+                else:
+                    line = f"{path}\t{text}"
+                bar.write(line, file=sys.stdout)
+                sys.stdout.flush()
+            bar.update(len(chunk))
+    if failed:
+        _error(f"{failed} of {len(args.images)} images could not be read")
+        return 1
+    return 0
+
+
+def raise_input(message: str):
+    from .errors import InputError
+
+    raise InputError(message)
+
+
+# ---------------------------------------------------------------------------- ask / chat
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from .images import load_image
+
+    image = load_image(args.image)
+    model = _load(args)
+    answer = model.ask(image, args.question, **_gen_kwargs(args))
+    if args.json:
+        print(
+            json.dumps({"image": args.image, "question": args.question, "text": answer}, ensure_ascii=False)
+        )
+    else:
+        print(answer)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .images import load_image
+
+    image = load_image(args.image)
+    model = _load(args)
+    conversation = model.chat(image, **_gen_kwargs(args))
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chat about the image; /reset forgets the conversation, /quit or Ctrl-D ends.", file=sys.stderr)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            conversation.reset()
+            continue
+        try:
+            for piece in conversation.stream(text):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        except InputError as e:  # a bad message ends nothing: say so and go on
+            print(flush=True)
+            _error(str(e))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def register(subparsers) -> None:
+    common, gen = model_options(), generation_options()
+    p = subparsers.add_parser("caption", parents=[common, gen], help="caption images")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--json", action="store_true", help='one JSON line per image: {"image": ..., "text": ...}')
+    p.set_defaults(func=_caption)
+
+    p = subparsers.add_parser("ask", parents=[common, gen], help="answer a question about an image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("question", metavar="QUESTION")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=_ask)
+
+    p = subparsers.add_parser("chat", parents=[common, gen], help="talk about an image (interactive)")
+    p.add_argument("image", metavar="IMAGE")
+    p.set_defaults(func=_chat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="blip2", description="BLIP-2: captions, questions and chat about images."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress on stderr")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(subparsers)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import Blip2Error
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="blip2: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (Blip2Error, OSError, ValueError) as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        _error(message)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The `blip2` command, run in-process (and once as `python -m blip2`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+import blip2
+from blip2.cli import main
+from factory import make_images
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, im in enumerate(make_images(3, 28, seed=31)):
+        paths.append(str(folder / f"img{i}.png"))
+        im.save(paths[-1])
+    return paths
+
+
+def test_caption_json(opt_ckpt, image_files, capsys):
+    rc = main(
+        [
+            "caption",
+            *image_files,
+            "--model",
+            str(opt_ckpt),
+            "--json",
+            "--max-new-tokens",
+            "5",
+            "--prompt",
+            "the red",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    assert [d["image"] for d in lines] == image_files
+    want = blip2.load(opt_ckpt).caption(image_files, prompt="the red", max_new_tokens=5)
+    assert [d["text"] for d in lines] == want
+
+
+def test_caption_batches_and_progress(t5_ckpt, image_files, capsys):
+    rc = main(
+        [
+            "caption",
+            *image_files,
+            "-m",
+            str(t5_ckpt),
+            "--batch-size",
+            "2",
+            "--num-beams",
+            "2",
+            "--max-new-tokens",
+            "4",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 0
+    rows = [line.split("\t") for line in out.out.splitlines()]
+    assert [r[0] for r in rows] == image_files
+    want = blip2.load(t5_ckpt).caption(image_files, num_beams=2, max_new_tokens=4)
+    assert [r[1] for r in rows] == want
+    assert "image" in out.err  # the tqdm bar
+
+
+def test_caption_bad_images_reported_good_ones_captioned(opt_ckpt, image_files, tmp_path, capsys):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("not an image")
+    missing = str(tmp_path / "missing.png")
+    rc = main(
+        [
+            "caption",
+            image_files[0],
+            str(bad),
+            missing,
+            image_files[1],
+            "-m",
+            str(opt_ckpt),
+            "--json",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
+    out = capsys.readouterr()
+    assert rc == 1
+    assert [json.loads(line)["image"] for line in out.out.splitlines()] == image_files[:2]
+    err = out.err.splitlines()
+    assert any(str(bad) in line and "not an image" in line for line in err)
+    assert any(missing in line and "no such file" in line for line in err)
+    assert all(line.startswith("blip2: error:") for line in err)
+    assert "Traceback" not in out.err
+
+
+def test_ask(t5_ckpt, image_files, capsys):
+    rc = main(
+        ["ask", image_files[0], "what colour is the ball?", "-m", str(t5_ckpt), "--max-new-tokens", "5"]
+    )
+    out = capsys.readouterr()
+    assert rc == 0
+    want = blip2.load(t5_ckpt).ask(image_files[0], "what colour is the ball?", max_new_tokens=5)
+    assert out.out == want + "\n"
+
+
+def test_chat_streams_replies(t5_ckpt, image_files, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what is this?\n\n/reset\nwhat is this?\n/quit\nignored\n"))
+    rc = main(["chat", image_files[0], "-m", str(t5_ckpt), "--max-new-tokens", "5"])
+    out = capsys.readouterr()
+    assert rc == 0
+    lines = out.out.splitlines()
+    want = blip2.load(t5_ckpt).ask(image_files[0], "what is this?", max_new_tokens=5)
+    assert lines == [want, want]  # after /reset the same question gets the same answer
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["caption", "{img}", "-m", "{nowhere}"], "no such folder"),
+        (["ask", "{missing}", "what?", "-m", "{ckpt}"], "no such file"),
+        (["ask", "{img}", "x " * 300, "-m", "{ckpt}"], "tokens long"),
+        (["caption", "{img}", "-m", "{ckpt}", "--max-new-tokens", "0"], "max_new_tokens"),
+    ],
+)
+def test_errors_are_one_line(opt_ckpt, image_files, tmp_path, capsys, args, message):
+    fill = {
+        "img": image_files[0],
+        "nowhere": str(tmp_path / "nowhere"),
+        "missing": str(tmp_path / "m.png"),
+        "ckpt": str(opt_ckpt),
+    }
+    rc = main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("blip2: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_usage_error_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["caption"])
+    assert e.value.code == 2
+
+
+def test_python_dash_m():
+    proc = subprocess.run(
+        [sys.executable, "-m", "blip2", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert all(cmd in proc.stdout for cmd in ("caption", "ask", "chat"))
