@@ -1,0 +1,475 @@
+"""An on-disk image index: per-image query embeddings for exact scoring, FAISS for scale.
+
+Folder layout (``INDEX/``)::
+
+    meta.json         format, model, kind ("itc" | "qformer"), num_queries, dim, image root, ann state
+    manifest.jsonl    one JSON line per event: {"path", "mtime_ns", "size", "row"} or {"path", "removed": true};
+                      the last line of a path wins, so re-indexing only appends
+    embeddings.f16    (rows, Q, E) float16, row-major, appended batch by batch; read as a memory map
+    ann.faiss         optional: FAISS IVF-PQ over every query vector (id = row), covering rows [0, ann.rows)
+
+Search scores an image by the max over its queries (and over the query's vectors, for an image query)
+of the cosine similarity, exactly as ITC does. Small indexes (or no FAISS) are scanned exactly in chunks
+of the memory map. Large ones ask FAISS for candidate rows (approximate, compressed query vectors) and
+re-score only those candidates exactly from the memory map; rows appended since the FAISS index was last
+extended are scanned exactly too, so the answer never misses new images.
+
+Shapes: ``R`` rows, ``Q`` queries per image, ``E`` embedding width, ``M`` query vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+META, MANIFEST, EMBEDDINGS, ANN = "meta.json", "manifest.jsonl", "embeddings.f16", "ann.faiss"
+# Below this many images an exact scan of the memory map is fast (~50 ms per 10k rows) and FAISS is skipped.
+ANN_MIN_ROWS = 20_000
+
+
+def have_faiss() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Hit:
+    row: int
+    path: str
+    score: float
+    itm: float | None = None
+
+
+@dataclass
+class Index:
+    folder: Path
+    meta: dict[str, Any]
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> its live record
+    _ann: Any = field(default=None, repr=False)  # the FAISS index, read once per Index
+
+    # ---- opening ------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, folder: str | os.PathLike, *, model: str, kind: str, num_queries: int, dim: int,
+               root: str) -> Index:  # fmt: skip
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "model": model,
+            "kind": kind,
+            "num_queries": num_queries,
+            "dim": dim,
+            "dtype": "float16",
+            "root": root,
+            "ann": None,
+        }
+        index = cls(folder, meta)
+        index.save_meta()
+        (folder / MANIFEST).touch()
+        (folder / EMBEDDINGS).touch()
+        return index
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike) -> Index:
+        folder = Path(folder)
+        if not (folder / META).is_file():
+            raise InputError(f"{folder}: not a blip2 index (no {META}); build one with `blip2 index`")
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{folder / META}: unreadable ({e})") from None
+        if meta.get("format") != FORMAT:
+            raise InputError(f"{folder}: index format {meta.get('format')!r}, this blip2 reads {FORMAT}")
+        index = cls(folder, meta)
+        index._read_manifest()
+        return index
+
+    def _read_manifest(self) -> None:
+        """Replay the manifest; rows beyond what the embeddings file holds (a crash mid-write) are dropped."""
+        stored = self.stored_rows()
+        self.records = {}
+        with open(self.folder / MANIFEST, encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                if rec.get("removed"):
+                    self.records.pop(rec["path"], None)
+                elif rec.get("row", stored) < stored:
+                    self.records[rec["path"]] = rec
+
+    def save_meta(self) -> None:
+        tmp = self.folder / (META + ".tmp")
+        tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
+        tmp.replace(self.folder / META)
+
+    # ---- sizes and storage --------------------------------------------------------------------------
+
+    @property
+    def row_shape(self) -> tuple[int, int]:
+        return int(self.meta["num_queries"]), int(self.meta["dim"])
+
+    @property
+    def row_bytes(self) -> int:
+        q, e = self.row_shape
+        return q * e * 2
+
+    def stored_rows(self) -> int:
+        return (self.folder / EMBEDDINGS).stat().st_size // self.row_bytes
+
+    def __len__(self) -> int:
+        """Live images (removed and replaced files excluded)."""
+        return len(self.records)
+
+    def embeddings(self) -> np.ndarray:
+        """(R, Q, E) float16 memory map (copy-on-write: never written back) of every stored row."""
+        rows = self.stored_rows()
+        if rows == 0:
+            return np.zeros((0, *self.row_shape), np.float16)
+        return np.memmap(self.folder / EMBEDDINGS, np.float16, "c", shape=(rows, *self.row_shape))
+
+    def live_rows(self) -> np.ndarray:
+        """(R,) bool: which rows belong to a file still in the index."""
+        live = np.zeros(self.stored_rows(), dtype=bool)
+        rows = [rec["row"] for rec in self.records.values()]
+        live[rows] = True
+        return live
+
+    def paths_by_row(self) -> dict[int, str]:
+        return {rec["row"]: path for path, rec in self.records.items()}
+
+    def truncate_to_manifest(self) -> None:
+        """Drop embedding rows no manifest line points to (written before a crash): resume appends after."""
+        rows = max((rec["row"] for rec in self.records.values()), default=-1) + 1
+        with open(self.folder / MANIFEST, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if "row" in rec:
+                    rows = max(rows, rec["row"] + 1)
+        rows = min(rows, self.stored_rows())
+        os.truncate(self.folder / EMBEDDINGS, rows * self.row_bytes)
+
+    def append(self, embeds: np.ndarray, records: list[dict[str, Any]]) -> None:
+        """Write (B, Q, E) embeddings, then their manifest lines (so a crash never names missing rows)."""
+        if embeds.shape[1:] != self.row_shape:
+            raise InputError(f"embeddings of shape {embeds.shape[1:]} do not fit this index {self.row_shape}")
+        start = self.stored_rows()
+        with open(self.folder / EMBEDDINGS, "ab") as f:
+            f.write(np.ascontiguousarray(embeds, dtype=np.float16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
+            for i, rec in enumerate(records):
+                rec = {**rec, "row": start + i}
+                self.records[rec["path"]] = rec
+                f.write(json.dumps(rec) + "\n")
+
+    def remove(self, paths: list[str]) -> None:
+        with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
+            for path in paths:
+                self.records.pop(path, None)
+                f.write(json.dumps({"path": path, "removed": True}) + "\n")
+
+    # ---- approximate index --------------------------------------------------------------------------
+
+    def update_ann(self, mode: str = "auto", chunk_rows: int = 16_384) -> str:
+        """Build or extend the FAISS index over every query vector. ``mode``: auto | faiss | exact.
+
+        Returns what search will use: "faiss" or "exact". ``auto`` uses FAISS when it is installed and
+        the index holds at least :data:`ANN_MIN_ROWS` rows.
+        """
+        if mode not in ("auto", "faiss", "exact"):
+            raise InputError(f"ann mode must be auto, faiss or exact, not {mode!r}")
+        rows = self.stored_rows()
+        ann_file = self.folder / ANN
+        if mode == "exact" or (mode == "auto" and (rows < ANN_MIN_ROWS or not have_faiss())):
+            if mode == "exact" and ann_file.exists():
+                ann_file.unlink()
+                self.meta["ann"] = None
+                self.save_meta()
+            return "faiss" if self.meta.get("ann") else "exact"
+        if not have_faiss():
+            raise InputError("FAISS is not installed: pip install 'blip2[index]' (or faiss-cpu)")
+        import faiss
+
+        q, e = self.row_shape
+        emb = self.embeddings()
+        state = self.meta.get("ann")
+        if state and ann_file.exists():
+            ann, factory = faiss.read_index(str(ann_file)), state["factory"]
+            done = int(state["rows"])
+        else:
+            ann, factory = _new_ann(faiss, emb, rows * q, e)
+            done = 0
+        for start in range(done, rows, chunk_rows):
+            block = torch.from_numpy(np.asarray(emb[start : start + chunk_rows])).float().numpy()  # (c, Q, E)
+            ids = np.repeat(np.arange(start, start + block.shape[0], dtype=np.int64), q)
+            ann.add_with_ids(block.reshape(-1, e), ids)
+        self._ann = None
+        faiss.write_index(ann, str(ann_file) + ".tmp")
+        os.replace(str(ann_file) + ".tmp", ann_file)
+        self.meta["ann"] = {"type": "faiss", "factory": factory, "rows": rows}
+        self.save_meta()
+        return "faiss"
+
+    # ---- search -------------------------------------------------------------------------------------
+
+    def search(self, queries: torch.Tensor | np.ndarray, top: int = 10, *, nprobe: int = 32,
+               candidates: int | None = None, chunk_rows: int = 8192) -> list[Hit]:  # fmt: skip
+        """Best ``top`` live images for (M, E) normalised query vectors, by max-over-vectors cosine.
+
+        With a FAISS index, ``candidates`` query vectors per query vector (default ``max(256, 32·top)``)
+        nominate rows that are then scored exactly; rows the FAISS index does not cover are scanned exactly.
+        """
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32)).contiguous()
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.row_shape[1]:
+            raise InputError(
+                f"query vectors of shape {tuple(q.shape)} do not fit this index (dim {self.row_shape[1]})"
+            )
+        emb = self.embeddings()
+        live = self.live_rows()
+        rows = emb.shape[0]
+        if rows == 0 or not live.any():
+            return []
+        state = self.meta.get("ann")
+        covered = 0
+        cand: list[np.ndarray] = []
+        if state and (self.folder / ANN).exists() and have_faiss():
+            import faiss
+
+            if self._ann is None:
+                self._ann = faiss.read_index(str(self.folder / ANN))
+            ann = self._ann
+            faiss.extract_index_ivf(ann).nprobe = nprobe
+            covered = min(int(state["rows"]), rows)
+            k = candidates or max(256, 32 * top)
+            _, ids = ann.search(q.numpy(), min(k, ann.ntotal))
+            found = np.unique(ids[ids >= 0])
+            cand.append(found[live[found]])
+        scores_all: list[tuple[np.ndarray, np.ndarray]] = []
+        if cand:
+            picked = np.sort(np.concatenate(cand))
+            if picked.size:
+                block = torch.from_numpy(np.asarray(emb[picked])).float()
+                scores_all.append((picked, _max_cos(block, q)))
+        for start in range(covered, rows, chunk_rows):
+            block = torch.from_numpy(np.asarray(emb[start : start + chunk_rows])).float()
+            scores = _max_cos(block, q)
+            idx = np.arange(start, start + block.shape[0])
+            keep = live[idx]
+            scores, idx = scores[keep], idx[keep]
+            if scores.size > top:
+                best = np.argpartition(-scores, top)[:top]
+                scores, idx = scores[best], idx[best]
+            scores_all.append((idx, scores))
+        if not scores_all:
+            return []
+        idx = np.concatenate([i for i, _ in scores_all])
+        scores = np.concatenate([s for _, s in scores_all])
+        order = np.argsort(-scores, kind="stable")[:top]
+        paths = self.paths_by_row()
+        return [Hit(int(idx[i]), paths[int(idx[i])], float(scores[i])) for i in order]
+
+
+def _max_cos(block: torch.Tensor, queries: torch.Tensor) -> np.ndarray:
+    """(c, Q, E) rows with (M, E) query vectors -> (c,) max over both of the dot product."""
+    return torch.einsum("cqe,me->cqm", block, queries).flatten(1).amax(dim=1).numpy()
+
+
+def _factory(n_vectors: int) -> str:
+    """Inverted lists of ~4k-30k vectors each (k-means needs ~39 points per list); PQ codes of 8-dim
+    sub-vectors (32 B per 256-d vector) once there are enough vectors to train them, else raw vectors."""
+    nlist = int(min(4096, max(1, 2 ** round(np.log2(max(n_vectors, 1) ** 0.5 / 4)))))
+    nlist = max(1, min(nlist, n_vectors // 39))
+    return f"IVF{nlist},PQ{{m}}" if n_vectors >= 65_536 else f"IVF{nlist},Flat"
+
+
+def _new_ann(faiss, emb: np.ndarray, n_vectors: int, dim: int):
+    """An untrained-then-trained IVF-PQ (inner product) from a sample of the stored query vectors."""
+    m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if dim % m == 0)
+    factory = _factory(n_vectors).format(m=m)
+    ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    nlist = faiss.extract_index_ivf(ann).nlist
+    want = min(n_vectors, max(nlist * 40, 10_000), 262_144)
+    rng = np.random.default_rng(0)
+    q = emb.shape[1]
+    rows = np.sort(rng.choice(emb.shape[0], size=min(emb.shape[0], -(-want // q)), replace=False))
+    sample = np.asarray(emb[rows], dtype=np.float32).reshape(-1, dim)
+    ann.train(sample)
+    return ann, factory
+
+
+# ---- building from a folder of images -----------------------------------------------------------------
+
+
+@dataclass
+class BuildReport:
+    added: int = 0
+    unchanged: int = 0
+    removed: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (relative path, why)
+    not_images: list[str] = field(default_factory=list)
+    search: str = "exact"
+
+
+def image_extensions() -> set[str]:
+    from PIL import Image
+
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def scan(root: Path, skip: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under ``root``, sorted; hidden files and ``skip`` (the index) left out."""
+    exts = image_extensions()
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (skip is None or here / d != skip)
+        )
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            (images if Path(name).suffix.lower() in exts else others).append(here / name)
+    return images, others
+
+
+def build_index(pipe, image_dir: str | os.PathLike, out: str | os.PathLike, *, model: str,
+                batch_size: int = 32, ann: str = "auto", progress: bool = True,
+                on_error=None) -> BuildReport:  # fmt: skip
+    """Embed every image under ``image_dir`` into the index ``out``, resuming what is there.
+
+    Files already indexed with the same size and mtime are skipped; new and changed files are embedded
+    and appended; files gone from the folder are dropped. Unreadable files are passed to ``on_error``
+    (path, message) and skipped. ``ann`` (auto | faiss | exact) says whether to build the FAISS index.
+    """
+    from tqdm import tqdm
+
+    from .errors import ImageError
+    from .images import load_image
+    from .retrieval import embed_image_batch, normalized
+
+    root = Path(image_dir).resolve()
+    if not root.is_dir():
+        raise InputError(f"{image_dir}: not a folder of images")
+    out = Path(out)
+    cfg = pipe.config
+    kind = "itc" if cfg.retrieval else "qformer"
+    dim = cfg.image_text_hidden_size if cfg.retrieval else cfg.qformer.hidden_size
+    if (out / META).is_file():
+        index = Index.open(out)
+        want = {"kind": kind, "num_queries": cfg.num_query_tokens, "dim": dim}
+        have = {k: index.meta[k] for k in want}
+        if have != want or index.meta["model"] != model:
+            raise InputError(
+                f"{out} was built with {index.meta['model']} ({have}); cannot add {model} ({want}) embeddings"
+            )
+        index.truncate_to_manifest()
+        index.meta["root"] = str(root)
+    else:
+        index = Index.create(out, model=model, kind=kind, num_queries=cfg.num_query_tokens, dim=dim,
+                             root=str(root))  # fmt: skip
+    report = BuildReport()
+    files, others = scan(root, skip=out.resolve())
+    report.not_images = [str(p.relative_to(root)) for p in others]
+    todo: list[tuple[Path, dict[str, Any]]] = []
+    seen = set()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        seen.add(rel)
+        st = path.stat()
+        rec = {"path": rel, "mtime_ns": st.st_mtime_ns, "size": st.st_size}
+        old = index.records.get(rel)
+        if old and old["mtime_ns"] == rec["mtime_ns"] and old["size"] == rec["size"]:
+            report.unchanged += 1
+        else:
+            todo.append((path, rec))
+    gone = [p for p in index.records if p not in seen]
+    if gone:
+        index.remove(gone)
+        report.removed = len(gone)
+
+    bar = tqdm(total=len(todo), unit="img", desc="indexing", disable=not progress, file=sys.stderr)
+    processor = pipe.processor.image_processor
+    dtype = pipe.model.vision.patch_embed.weight.dtype
+    for start in range(0, len(todo), batch_size):
+        arrays, recs = [], []
+        for path, rec in todo[start : start + batch_size]:
+            try:
+                arrays.append(processor.preprocess(load_image(path)))
+                recs.append(rec)
+            except (ImageError, InputError) as e:
+                report.failed.append((rec["path"], str(e)))
+                if on_error is not None:
+                    on_error(rec["path"], str(e))
+        if arrays:
+            pixels = torch.from_numpy(np.stack(arrays)).to(pipe.device, dtype)
+            embeds = embed_image_batch(pipe, pixels)
+            if kind == "qformer":
+                embeds = normalized(embeds)
+            index.append(embeds.cpu().numpy(), recs)
+            report.added += len(recs)
+        bar.update(len(todo[start : start + batch_size]))
+    bar.close()
+    index.save_meta()
+    report.search = index.update_ann(ann)
+    return report
+
+
+def search_index(pipe, index: Index, query: Any, *, top: int = 10, rerank: int = 0,
+                 nprobe: int = 32) -> list[Hit]:  # fmt: skip
+    """Best ``top`` images of ``index`` for a text (str) or an image (a path, PIL image, …).
+
+    ``rerank``: re-rank the best ``rerank`` hits (-1: all ``top``) by ITM, reading them from the image
+    folder; text queries on retrieval checkpoints only.
+    """
+    from .retrieval import embed_images, embed_texts, itm, normalized
+
+    if top < 1:
+        raise InputError(f"top must be at least 1, got {top}")
+    kind = "itc" if pipe.config.retrieval else "qformer"
+    if kind != index.meta["kind"]:
+        raise InputError(f"{index.folder} holds {index.meta['kind']} embeddings; this model gives {kind}")
+    if isinstance(query, str):
+        if kind != "itc":
+            raise InputError("text search needs a retrieval checkpoint (e.g. Salesforce/blip2-itm-vit-g)")
+        vectors = embed_texts(pipe, query)  # (1, E)
+    else:
+        vectors = embed_images(pipe, query)[0]  # (Q, E)
+        if kind == "qformer":
+            vectors = normalized(vectors)
+        if rerank:
+            raise InputError("re-ranking by ITM needs a text query")
+    hits = index.search(vectors, top, nprobe=nprobe)
+    if rerank:
+        k = len(hits) if rerank < 0 else min(rerank, len(hits))
+        root = Path(index.meta["root"])
+        probs = itm(pipe, [root / h.path for h in hits[:k]], query).tolist()
+        head = [Hit(h.row, h.path, h.score, p) for h, p in zip(hits[:k], probs, strict=True)]
+        hits = sorted(head, key=lambda h: -(h.itm or 0.0)) + hits[k:]
+    return hits
