@@ -13,13 +13,14 @@ import torch
 from .chat import QUESTION_TEMPLATE, Conversation, PrefixCache
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
-from .generate import GenerationConfig, generate_ids, stream_ids
+from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
 from .model import Blip2
 from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
 log = logging.getLogger(__name__)
 
 PREFIX_CACHE_SIZE = 64  # images whose prefix is kept (LRU)
+PREFILL_CACHE_SIZE = 8  # images whose language-model keys/values (prefix + BOS) are kept (LRU)
 
 
 def build_model(folder: Path, dtype: torch.dtype | str | None = None) -> tuple[Blip2, Blip2Config]:
@@ -43,6 +44,7 @@ class Pipeline:
         self.folder = folder
         self.device = device
         self.prefix_cache = PrefixCache(PREFIX_CACHE_SIZE)
+        self.prefill_cache = PrefillCache(PREFILL_CACHE_SIZE)  # OPT: image + BOS keys/values per image
         self.generation_config = _generation_defaults(folder, model.cfg)
 
     @property
@@ -68,8 +70,10 @@ class Pipeline:
     def generate_ids(self, images, prompts, **gen) -> list[list[int]]:
         """As :meth:`generate`, the new token ids (EOS included when produced)."""
         lm, embeds, mask, ids, ids_mask, cfg = self._prepare(images, prompts, gen)
+        # every prompt opens with the image prefix and BOS: their keys/values are reused per image
+        shared = self.model.cfg.num_query_tokens + 1
         with torch.inference_mode():
-            return generate_ids(lm, embeds, mask, cfg, ids, ids_mask)
+            return generate_ids(lm, embeds, mask, cfg, ids, ids_mask, self.prefill_cache, shared)
 
     def stream(self, image, prompt: str | None = None, **gen) -> Iterator[str]:
         """Yield the continuation of ``prompt`` for one image piece by piece, as it is produced."""
@@ -191,6 +195,48 @@ class Pipeline:
         text = self.processor.decode(tokens)
         if len(text) > len(sent) and text.startswith(sent):
             yield text[len(sent) :]
+
+    # ---- retrieval (blip2.retrieval, blip2.index) ---------------------------------------------------
+
+    def itm(self, images, texts, batch_size: int = 32) -> torch.Tensor:
+        """(n,) match probability of each (image, text) pair (retrieval checkpoints)."""
+        from .retrieval import itm
+
+        return itm(self, images, texts, batch_size)
+
+    def itc(self, images, texts, batch_size: int = 32) -> torch.Tensor:
+        """(I, T) max-over-queries cosine similarity of every image with every text."""
+        from .retrieval import itc
+
+        return itc(self, images, texts, batch_size)
+
+    def embed_images(self, images, batch_size: int = 32) -> torch.Tensor:
+        """(I, Q, E) normalised query embeddings; (I, Q, D) Q-Former features on generation checkpoints."""
+        from .retrieval import embed_images
+
+        return embed_images(self, images, batch_size)
+
+    def embed_texts(self, texts, batch_size: int = 256) -> torch.Tensor:
+        """(T, E) normalised [CLS] embeddings (retrieval checkpoints)."""
+        from .retrieval import embed_texts
+
+        return embed_texts(self, texts, batch_size)
+
+    def rank(self, text: str, images=None, *, image_embeds=None, top: int | None = 10, rerank: int = 0,
+             batch_size: int = 32):  # fmt: skip
+        """Rank a gallery for ``text`` by ITC, re-ranking the best ``rerank`` by ITM: list of ``Match``."""
+        from .retrieval import rank
+
+        return rank(self, text, images, image_embeds=image_embeds, top=top, rerank=rerank,
+                    batch_size=batch_size)  # fmt: skip
+
+    def search(self, query, index, top: int = 10, rerank: int = 0, nprobe: int = 32):
+        """Search an index folder (``blip2 index``) by text or by image: list of ``Hit``, best first."""
+        from .index import Index, search_index
+
+        if not isinstance(index, Index):
+            index = Index.open(index)
+        return search_index(self, index, query, top=top, rerank=rerank, nprobe=nprobe)
 
 
 def load(

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 
 # Modules that register more subcommands (``register(subparsers)``), e.g. retrieval, training, serving.
-COMMAND_MODULES: tuple[str, ...] = ("blip2.train.cli", "blip2.serve.cli")
+COMMAND_MODULES: tuple[str, ...] = ("blip2.train.cli", "blip2.serve.cli", "blip2.retrieval_cli")
 
 
 def model_options() -> argparse.ArgumentParser:
@@ -36,6 +36,12 @@ def model_options() -> argparse.ArgumentParser:
         default=None,
         choices=["float32", "float16", "bfloat16"],
         help="weights dtype (default float32)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="int8: weight-only 8-bit vision encoder and language model (CPU; ~4x less memory, faster)",
     )
     return p
 
@@ -73,7 +79,9 @@ def _gen_kwargs(args: argparse.Namespace) -> dict:
 def _load(args: argparse.Namespace):
     import blip2
 
-    return blip2.load(args.model, device=args.device, dtype=args.dtype)
+    return blip2.load(
+        args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None)
+    )
 
 
 def _error(message: str) -> None:
