@@ -20,8 +20,10 @@ the decoder's tokens (start token included).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -113,20 +115,84 @@ class GenerationConfig:
 # ============================================================================ runners
 
 
-class OPTRunner:
-    """Decoder-only: the prompt's embeddings (left-padded) are prefilled into a static cache."""
+class PrefillCache:
+    """Keys and values of a prompt's first positions, reused by later prompts that start the same way.
 
-    def __init__(self, lm: OPT, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
+    For OPT the image prefix and BOS open every prompt about an image: a second question about it
+    prefills only its own tokens. An entry is keyed by the exact bytes of those positions'
+    embeddings (a single unpadded row, positions from 0), which is all their keys and values depend on.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
+        self.hits = 0
+
+    @staticmethod
+    def key(embeds: torch.Tensor) -> str:
+        data = embeds.detach().cpu().contiguous()
+        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+        return f"{digest}:{tuple(data.shape)}:{data.dtype}:{embeds.device}"
+
+    def get(self, key: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
+    def put(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        if self.size <= 0:
+            return
+        self._entries[key] = kv
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+class OPTRunner:
+    """Decoder-only: the prompt's embeddings (left-padded) are prefilled into a static cache.
+
+    With a ``prefill_cache`` and ``shared`` > 0, a single unpadded prompt takes the keys and values of
+    its first ``shared`` positions from the cache when they are there (and puts them there when not).
+    """
+
+    def __init__(
+        self,
+        lm: OPT,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        max_new_tokens: int,
+        prefill_cache: PrefillCache | None = None,
+        shared: int = 0,
+    ):
         b, t, _ = embeds.shape
         self.lm, self.embeds, self.pos = lm, embeds, t
         self.cache = lm.new_cache(b, t + max_new_tokens, dtype=embeds.dtype, device=embeds.device)
         # The mask for every position the cache will hold; new positions are always real tokens.
         self.mask = torch.ones(b, t + max_new_tokens, dtype=torch.long, device=embeds.device)
         self.mask[:, :t] = mask
+        self.reuse, self.store_key, self.shared = None, None, 0
+        if prefill_cache is not None and b == 1 and 0 < shared < t and bool(mask[:, :shared].all()):
+            self.prefill_cache, self.shared = prefill_cache, shared
+            key = prefill_cache.key(embeds[:, :shared])
+            self.reuse = prefill_cache.get(key)
+            if self.reuse is None:
+                self.store_key = key
 
     def prefill(self) -> torch.Tensor:
-        hidden = self.lm(self.embeds, self.mask[:, : self.pos], self.cache, start=0)
-        self.embeds = None  # free
+        start = 0
+        if self.reuse is not None:
+            for c, (k, v) in zip(self.cache, self.reuse, strict=True):
+                c.write(k, v, 0)
+            start = self.shared
+        hidden = self.lm(self.embeds[:, start:], self.mask[:, : self.pos], self.cache, start=start)
+        if self.store_key is not None:
+            kv = [(c.k[:, :, : self.shared].clone(), c.v[:, :, : self.shared].clone()) for c in self.cache]
+            self.prefill_cache.put(self.store_key, kv)
+        self.embeds = self.reuse = None  # free
         return self.lm.logits(hidden[:, -1])  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -165,9 +231,17 @@ class T5Runner:
         self.cache.reorder(index)
 
 
-def make_runner(lm: OPT | T5, embeds: torch.Tensor, mask: torch.Tensor, max_new_tokens: int):
-    cls = T5Runner if isinstance(lm, T5) else OPTRunner
-    return cls(lm, embeds, mask, max_new_tokens)
+def make_runner(
+    lm: OPT | T5,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    prefill_cache: PrefillCache | None = None,
+    shared: int = 0,
+):
+    if isinstance(lm, T5):
+        return T5Runner(lm, embeds, mask, max_new_tokens)
+    return OPTRunner(lm, embeds, mask, max_new_tokens, prefill_cache, shared)
 
 
 # ============================================================================ logits processors
@@ -364,12 +438,28 @@ def generate_ids(
     cfg: GenerationConfig,
     prompt_ids: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
+    prefill_cache: PrefillCache | None = None,
+    shared: int = 0,
 ) -> list[list[int]]:
     """New token ids per row (EOS included when produced), for (B, T, D) prompt embeddings and mask.
 
     ``prompt_ids`` / ``prompt_mask`` (B, T'): the ids the repetition penalty sees for an OPT prompt.
+    ``prefill_cache`` / ``shared``: reuse the keys and values of the first ``shared`` positions (OPT,
+    one unpadded prompt) across calls; see :class:`PrefillCache`.
     """
-    return list(_run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=False))[0]
+    return list(
+        _run(
+            lm,
+            embeds,
+            mask,
+            cfg,
+            prompt_ids,
+            prompt_mask,
+            stream=False,
+            prefill_cache=prefill_cache,
+            shared=shared,
+        )
+    )[0]
 
 
 def stream_ids(
@@ -385,7 +475,7 @@ def stream_ids(
     yield from _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True)
 
 
-def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool):
+def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_cache=None, shared: int = 0):
     batch, device = embeds.shape[0], embeds.device
     vocab = lm.lm_head.out_features
     seen = None
@@ -398,7 +488,7 @@ def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool):
             seen = seen_tokens(prompt_ids.to(device), pm.to(device), vocab)
         else:
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-    runner = make_runner(lm, embeds, mask, cfg.max_new_tokens)
+    runner = make_runner(lm, embeds, mask, cfg.max_new_tokens, prefill_cache, shared)
     eos = set(cfg.eos_token_id)
 
     if cfg.num_beams > 1:
