@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 import blip2
@@ -97,3 +98,67 @@ def test_faiss_path_matches_exact(pipe, itm_ckpt, tmp_path):
     index = Index.open(out)
     approx = index.search(index.embeddings()[5].astype("float32"), top=5, nprobe=1024)
     assert [h.path for h in approx] == [h.path for h in exact]
+
+
+def _clustered(n, q=8, e=32, clusters=20, seed=0):
+    """(n, q, e) float16 normalised embeddings: each image = a cluster centre + image noise, each of its
+    query vectors = the image + query noise, so a query near one image has a meaningful top 5."""
+    g = np.random.default_rng(seed)
+    centres = g.standard_normal((clusters, e))
+    images = centres[g.integers(clusters, size=n)] + 0.5 * g.standard_normal((n, e))
+    x = images[:, None] + 0.5 * g.standard_normal((n, q, e))
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+
+
+def _records(start, n):
+    return [{"path": f"img{start + i:05d}.png", "mtime_ns": 0, "size": 0} for i in range(n)]
+
+
+def test_summary_search_matches_exact(tmp_path):
+    emb = _clustered(600)
+    index = Index.create(tmp_path / "idx", model="m", kind="itc", num_queries=8, dim=32, root=str(tmp_path))
+    for start in range(0, 600, 128):
+        index.append(emb[start : start + 128], _records(start, min(128, 600 - start)))
+    index.remove(["img00007.png"])
+    index = Index.open(tmp_path / "idx")
+    assert index.summary().shape == (600, 32)
+    g = np.random.default_rng(1)
+    for row in g.choice(600, size=10, replace=False):
+        text = emb[row, g.integers(8)].astype(np.float32)[None]  # one query vector of an image
+        image = emb[row].astype(np.float32)  # all of them
+        for qv in (text, image):
+            exact = index.search(qv, top=5)
+            approx = index.search(qv, top=5, exact_below=0, candidates=80)
+            assert [h.path for h in approx] == [h.path for h in exact]
+            assert [h.score for h in approx] == [h.score for h in exact]  # scored exactly
+    assert "img00007.png" not in {h.path for h in index.search(emb[7, 0].astype(np.float32), 600,
+                                                                exact_below=0, candidates=60)}  # fmt: skip
+
+
+def test_summary_stays_consistent_on_crash_and_legacy(tmp_path):
+    emb = _clustered(50)
+    folder = tmp_path / "idx"
+    index = Index.create(folder, model="m", kind="itc", num_queries=8, dim=32, root=str(tmp_path))
+    index.append(emb[:30], _records(0, 30))
+    want = index.summary().copy()
+    # a crash after writing embeddings (and half a summary) but before the manifest lines
+    with open(folder / "embeddings.f16", "ab") as f:
+        f.write(emb[30:40].tobytes())
+    with open(folder / "summary.f16", "ab") as f:
+        f.write(b"\0" * 100)
+    index = Index.open(folder)
+    assert len(index) == 30
+    index.truncate_to_manifest()
+    assert index.stored_rows() == index.summary_rows() == 30
+    np.testing.assert_array_equal(index.summary(), want)
+    index.append(emb[30:], _records(30, 20))
+    assert index.stored_rows() == index.summary_rows() == 50
+    full = index.summary().copy()
+    # an index from before summaries: the first search (or `blip2 index`) computes them from the embeddings
+    (folder / "summary.f16").unlink()
+    index = Index.open(folder)
+    hits = index.search(emb[42, 3].astype(np.float32), top=3, exact_below=0, candidates=10)
+    assert hits[0].path == "img00042.png"
+    np.testing.assert_array_equal(index.summary(), full)
+    assert index.update_ann("auto") == "exact"  # small: exact scan
+    assert index.update_ann("exact") == "exact" and Index.open(folder).meta["ann"] == {"type": "exact"}

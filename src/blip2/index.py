@@ -1,4 +1,4 @@
-"""An on-disk image index: per-image query embeddings for exact scoring, FAISS for scale.
+"""An on-disk image index: per-image query embeddings for exact scoring, a summary matrix for scale.
 
 Folder layout (``INDEX/``)::
 
@@ -6,13 +6,17 @@ Folder layout (``INDEX/``)::
     manifest.jsonl    one JSON line per event: {"path", "mtime_ns", "size", "row"} or {"path", "removed": true};
                       the last line of a path wins, so re-indexing only appends
     embeddings.f16    (rows, Q, E) float16, row-major, appended batch by batch; read as a memory map
-    ann.faiss         optional: FAISS IVF-PQ over every query vector (id = row), covering rows [0, ann.rows)
+    summary.f16       (rows, E) float16: each row's normalised mean query vector, appended with it
+    ann.faiss         optional (``--ann faiss``): FAISS IVF-PQ over every query vector (id = row),
+                      covering rows [0, ann.rows)
 
 Search scores an image by the max over its queries (and over the query's vectors, for an image query)
-of the cosine similarity, exactly as ITC does. Small indexes (or no FAISS) are scanned exactly in chunks
-of the memory map. Large ones ask FAISS for candidate rows (approximate, compressed query vectors) and
-re-score only those candidates exactly from the memory map; rows appended since the FAISS index was last
-extended are scanned exactly too, so the answer never misses new images.
+of the cosine similarity, exactly as ITC does. Small indexes (< :data:`ANN_MIN_ROWS`) are scanned exactly
+in chunks of the memory map. Large ones pick candidates with one matrix-vector product of the query's
+(mean) vector against the summary matrix (512 MB per million images, no training), then re-score only
+those candidate rows exactly from the embeddings: approximate in which images are considered, exact in
+how they are scored. With a FAISS index, FAISS nominates the candidates instead; rows appended since it
+was last extended are scanned exactly, so the answer never misses new images.
 
 Shapes: ``R`` rows, ``Q`` queries per image, ``E`` embedding width, ``M`` query vectors.
 """
@@ -23,6 +27,7 @@ import json
 import logging
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +41,11 @@ log = logging.getLogger(__name__)
 
 FORMAT = 1
 META, MANIFEST, EMBEDDINGS, ANN = "meta.json", "manifest.jsonl", "embeddings.f16", "ann.faiss"
-# Below this many images an exact scan of the memory map is fast (~50 ms per 10k rows) and FAISS is skipped.
+SUMMARY = "summary.f16"
+# Below this many images an exact scan of the memory map is fast (~50 ms per 10k rows): no candidate stage.
 ANN_MIN_ROWS = 20_000
+# Candidate rows re-scored exactly by the summary search (32 MB of random reads at 16 KiB per row).
+CANDIDATES = 2000
 
 
 def have_faiss() -> bool:
@@ -62,6 +70,7 @@ class Index:
     meta: dict[str, Any]
     records: dict[str, dict[str, Any]] = field(default_factory=dict)  # path -> its live record
     _ann: Any = field(default=None, repr=False)  # the FAISS index, read once per Index
+    _rows: tuple[np.ndarray, dict[int, str]] | None = field(default=None, repr=False)  # (live, paths) cache
 
     # ---- opening ------------------------------------------------------------------------------------
 
@@ -84,6 +93,7 @@ class Index:
         index.save_meta()
         (folder / MANIFEST).touch()
         (folder / EMBEDDINGS).touch()
+        (folder / SUMMARY).touch()
         return index
 
     @classmethod
@@ -104,7 +114,7 @@ class Index:
     def _read_manifest(self) -> None:
         """Replay the manifest; rows beyond what the embeddings file holds (a crash mid-write) are dropped."""
         stored = self.stored_rows()
-        self.records = {}
+        self.records, self._rows = {}, None
         with open(self.folder / MANIFEST, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
@@ -148,15 +158,48 @@ class Index:
             return np.zeros((0, *self.row_shape), np.float16)
         return np.memmap(self.folder / EMBEDDINGS, np.float16, "c", shape=(rows, *self.row_shape))
 
+    def summary_rows(self) -> int:
+        f = self.folder / SUMMARY
+        return f.stat().st_size // (self.row_shape[1] * 2) if f.exists() else 0
+
+    def summary(self) -> np.ndarray:
+        """(R, E) float16 memory map of the per-row normalised mean query vectors."""
+        rows, e = self.summary_rows(), self.row_shape[1]
+        if rows == 0:
+            return np.zeros((0, e), np.float16)
+        return np.memmap(self.folder / SUMMARY, np.float16, "c", shape=(rows, e))
+
+    def sync_summary(self, chunk_rows: int = 16_384) -> None:
+        """Make ``summary.f16`` cover exactly the stored embedding rows: cut rows past them (a crash between
+        the two writes), compute missing ones from the embeddings (an index built before summaries)."""
+        rows, have = self.stored_rows(), self.summary_rows()
+        f = self.folder / SUMMARY
+        if have > rows or (f.exists() and f.stat().st_size != have * self.row_shape[1] * 2):
+            os.truncate(f, min(have, rows) * self.row_shape[1] * 2)
+            have = min(have, rows)
+        if have == rows:
+            return
+        log.info("%s: computing summaries of rows %d..%d", self.folder, have, rows)
+        emb = self.embeddings()
+        with open(f, "ab") as out:
+            for start in range(have, rows, chunk_rows):
+                out.write(_summarise(np.asarray(emb[start : start + chunk_rows])).tobytes())
+            out.flush()
+            os.fsync(out.fileno())
+
+    def _row_cache(self) -> tuple[np.ndarray, dict[int, str]]:
+        if self._rows is None or self._rows[0].shape[0] != self.stored_rows():
+            live = np.zeros(self.stored_rows(), dtype=bool)
+            live[[rec["row"] for rec in self.records.values()]] = True
+            self._rows = (live, {rec["row"]: path for path, rec in self.records.items()})
+        return self._rows
+
     def live_rows(self) -> np.ndarray:
         """(R,) bool: which rows belong to a file still in the index."""
-        live = np.zeros(self.stored_rows(), dtype=bool)
-        rows = [rec["row"] for rec in self.records.values()]
-        live[rows] = True
-        return live
+        return self._row_cache()[0]
 
     def paths_by_row(self) -> dict[int, str]:
-        return {rec["row"]: path for path, rec in self.records.items()}
+        return self._row_cache()[1]
 
     def truncate_to_manifest(self) -> None:
         """Drop embedding rows no manifest line points to (written before a crash): resume appends after."""
@@ -171,16 +214,23 @@ class Index:
                     rows = max(rows, rec["row"] + 1)
         rows = min(rows, self.stored_rows())
         os.truncate(self.folder / EMBEDDINGS, rows * self.row_bytes)
+        self._rows = None
+        self.sync_summary()
 
     def append(self, embeds: np.ndarray, records: list[dict[str, Any]]) -> None:
-        """Write (B, Q, E) embeddings, then their manifest lines (so a crash never names missing rows)."""
+        """Write (B, Q, E) embeddings, then their summaries, then their manifest lines (so a crash never
+        names missing rows; :meth:`truncate_to_manifest` cuts both files back to the manifest)."""
         if embeds.shape[1:] != self.row_shape:
             raise InputError(f"embeddings of shape {embeds.shape[1:]} do not fit this index {self.row_shape}")
+        embeds = np.ascontiguousarray(embeds, dtype=np.float16)
+        self.sync_summary()
         start = self.stored_rows()
-        with open(self.folder / EMBEDDINGS, "ab") as f:
-            f.write(np.ascontiguousarray(embeds, dtype=np.float16).tobytes())
-            f.flush()
-            os.fsync(f.fileno())
+        for name, data in ((EMBEDDINGS, embeds), (SUMMARY, _summarise(embeds))):
+            with open(self.folder / name, "ab") as f:
+                f.write(data.tobytes())
+                f.flush()
+                os.fsync(f.fileno())
+        self._rows = None
         with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
             for i, rec in enumerate(records):
                 rec = {**rec, "row": start + i}
@@ -188,37 +238,46 @@ class Index:
                 f.write(json.dumps(rec) + "\n")
 
     def remove(self, paths: list[str]) -> None:
+        self._rows = None
         with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
             for path in paths:
                 self.records.pop(path, None)
                 f.write(json.dumps({"path": path, "removed": True}) + "\n")
 
-    # ---- approximate index --------------------------------------------------------------------------
+    # ---- candidate stage ----------------------------------------------------------------------------
 
     def update_ann(self, mode: str = "auto", chunk_rows: int = 16_384) -> str:
-        """Build or extend the FAISS index over every query vector. ``mode``: auto | faiss | exact.
+        """Prepare the candidate stage for large indexes. ``mode``: auto | faiss | exact.
 
-        Returns what search will use: "faiss" or "exact". ``auto`` uses FAISS when it is installed and
-        the index holds at least :data:`ANN_MIN_ROWS` rows.
+        Returns what search of this index will use: "summary", "faiss" or "exact". ``auto`` keeps the
+        summary matrix up to date (no training, written with the rows) and extends a FAISS index only if
+        one was built before; ``faiss`` builds or extends FAISS IVF-PQ over every query vector; ``exact``
+        drops FAISS and makes every search a full exact scan.
         """
         if mode not in ("auto", "faiss", "exact"):
             raise InputError(f"ann mode must be auto, faiss or exact, not {mode!r}")
+        self.sync_summary(chunk_rows)
         rows = self.stored_rows()
         ann_file = self.folder / ANN
-        if mode == "exact" or (mode == "auto" and (rows < ANN_MIN_ROWS or not have_faiss())):
-            if mode == "exact" and ann_file.exists():
-                ann_file.unlink()
+        state = self.meta.get("ann") or {}
+        if mode == "exact":
+            ann_file.unlink(missing_ok=True)
+            self._ann = None
+            self.meta["ann"] = {"type": "exact"}
+            self.save_meta()
+            return "exact"
+        if mode == "auto" and not (state.get("type") == "faiss" and ann_file.exists() and have_faiss()):
+            if state:
                 self.meta["ann"] = None
                 self.save_meta()
-            return "faiss" if self.meta.get("ann") else "exact"
+            return "summary" if rows >= ANN_MIN_ROWS else "exact"
         if not have_faiss():
             raise InputError("FAISS is not installed: pip install 'blip2[index]' (or faiss-cpu)")
         import faiss
 
         q, e = self.row_shape
         emb = self.embeddings()
-        state = self.meta.get("ann")
-        if state and ann_file.exists():
+        if state.get("type") == "faiss" and ann_file.exists():
             ann, factory = faiss.read_index(str(ann_file)), state["factory"]
             done = int(state["rows"])
         else:
@@ -235,14 +294,57 @@ class Index:
         self.save_meta()
         return "faiss"
 
+    def _read_rows(self, rows: np.ndarray, threads: int = 16) -> np.ndarray:
+        """(c, Q, E) float16 embeddings of ``rows``. Read by several threads at once: candidate rows are
+        random 16 KiB reads, and a cold disk answers many in flight far faster than one page fault at a time."""
+        if not hasattr(os, "preadv") or len(rows) < 64:
+            return np.asarray(self.embeddings()[rows])
+        out = np.empty((len(rows), *self.row_shape), np.float16)
+        buf = out.reshape(len(rows), -1).view(np.uint8)  # (c, row bytes)
+        fd = os.open(self.folder / EMBEDDINGS, os.O_RDONLY)
+
+        def read(part: np.ndarray) -> None:
+            for i in part:
+                os.preadv(fd, [buf[i]], int(rows[i]) * self.row_bytes)
+
+        try:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(read, np.array_split(np.arange(len(rows)), threads)))
+        finally:
+            os.close(fd)
+        return out
+
+    def _summary_candidates(self, q: torch.Tensor, k: int, live: np.ndarray,
+                            chunk_rows: int = 65_536) -> np.ndarray | None:  # fmt: skip
+        """Sorted rows of the ``k`` live images whose summary best matches the (M, E) query's mean vector;
+        None when the summary cannot be brought up to date (a read-only index folder)."""
+        try:
+            self.sync_summary()
+        except OSError as e:
+            log.warning("%s: cannot update %s (%s); scanning exactly", self.folder, SUMMARY, e)
+            return None
+        summ = self.summary()[: live.shape[0]]  # a concurrent `blip2 index` may have written more rows
+        if summ.shape[0] < live.shape[0]:
+            return None
+        qm = torch.nn.functional.normalize(q.mean(0), dim=0).half()  # (E,)
+        scores = torch.empty(summ.shape[0])
+        for start in range(0, summ.shape[0], chunk_rows):
+            block = torch.from_numpy(np.asarray(summ[start : start + chunk_rows]))  # (c, E) float16
+            scores[start : start + block.shape[0]] = (block @ qm).float()
+        scores[torch.from_numpy(~live)] = -torch.inf
+        return np.sort(torch.topk(scores, min(k, int(live.sum()))).indices.numpy())
+
     # ---- search -------------------------------------------------------------------------------------
 
     def search(self, queries: torch.Tensor | np.ndarray, top: int = 10, *, nprobe: int = 32,
-               candidates: int | None = None, chunk_rows: int = 8192) -> list[Hit]:  # fmt: skip
+               candidates: int | None = None, exact_below: int = ANN_MIN_ROWS,
+               chunk_rows: int = 8192) -> list[Hit]:  # fmt: skip
         """Best ``top`` live images for (M, E) normalised query vectors, by max-over-vectors cosine.
 
-        With a FAISS index, ``candidates`` query vectors per query vector (default ``max(256, 32·top)``)
-        nominate rows that are then scored exactly; rows the FAISS index does not cover are scanned exactly.
+        Indexes of fewer than ``exact_below`` rows are scanned exactly. Larger ones take the ``candidates``
+        rows (default :data:`CANDIDATES`) whose summary best matches the query's mean vector and score
+        those exactly. With a FAISS index, ``candidates`` query vectors per query vector (default
+        ``max(256, 32·top)``) nominate the rows instead; rows FAISS does not cover are scanned exactly.
         """
         q = torch.as_tensor(np.asarray(queries, dtype=np.float32)).contiguous()
         if q.ndim == 1:
@@ -256,10 +358,10 @@ class Index:
         rows = emb.shape[0]
         if rows == 0 or not live.any():
             return []
-        state = self.meta.get("ann")
+        state = self.meta.get("ann") or {}
         covered = 0
         cand: list[np.ndarray] = []
-        if state and (self.folder / ANN).exists() and have_faiss():
+        if state.get("type") == "faiss" and (self.folder / ANN).exists() and have_faiss():
             import faiss
 
             if self._ann is None:
@@ -271,11 +373,16 @@ class Index:
             _, ids = ann.search(q.numpy(), min(k, ann.ntotal))
             found = np.unique(ids[ids >= 0])
             cand.append(found[live[found]])
+        elif state.get("type") != "exact" and rows >= exact_below and live.sum() > (candidates or CANDIDATES):
+            found = self._summary_candidates(q, max(top, candidates or CANDIDATES), live)
+            if found is not None:
+                cand.append(found)
+                covered = rows
         scores_all: list[tuple[np.ndarray, np.ndarray]] = []
         if cand:
             picked = np.sort(np.concatenate(cand))
             if picked.size:
-                block = torch.from_numpy(np.asarray(emb[picked])).float()
+                block = torch.from_numpy(self._read_rows(picked)).float()
                 scores_all.append((picked, _max_cos(block, q)))
         for start in range(covered, rows, chunk_rows):
             block = torch.from_numpy(np.asarray(emb[start : start + chunk_rows])).float()
@@ -299,6 +406,12 @@ class Index:
 def _max_cos(block: torch.Tensor, queries: torch.Tensor) -> np.ndarray:
     """(c, Q, E) rows with (M, E) query vectors -> (c,) max over both of the dot product."""
     return torch.einsum("cqe,me->cqm", block, queries).flatten(1).amax(dim=1).numpy()
+
+
+def _summarise(embeds: np.ndarray) -> np.ndarray:
+    """(B, Q, E) float16 query embeddings -> (B, E) float16 normalised means (the candidate-stage rows)."""
+    mean = torch.from_numpy(np.ascontiguousarray(embeds)).float().mean(dim=1)
+    return torch.nn.functional.normalize(mean, dim=-1).half().numpy()
 
 
 def _factory(n_vectors: int) -> str:
