@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factory import build_checkpoint, make_images
 
 import blip2
+from factory import build_checkpoint, make_images
 
 pytestmark = [
     pytest.mark.gpu,
@@ -18,8 +18,19 @@ pytestmark = [
 
 PROMPTS = ["a red cube on a table", "question: what colour is the ball? answer:"]
 # bigger than the CPU fixtures, so that half-precision kernels take their real paths
-SHAPE = dict(vision_hidden=128, vision_layers=3, vision_heads=4, qformer_hidden=64, qformer_layers=4,
-             num_query_tokens=8, lm_hidden=128, lm_layers=3, lm_heads=4, image_size=56, patch_size=14)
+SHAPE = dict(
+    vision_hidden=128,
+    vision_layers=3,
+    vision_heads=4,
+    qformer_hidden=64,
+    qformer_layers=4,
+    num_query_tokens=8,
+    lm_hidden=128,
+    lm_layers=3,
+    lm_heads=4,
+    image_size=56,
+    patch_size=14,
+)
 
 
 @pytest.fixture(scope="module", params=["opt", "t5"])
@@ -51,7 +62,11 @@ def test_logits_on_gpu_match_reference(ckpt, dtype):
         expected = ref(**inputs).logits.float()
         got = m.model(**inputs).logits.float()
     assert torch.isfinite(got).all()
-    valid = inputs["attention_mask"].bool() if lm == "opt" else torch.ones(got.shape[:2], dtype=torch.bool, device="cuda")
+    valid = (
+        inputs["attention_mask"].bool()
+        if lm == "opt"
+        else torch.ones(got.shape[:2], dtype=torch.bool, device="cuda")
+    )
     if dtype == torch.float32:
         assert (got - expected)[valid].abs().max() < 1e-3
     else:

@@ -19,8 +19,9 @@ def _model_id(name: str) -> str:
 def _index(args: argparse.Namespace) -> int:
     import blip2
     from blip2.index import build_index
+    from blip2.weights import retrieval_checkpoint
 
-    pipe = blip2.load(args.model, device=args.device, dtype=args.dtype)
+    pipe = blip2.load(retrieval_checkpoint(args.model), device=args.device, dtype=args.dtype)
 
     def report(path: str, message: str) -> None:
         print(f"blip2: skipped {path}: {message}", file=sys.stderr)
@@ -40,9 +41,10 @@ def _index(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     import blip2
     from blip2.index import Index, search_index
+    from blip2.weights import retrieval_checkpoint
 
     index = Index.open(args.index)
-    pipe = blip2.load(args.model or index.meta["model"], device=args.device, dtype=args.dtype)
+    pipe = blip2.load(retrieval_checkpoint(args.model or index.meta["model"]), device=args.device, dtype=args.dtype)
     query = Path(args.query) if args.image else args.query
     hits = search_index(pipe, index, query, top=args.top, rerank=args.rerank, nprobe=args.nprobe)
     for hit in hits:
@@ -65,7 +67,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", "-o", required=True, metavar="INDEX", help="index folder (created or resumed)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--ann", choices=["auto", "faiss", "exact"], default="auto",
-                   help="build a FAISS index (auto: when installed and the index has ≥20k images)")  # fmt: skip
+                   help="auto: summary candidates + exact re-score for ≥20k images; faiss: IVF-PQ; exact: full scan")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_index)
 

@@ -410,9 +410,28 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
 
 
+# Checkpoints shipped inside the package, loaded by name and offline (see ``blip2.demo``). A local folder
+# of the same name that holds a checkpoint wins.
+NAMED_CHECKPOINTS = {"demo": "demo/checkpoints/demo", "demo-itm": "demo/checkpoints/demo-itm"}
+# The retrieval sibling (its stage-1 model) of a shipped generation checkpoint: what `blip2 index/search` load.
+RETRIEVAL_SIBLINGS = {"demo": "demo-itm"}
+
+
+def retrieval_checkpoint(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """The checkpoint retrieval should load for ``name_or_path``: a shipped sibling, else the same."""
+    return RETRIEVAL_SIBLINGS.get(str(name_or_path), name_or_path)
+
+
 def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
-    """A local checkpoint folder, or a hub id fetched through (and cached by) ``huggingface_hub``."""
+    """A local checkpoint folder, a checkpoint shipped in the package (``demo``), or a hub id fetched
+    through (and cached by) ``huggingface_hub``."""
     path = Path(name_or_path).expanduser()
+    named = NAMED_CHECKPOINTS.get(str(name_or_path))
+    if named is not None and not (path / "config.json").is_file():
+        folder = Path(__file__).parent / named
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"{folder}: the shipped {name_or_path!r} checkpoint is missing from this install")
+        return folder
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise CheckpointError(
@@ -537,4 +556,67 @@ def save_checkpoint(
         for f in src.glob(pattern):
             if f.is_file() and not f.name.endswith(".index.json"):
                 shutil.copyfile(f, out / f.name)
+    return out
+
+
+# ---- our names -> hub names, for checkpoints built from scratch (blip2.demo) -------------------
+
+_INVERSE: list[tuple[str, str | Callable[[re.Match], str]]] = [
+    (r"vision\.class_token", "vision_model.embeddings.class_embedding"),
+    (r"vision\.pos_embed", "vision_model.embeddings.position_embedding"),
+    (r"vision\.patch_embed\.(weight|bias)", r"vision_model.embeddings.patch_embedding.\1"),
+    (r"vision\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.qkv.\2"),
+    (r"vision\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.projection.\2"),
+    (r"vision\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
+    (r"vision\.blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
+    (r"vision\.norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
+    (r"queries", "query_tokens"),
+    (r"qformer\.norm\.(weight|bias)", r"qformer.layernorm.\1"),
+    (
+        r"qformer\.layers\.(\d+)\.(.+)\.(weight|bias)",
+        lambda m: f"qformer.encoder.layer.{m[1]}.{ {v: k for k, v in _QF_BLOCKS.items()}[m[2]] }.{m[3]}",
+    ),
+    (r"qformer\.word_embed\.weight", "embeddings.word_embeddings.weight"),
+    (r"qformer\.pos_embed\.weight", "embeddings.position_embeddings.weight"),
+    (r"projection\.(weight|bias)", r"language_projection.\1"),
+    (r"vision_proj\.(weight|bias)", r"vision_projection.\1"),
+    (r"text_proj\.(weight|bias)", r"text_projection.\1"),
+    (r"itm_head\.(weight|bias)", r"itm_head.\1"),
+    (r"language_model\.embed_(tokens|positions)\.weight", r"language_model.model.decoder.embed_\1.weight"),
+    (r"language_model\.(project_in|project_out)\.weight", r"language_model.model.decoder.\1.weight"),
+    (r"language_model\.norm\.(weight|bias)", r"language_model.model.decoder.final_layer_norm.\1"),
+    (
+        r"language_model\.layers\.(\d+)\.(.+)\.(weight|bias)",
+        lambda m: f"language_model.model.decoder.layers.{m[1]}.{ {v: k for k, v in _OPT_BLOCKS.items()}[m[2]] }.{m[3]}",
+    ),
+    (r"language_model\.lm_head\.weight", "language_model.lm_head.weight"),
+]
+
+
+def hub_name(ours: str, cfg: Blip2Config) -> str:
+    """The hub name of one of our tensors (vision, Q-Former, heads, OPT; not T5), checked by mapping it back."""
+    for pattern, repl in _INVERSE:
+        m = re.fullmatch(pattern, ours)
+        if m is None:
+            continue
+        try:
+            hub = repl(m) if callable(repl) else m.expand(repl)
+            if our_name(hub, cfg) == ours:
+                return hub
+        except KeyError:
+            pass
+        break
+    raise CheckpointError(f"{ours!r} has no hub name blip2 can write (T5 checkpoints are not written)")
+
+
+def hub_tensors(model: nn.Module, cfg: Blip2Config) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` under its hub name, contiguous on the CPU; a tied ``lm_head`` is left out
+    (loading ties it back), as the released OPT checkpoints may do."""
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    lm_head, embed = "language_model.lm_head.weight", "language_model.embed_tokens.weight"
+    for name, t in state.items():
+        if name == lm_head and embed in state and t.data_ptr() == state[embed].data_ptr():
+            continue
+        out[hub_name(name, cfg)] = t.detach().to("cpu").contiguous().clone()
     return out

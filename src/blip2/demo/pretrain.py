@@ -1,0 +1,191 @@
+"""Pre-training the two frozen parts, in miniature: a small ViT on scene attributes, a small OPT on scene text.
+
+- Vision: our ``VisionTransformer`` with two throw-away heads. From the class token, one classifier per
+  place says what stands there (nothing, or colour × shape × size); from every patch token, a classifier
+  says which colour × shape covers it. The first makes the encoder see the whole scene, the second keeps
+  the patch tokens (which the Q-Former reads) local and informative.
+- Language: our ``OPT`` as a causal language model on the scene text exactly as stage 2 will feed it:
+  ``</s>`` + caption + ``</s>``, and ``</s>`` + "Question: … Answer: …" + ``</s>`` (one or two turns).
+
+Shapes: ``B`` batch, ``N`` image tokens, ``G`` patches per side, ``T`` text tokens, ``D`` width.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import OPTConfig, VisionConfig
+from ..images import ImageProcessor
+from ..opt import OPT
+from ..vision import VisionTransformer
+from .scenes import PATCH_CLASSES, PLACES, SLOT_CLASSES, Scene
+
+log = logging.getLogger(__name__)
+
+
+def cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def pixels(scenes: list[Scene], processor: ImageProcessor) -> torch.Tensor:
+    """(B, 3, S, S) model pixels of the rendered scenes, through the checkpoint's own preprocessing."""
+    return processor([s.render() for s in scenes])
+
+
+def patch_labels(scene: Scene, patch: int) -> np.ndarray:
+    """(G*G,) the colour × shape covering most of each patch (0: background only)."""
+    lab = scene.label_map()
+    g = lab.shape[0] // patch
+    cells = lab[: g * patch, : g * patch].reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
+    counts = (cells[..., None] == np.arange(1, PATCH_CLASSES)).sum(1)  # (G*G, C-1)
+    return np.where(counts.max(1) > 0, counts.argmax(1) + 1, 0)
+
+
+class VisionPretrainer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.vision = VisionTransformer(cfg)
+        self.slots = nn.Linear(cfg.hidden_size, len(PLACES) * SLOT_CLASSES)
+        self.patches = nn.Linear(cfg.hidden_size, PATCH_CLASSES)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, patches: torch.Tensor):
+        h = self.vision(x)  # (B, N, D)
+        slot_logits = self.slots(h[:, 0]).view(-1, len(PLACES), SLOT_CLASSES)
+        patch_logits = self.patches(h[:, 1:])  # (B, G*G, C)
+        loss_slots = F.cross_entropy(slot_logits.reshape(-1, SLOT_CLASSES), slots.reshape(-1))
+        loss_patches = F.cross_entropy(patch_logits.reshape(-1, PATCH_CLASSES), patches.reshape(-1))
+        slot_acc = (slot_logits.argmax(-1) == slots).all(-1).float().mean()
+        return loss_slots + loss_patches, slot_acc
+
+
+@torch.no_grad()
+def init_vision(model: VisionTransformer, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    model.class_token.copy_(torch.randn(model.class_token.shape, generator=gen) * 0.02)
+    model.pos_embed.copy_(torch.randn(model.pos_embed.shape, generator=gen) * 0.02)
+
+
+def pretrain_vision(
+    cfg: VisionConfig,
+    scenes: list[Scene],
+    processor: ImageProcessor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    report: Callable[[str], None] = log.info,
+    device: str | torch.device = "cpu",
+) -> VisionTransformer:
+    """Train a fresh ViT on the scenes' per-place and per-patch labels; returns the encoder alone."""
+    torch.manual_seed(seed)
+    model = VisionPretrainer(cfg)
+    init_vision(model.vision, seed)
+    x = pixels(scenes, processor)
+    slots = torch.tensor([s.slot_labels() for s in scenes])
+    patches = torch.from_numpy(np.stack([patch_labels(s, cfg.patch_size) for s in scenes])).long()
+    model.to(device)
+    x, slots, patches = x.to(device), slots.to(device), patches.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(len(scenes), (batch_size,), generator=gen).to(device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
+        loss, acc = model(x[idx], slots[idx], patches[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            report(
+                f"vision step {step + 1}/{steps}: loss {loss.item():.4f}, scenes all right {acc.item():.2f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+    return model.vision.cpu().eval()
+
+
+def lm_sequences(texts: list[str], contexts: list[str | None], tokenizer) -> list[tuple[list[int], int]]:
+    """``[context] </s> text </s>`` as (ids, context length): the tokenizer prepends BOS, EOS closes the text
+    as stage 2 trains it. The context (a caption, no loss on it) is what the image prefix will stand in for:
+    with it the model learns to read what comes before BOS, which a frozen LM needs in order to use a prefix."""
+    eos = tokenizer.token_to_id("</s>")
+    out = []
+    for text, context in zip(texts, contexts, strict=True):
+        ids = tokenizer.encode(text).ids + [eos]
+        ctx = tokenizer.encode(context, add_special_tokens=False).ids if context else []
+        out.append((ctx + ids, len(ctx)))
+    return out
+
+
+def pretrain_language(
+    cfg: OPTConfig,
+    seqs: list[tuple[list[int], int]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    report: Callable[[str], None] = log.info,
+    device: str | torch.device = "cpu",
+) -> OPT:
+    """Train a fresh OPT (tied embeddings) as a causal LM on ``texts``; returns it in eval mode."""
+    torch.manual_seed(seed)
+    model = OPT(cfg)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, 0.02)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, 0.02)
+    model.lm_head.weight = model.embed_tokens.weight  # tied, as OPT
+    pad = cfg.pad_token_id
+    width = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    context = torch.zeros((len(seqs), width), dtype=torch.bool)
+    for i, (s, n) in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+        context[i, :n] = True
+    model.to(device)
+    ids, mask, context = ids.to(device), mask.to(device), context.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(len(seqs), (batch_size,), generator=gen).to(device)
+        m = mask[idx]
+        t = int(m.sum(1).max())
+        x, m, c = ids[idx, :t], m[:, :t], context[idx, :t]
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
+        logits = model.logits(model(model.embed(x), m))  # (B, T, V)
+        labels = x.masked_fill((m == 0) | c, -100)
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            report(
+                f"language step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)"
+            )
+    return model.cpu().eval()
