@@ -408,3 +408,28 @@ def test_webdataset_tar(data_dir, tmp_path):
     from blip2.train.data import read_sample_image
 
     assert read_sample_image(ds.samples[2]).size == (28, 28)
+
+
+# ---- multi-process ----------------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_on_cpu(itm_ckpt, data_dir, tmp_path):
+    """`torchrun` with two CPU processes (gloo): ITC features are gathered across ranks, one hub-layout
+    output is written, frozen tensors stay bit-identical."""
+    import shutil
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node", "2", "-m", "blip2.cli", "train", "--stage", "1", "--model", str(itm_ckpt),
+           "--data", str(data_dir / "train.jsonl"), "--output", str(out), "--steps", "3", "--batch-size", "2"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _log(out)[-1]["step"] == 3
+    before, after = read_state(itm_ckpt), read_state(out)
+    assert before.keys() == after.keys()
+    assert torch.equal(before["vision_model.post_layernorm.weight"], after["vision_model.post_layernorm.weight"])
+    assert not torch.equal(before["query_tokens"], after["query_tokens"])
+    blip2.load(out)
