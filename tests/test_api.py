@@ -179,3 +179,16 @@ def test_retrieval_checkpoint_cannot_generate(opt):
             opt.caption(make_images(1)[0])
     finally:
         opt.model.language_model = lm
+
+
+def test_batch_larger_than_the_prefix_cache(opt_ckpt):
+    """Rows computed for a batch bigger than the LRU cache are not lost to eviction."""
+    from blip2.chat import PrefixCache
+
+    model = blip2.load(opt_ckpt)
+    images = make_images(5, 28, seed=31)
+    expected = model.generate(images, ["a photo of"] * 5, max_new_tokens=3)
+    model.prefix_cache = PrefixCache(2)
+    assert model.generate(images, ["a photo of"] * 5, max_new_tokens=3) == expected
+    model.prefix_cache = PrefixCache(0)
+    assert model.generate(images, ["a photo of"] * 5, max_new_tokens=3) == expected

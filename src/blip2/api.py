@@ -105,13 +105,24 @@ class Pipeline:
         model = self.model
         dtype = model.vision.patch_embed.weight.dtype
         keys = [self.prefix_cache.key(p, dtype, self.device) for p in pixel_values]
-        missing = [i for i, k in enumerate(keys) if k not in self.prefix_cache and k not in keys[:i]]
+        # rows held locally: a batch larger than the cache must not lose rows it has just computed
+        rows: dict[str, torch.Tensor] = {}
+        missing = []
+        for i, k in enumerate(keys):
+            if k in rows:
+                continue
+            if k in self.prefix_cache:
+                rows[k] = self.prefix_cache.get(k)
+            else:
+                rows[k] = None
+                missing.append(i)
         if missing:
             with torch.inference_mode():
                 computed = model.image_prefix(pixel_values[missing].to(self.device))
             for i, row in zip(missing, computed, strict=True):
+                rows[keys[i]] = row
                 self.prefix_cache.put(keys[i], row)
-        return torch.stack([self.prefix_cache.get(k) for k in keys])
+        return torch.stack([rows[k] for k in keys])
 
     def _pixels(self, images) -> torch.Tensor:
         return self.processor.image_processor(images)

@@ -62,10 +62,10 @@ class Recipe:
     vision_steps: int = 2000
     vision_batch: int = 64
     vision_lr: float = 2e-3
-    lm_steps: int = 800
+    lm_steps: int = 6000
     lm_batch: int = 64
     lm_lr: float = 3e-3
-    lm_context_fraction: float = 0.5
+    lm_context_fraction: float = 0.7
     stage1_steps: int = 600
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
