@@ -119,9 +119,9 @@ def _caption(args: argparse.Namespace) -> int:
                 if args.json:
                     line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
                 elif len(args.images) == 1:
-                    line = text
+                    line = text.strip()
                 else:
-                    line = f"{path}\t{text}"
+                    line = f"{path}\t{text.strip()}"
                 bar.write(line, file=sys.stdout)
                 sys.stdout.flush()
             bar.update(len(chunk))
@@ -151,7 +151,7 @@ def _ask(args: argparse.Namespace) -> int:
             json.dumps({"image": args.image, "question": args.question, "text": answer}, ensure_ascii=False)
         )
     else:
-        print(answer)
+        print(answer.strip())
     return 0
 
 
