@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import OPTConfig, VisionConfig
 from ..images import ImageProcessor
+from ..layers import normal_init_
 from ..opt import OPT
 from ..vision import VisionTransformer
 from .scenes import PATCH_CLASSES, PLACES, SLOT_CLASSES, Scene
@@ -145,13 +146,7 @@ def pretrain_language(
     torch.manual_seed(seed)
     model = OPT(cfg)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, 0.02)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, 0.02)
+        normal_init_(model, std=0.02)
     model.lm_head.weight = model.embed_tokens.weight  # tied, as OPT
     pad = cfg.pad_token_id
     width = max(len(s) for s, _ in seqs)
