@@ -430,6 +430,8 @@ def test_ddp_two_processes_on_cpu(itm_ckpt, data_dir, tmp_path):
     assert _log(out)[-1]["step"] == 3
     before, after = read_state(itm_ckpt), read_state(out)
     assert before.keys() == after.keys()
-    assert torch.equal(before["vision_model.post_layernorm.weight"], after["vision_model.post_layernorm.weight"])
+    assert torch.equal(
+        before["vision_model.post_layernorm.weight"], after["vision_model.post_layernorm.weight"]
+    )
     assert not torch.equal(before["query_tokens"], after["query_tokens"])
     blip2.load(out)

@@ -44,7 +44,9 @@ def _search(args: argparse.Namespace) -> int:
     from blip2.weights import retrieval_checkpoint
 
     index = Index.open(args.index)
-    pipe = blip2.load(retrieval_checkpoint(args.model or index.meta["model"]), device=args.device, dtype=args.dtype)
+    pipe = blip2.load(
+        retrieval_checkpoint(args.model or index.meta["model"]), device=args.device, dtype=args.dtype
+    )
     query = Path(args.query) if args.image else args.query
     hits = search_index(pipe, index, query, top=args.top, rerank=args.rerank, nprobe=args.nprobe)
     for hit in hits:

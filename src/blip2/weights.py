@@ -430,7 +430,9 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     if named is not None and not (path / "config.json").is_file():
         folder = Path(__file__).parent / named
         if not (folder / "config.json").is_file():
-            raise CheckpointError(f"{folder}: the shipped {name_or_path!r} checkpoint is missing from this install")
+            raise CheckpointError(
+                f"{folder}: the shipped {name_or_path!r} checkpoint is missing from this install"
+            )
         return folder
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -566,7 +568,10 @@ _INVERSE: list[tuple[str, str | Callable[[re.Match], str]]] = [
     (r"vision\.pos_embed", "vision_model.embeddings.position_embedding"),
     (r"vision\.patch_embed\.(weight|bias)", r"vision_model.embeddings.patch_embedding.\1"),
     (r"vision\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.qkv.\2"),
-    (r"vision\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.projection.\2"),
+    (
+        r"vision\.blocks\.(\d+)\.attn\.proj\.(weight|bias)",
+        r"vision_model.encoder.layers.\1.self_attn.projection.\2",
+    ),
     (r"vision\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
     (r"vision\.blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
     (r"vision\.norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
@@ -587,7 +592,9 @@ _INVERSE: list[tuple[str, str | Callable[[re.Match], str]]] = [
     (r"language_model\.norm\.(weight|bias)", r"language_model.model.decoder.final_layer_norm.\1"),
     (
         r"language_model\.layers\.(\d+)\.(.+)\.(weight|bias)",
-        lambda m: f"language_model.model.decoder.layers.{m[1]}.{ {v: k for k, v in _OPT_BLOCKS.items()}[m[2]] }.{m[3]}",
+        lambda m: (
+            f"language_model.model.decoder.layers.{m[1]}.{ {v: k for k, v in _OPT_BLOCKS.items()}[m[2]] }.{m[3]}"
+        ),
     ),
     (r"language_model\.lm_head\.weight", "language_model.lm_head.weight"),
 ]
