@@ -109,13 +109,10 @@ class Pipeline:
         rows: dict[str, torch.Tensor] = {}
         missing = []
         for i, k in enumerate(keys):
-            if k in rows:
-                continue
-            if k in self.prefix_cache:
+            if k not in rows:
                 rows[k] = self.prefix_cache.get(k)
-            else:
-                rows[k] = None
-                missing.append(i)
+                if rows[k] is None:
+                    missing.append(i)
         if missing:
             with torch.inference_mode():
                 computed = model.image_prefix(pixel_values[missing].to(self.device))

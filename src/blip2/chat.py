@@ -7,14 +7,13 @@ a path, a PIL image or an array hits the same entry.
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import InputError
+from .generate import LRUCache, content_key
 
 if TYPE_CHECKING:
     from .api import Pipeline
@@ -23,47 +22,16 @@ QUESTION_TEMPLATE = "Question: {} Answer:"
 TURN_TEMPLATE = "Question: {} Answer: {}."  # one past exchange in a chat prompt (BLIP-2's own format)
 
 
-class PrefixCache:
-    """LRU map: pixel-content key -> (Q, D_lm) image prefix. ``hits`` / ``misses`` count lookups."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._entries: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
+class PrefixCache(LRUCache):
+    """Pixel-content key -> (Q, D_lm) image prefix."""
 
     @staticmethod
     def key(pixels: torch.Tensor, dtype: torch.dtype, device: torch.device) -> str:
         """(3, S, S) pixels -> a key naming their content, shape, and where the prefix lives."""
-        data = pixels.detach().cpu().contiguous()
-        digest = hashlib.blake2b(data.numpy().tobytes(), digest_size=16).hexdigest()
-        return f"{digest}:{tuple(data.shape)}:{data.dtype}:{dtype}:{device}"
-
-    def __contains__(self, key: str) -> bool:
-        found = key in self._entries
-        if found:
-            self.hits += 1
-        else:
-            self.misses += 1
-        return found
-
-    def get(self, key: str) -> torch.Tensor:
-        self._entries.move_to_end(key)
-        return self._entries[key]
+        return content_key(pixels, dtype, device)
 
     def put(self, key: str, prefix: torch.Tensor) -> None:
-        if self.size <= 0:
-            return
-        self._entries[key] = prefix.clone()
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        super().put(key, prefix.clone())  # not a view into a batch that would stay alive with it
 
 
 def chat_prompt(history: list[tuple[str, str]], text: str) -> str:

@@ -115,7 +115,47 @@ class GenerationConfig:
 # ============================================================================ runners
 
 
-class PrefillCache:
+def content_key(tensor: torch.Tensor, *tags: object) -> str:
+    """A key naming a tensor's exact content and shape, plus ``tags`` (dtype, device, ...)."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
+    return ":".join([digest, str(tuple(data.shape)), str(data.dtype), *map(str, tags)])
+
+
+class LRUCache:
+    """A bounded map, least recently used out first; ``get`` counts ``hits`` and ``misses``."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[str, Any] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Any | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+        else:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return entry
+
+    def put(self, key: str, value: Any) -> None:
+        if self.size <= 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class PrefillCache(LRUCache):
     """Keys and values of a prompt's first positions, reused by later prompts that start the same way.
 
     For OPT the image prefix and BOS open every prompt about an image: a second question about it
@@ -124,32 +164,11 @@ class PrefillCache:
     """
 
     def __init__(self, size: int = 8):
-        self.size = size
-        self._entries: OrderedDict[str, list[tuple[torch.Tensor, torch.Tensor]]] = OrderedDict()
-        self.hits = 0
+        super().__init__(size)
 
     @staticmethod
     def key(embeds: torch.Tensor) -> str:
-        data = embeds.detach().cpu().contiguous()
-        digest = hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()
-        return f"{digest}:{tuple(data.shape)}:{data.dtype}:{embeds.device}"
-
-    def get(self, key: str) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        entry = self._entries.get(key)
-        if entry is not None:
-            self._entries.move_to_end(key)
-            self.hits += 1
-        return entry
-
-    def put(self, key: str, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        if self.size <= 0:
-            return
-        self._entries[key] = kv
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-    def clear(self) -> None:
-        self._entries.clear()
+        return content_key(embeds, embeds.device)
 
 
 class OPTRunner:
