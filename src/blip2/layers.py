@@ -114,7 +114,7 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
-def padding_mask(key_mask: torch.Tensor, query_len: int | None = None) -> torch.Tensor:
+def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
     """A (B, S) 0/1 key mask -> boolean (B, 1, 1, S) for bidirectional attention."""
     return key_mask.bool()[:, None, None, :]
 
