@@ -108,6 +108,18 @@ def test_ask(t5_ckpt, image_files, capsys):
     assert out.out == want + "\n"
 
 
+def test_ask_several_questions(opt_ckpt, image_files, capsys):
+    questions = ["what colour is the ball?", "how many dogs are there?"]
+    rc = main(["ask", image_files[0], *questions, "-m", str(opt_ckpt), "--max-new-tokens", "4", "--json"])
+    out = capsys.readouterr()
+    assert rc == 0
+    m = blip2.load(opt_ckpt)
+    want = [m.ask(image_files[0], q, max_new_tokens=4) for q in questions]
+    rows = [json.loads(line) for line in out.out.splitlines()]
+    assert [r["question"] for r in rows] == questions
+    assert [r["text"] for r in rows] == want
+
+
 def test_chat_streams_replies(t5_ckpt, image_files, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("what is this?\n\n/reset\nwhat is this?\n/quit\nignored\n"))
     rc = main(["chat", image_files[0], "-m", str(t5_ckpt), "--max-new-tokens", "5"])

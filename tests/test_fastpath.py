@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import blip2
@@ -10,8 +11,8 @@ from factory import make_images
 
 
 def _lm_inputs(m, image, question):
-    lm, embeds, mask, ids, ids_mask, cfg = m._prepare(image, f"Question: {question} Answer:", {})
-    return lm, embeds, mask, cfg
+    lm, embeds, mask, *_ = m._prepare(image, f"Question: {question} Answer:", {})
+    return lm, embeds, mask
 
 
 def test_prefill_cache_equals_recompute(opt_ckpt):
@@ -22,7 +23,7 @@ def test_prefill_cache_equals_recompute(opt_ckpt):
     cfg = GenerationConfig(max_new_tokens=8, min_new_tokens=8)
     with torch.inference_mode():
         for i, question in enumerate(["what is it?", "how many dogs are there?", "is it red?"]):
-            lm, embeds, mask, _ = _lm_inputs(m, image, question)
+            lm, embeds, mask = _lm_inputs(m, image, question)
             plain = generate_ids(lm, embeds, mask, cfg)
             cached = generate_ids(lm, embeds, mask, cfg, prefill_cache=cache, shared=shared)
             assert cached == plain
@@ -43,7 +44,7 @@ def test_prefill_cache_keyed_by_image(opt_ckpt):
     cache = PrefillCache()
     with torch.inference_mode():
         for image in (a, b, a):
-            lm, embeds, mask, _ = _lm_inputs(m, image, "what is it?")
+            lm, embeds, mask = _lm_inputs(m, image, "what is it?")
             assert generate_ids(lm, embeds, mask, cfg, prefill_cache=cache, shared=shared) == generate_ids(
                 lm, embeds, mask, cfg
             )
@@ -61,10 +62,51 @@ def test_pipeline_questions_reuse_the_image(opt_ckpt):
     assert first == again
 
 
-def test_batched_prompts_do_not_use_the_prefill_cache(opt_ckpt):
+def test_batched_images_do_not_use_the_prefill_cache(opt_ckpt):
     m = blip2.load(opt_ckpt)
     images = make_images(2)
     out = m.generate(
         images, ["Question: what? Answer:", "Question: where is the cat? Answer:"], max_new_tokens=4
     )
     assert len(out) == 2 and m.prefill_cache.hits == 0 and len(m.prefill_cache._entries) == 0
+
+
+QUESTIONS = ["what is it?", "how many dogs are there in the picture?", "where?"]
+
+
+def test_questions_together_equal_each_alone(opt_ckpt, t5_ckpt):
+    image = make_images(1, seed=9)[0]
+    for ckpt in (opt_ckpt, t5_ckpt):
+        m = blip2.load(ckpt)
+        together = m.ask(image, QUESTIONS, max_new_tokens=6)
+        m.prefix_cache.clear()
+        m.prefill_cache.clear()
+        assert together == [m.ask(image, q, max_new_tokens=6) for q in QUESTIONS]
+
+
+def test_questions_together_encode_and_prefill_the_image_once(opt_ckpt):
+    m = blip2.load(opt_ckpt)
+    image = make_images(1, seed=9)[0]
+    q = m.model.cfg.num_query_tokens
+    seen: list[tuple[int, int]] = []  # (rows, positions) of each language-model pass
+    images: list[int] = []
+    lm_hook = m.model.language_model.register_forward_pre_hook(
+        lambda _, a: seen.append(tuple(a[0].shape[:2]))
+    )
+    vision_hook = m.model.vision.register_forward_pre_hook(lambda _, a: images.append(a[0].shape[0]))
+    try:
+        m.ask(image, QUESTIONS, max_new_tokens=3)
+    finally:
+        lm_hook.remove()
+        vision_hook.remove()
+    assert images == [1]
+    # image slots + BOS once for one row, then each question's own tokens for all rows, then decode steps
+    assert seen[0] == (1, q + 1)
+    assert seen[1][0] == len(QUESTIONS) and seen[2] == (len(QUESTIONS), 1)
+    assert len(m.prefill_cache) == 1
+
+
+def test_questions_must_be_strings(opt_ckpt):
+    m = blip2.load(opt_ckpt)
+    with pytest.raises(blip2.InputError, match="non-empty list of strings"):
+        m.ask(make_images(1)[0], [])

@@ -335,3 +335,25 @@ def test_hub_id_from_cache(tmp_path, monkeypatch, opt_ckpt):
     (repo / "refs" / "main").write_text(commit)
     m = blip2.load("someone/tiny-blip2")
     assert m.config.num_query_tokens == 4
+
+
+@pytest.mark.parametrize("fixture", ["opt_ckpt", "t5_ckpt", "t5_asym_ckpt", "itm_ckpt"])
+def test_config_written_back_reads_the_same(request, fixture):
+    """``Blip2Config.to_dict`` writes the hub's keys: read back it is the same config, and each key it
+    writes has the value the reference wrote in the original ``config.json``."""
+    from blip2.config import Blip2Config
+
+    path = request.getfixturevalue(fixture) / "config.json"
+    cfg = Blip2Config.from_file(path)
+    written = cfg.to_dict()
+    assert Blip2Config.from_dict(json.loads(json.dumps(written))) == cfg
+    original = json.loads(path.read_text())
+    ignored = {"dropout", "attention_dropout", "dropout_rate", "hidden_dropout_prob", "scale_decoder_outputs"}
+    ignored |= {"attention_probs_dropout_prob"}
+    for part in ("vision_config", "qformer_config", "text_config"):
+        for key, value in written.get(part, {}).items():
+            if key not in ignored and key in original[part]:
+                assert original[part][key] == value, (part, key)
+    for key in ("num_query_tokens", "image_token_index", "image_text_hidden_size"):
+        if key in written and key in original:
+            assert original[key] == written[key], key

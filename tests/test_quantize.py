@@ -46,12 +46,13 @@ def test_int8_logits_close_to_float32(lm, opt_ckpt, t5_ckpt):
     path = opt_ckpt if lm == "opt" else t5_ckpt
     ref = blip2.load(path)
     m = blip2.load(path, quantize="int8")
-    kinds = {type(mod) for mod in m.model.language_model.modules()} | {
-        type(mod) for mod in m.model.vision.modules()
+    kinds = {
+        type(mod)
+        for part in (m.model.vision, m.model.qformer, m.model.language_model)
+        for mod in part.modules()
     }
-    assert Int8Linear in kinds and nn.Linear not in kinds  # vision and language model all int8
-    assert type(m.model.projection) is nn.Linear  # the Q-Former side stays float32
-    assert all(type(mod) is not Int8Linear for mod in m.model.qformer.modules())
+    assert Int8Linear in kinds and nn.Linear not in kinds  # vision, Q-Former and language model all int8
+    assert type(m.model.projection) is nn.Linear  # the projection stays float32
     enc = _inputs(ref)
     kwargs = {}
     if lm == "t5":
@@ -69,7 +70,9 @@ def test_int8_logits_close_to_float32(lm, opt_ckpt, t5_ckpt):
 def test_quantize_model_counts_and_rejects_unknown_mode(opt_ckpt):
     m = blip2.load(opt_ckpt)
     n_linear = sum(
-        type(mod) is nn.Linear for part in (m.model.vision, m.model.language_model) for mod in part.modules()
+        type(mod) is nn.Linear
+        for part in (m.model.vision, m.model.qformer, m.model.language_model)
+        for mod in part.modules()
     )
     assert quantize_model_(m.model) == n_linear
     with pytest.raises(ValueError, match="quantize"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -69,9 +69,7 @@ class Pipeline:
 
     def generate_ids(self, images, prompts, **gen) -> list[list[int]]:
         """As :meth:`generate`, the new token ids (EOS included when produced)."""
-        lm, embeds, mask, ids, ids_mask, cfg = self._prepare(images, prompts, gen)
-        # every prompt opens with the image prefix and BOS: their keys/values are reused per image
-        shared = self.model.cfg.num_query_tokens + 1
+        lm, embeds, mask, ids, ids_mask, cfg, shared = self._prepare(images, prompts, gen)
         with torch.inference_mode():
             return generate_ids(lm, embeds, mask, cfg, ids, ids_mask, self.prefill_cache, shared)
 
@@ -83,16 +81,27 @@ class Pipeline:
         """As :meth:`generate_ids`, step by step: each row's new token per step (None once the row is
         done). A batch streams as one (the server batches streaming requests with it). Beam search
         yields its finished result, one token per step, at the end. Bad input raises here, at the call."""
-        lm, embeds, mask, ids, ids_mask, cfg = self._prepare(images, prompts, gen)
+        lm, embeds, mask, ids, ids_mask, cfg, _ = self._prepare(images, prompts, gen)
         return _steps(lm, embeds, mask, cfg, ids, ids_mask)
 
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
         """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only."""
         return self.generate(images, prompt, **gen)
 
-    def ask(self, image, question: str, template: str = QUESTION_TEMPLATE, **gen) -> str:
-        """The answer to ``question`` about one image (the ``Question: {} Answer:`` prompt by default)."""
-        return self.generate(image, template.format(question), **gen)[0]
+    def ask(self, image, question: str | Sequence[str], template: str = QUESTION_TEMPLATE, **gen):
+        """The answer to ``question`` about one image (the ``Question: {} Answer:`` prompt by default).
+
+        Several questions (a list) are answered together, in one decode: the image is encoded and
+        prefilled once, and each step reads the weights once for all of them. Returns a list then."""
+        if isinstance(question, str):
+            return self.generate(image, template.format(question), **gen)[0]
+        questions = list(question)
+        if not questions or not all(isinstance(q, str) for q in questions):
+            raise InputError("questions must be a non-empty list of strings")
+        pixels = self._pixels([image])
+        return self.generate(
+            pixels.expand(len(questions), -1, -1, -1), [template.format(q) for q in questions], **gen
+        )
 
     def chat(self, image, **gen) -> Conversation:
         """A conversation about one image: ``.say(text)`` returns the reply and keeps the history."""
@@ -143,15 +152,18 @@ class Pipeline:
             raise InputError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}")
         if len(prompts) != batch:
             raise InputError(f"{len(prompts)} prompts for {batch} images: give one per image, or one for all")
-        ids, ids_mask, cfg = self._prompt_ids(prompts, cfg)
+        ids, ids_mask, cfg, head = self._prompt_ids(prompts, cfg)
         ids, ids_mask = ids.to(self.device), ids_mask.to(self.device)
         with torch.inference_mode():
             embeds, mask = self.model.merge_prefix(prefix, ids, ids_mask)
-        return lm, embeds, mask, ids, ids_mask, cfg
+        # OPT: leading positions every row has unpadded (a prefix put in front, then the ids before the
+        # padding), which the runner prefills once when all rows share them
+        shared = embeds.shape[1] - ids.shape[1] + head if self.model.cfg.text.kind == "opt" else 0
+        return lm, embeds, mask, ids, ids_mask, cfg, shared
 
     def _prompt_ids(self, prompts: list[str], cfg: GenerationConfig):
-        """Token ids with ``<image>`` slots (when the config has them), padded: left for OPT (positions
-        come from the mask, so each row equals its run alone), right for T5's encoder."""
+        """Token ids with ``<image>`` slots (when the config has them), padded, and how many leading ids
+        every row has unpadded. OPT: padding after the image slots and BOS; T5: right (its encoder)."""
         model_cfg = self.model.cfg
         tokenizer = self.processor.tokenizer
         q = model_cfg.num_query_tokens
@@ -181,9 +193,22 @@ class Pipeline:
                     limit,
                 )
                 cfg = cfg.updated(max_new_tokens=room)
-        side = "left" if text.kind == "opt" else "right"
-        input_ids, mask = tokenizer.pad(ids, padding_side=side)
-        return input_ids, mask, cfg
+        if text.kind != "opt":
+            input_ids, mask = tokenizer.pad(ids, padding_side="right")  # T5's encoder
+            return input_ids, mask, cfg, 0
+        # OPT: padding goes after the image slots and BOS, which every row has, so those positions line
+        # up across rows (prefilled once when the rows share an image); positions come from the mask, so
+        # each row still equals its run alone
+        # (BOS stays with the prompt when some prompt is empty: a row must end on a real token)
+        keep = len(slots)
+        bos = tokenizer.bos_token_id
+        if all(len(seq) > keep + 1 and seq[keep] == bos for seq in ids):
+            keep += 1
+        rests, rests_mask = tokenizer.pad([seq[keep:] for seq in ids], padding_side="left")
+        head = torch.tensor([seq[:keep] for seq in ids], dtype=torch.long).view(len(ids), keep)
+        input_ids = torch.cat([head, rests], dim=1)
+        mask = torch.cat([torch.ones_like(head), rests_mask], dim=1)
+        return input_ids, mask, cfg, keep
 
     def _stream_text(self, steps) -> Iterator[str]:
         """Token steps of one row -> text pieces, held back while a character is incomplete."""
@@ -257,8 +282,8 @@ def load(
 
     ``dtype``: float32 (default), bfloat16 or float16 for the vision encoder and the language model;
     the Q-Former and its queries stay float32, as in the reference.
-    ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder and the language model
-    (CPU only; see ``blip2.quantize``).
+    ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
+    language model (CPU only; see ``blip2.quantize``).
     """
     t0 = time.perf_counter()
     if quantize not in (None, "int8"):

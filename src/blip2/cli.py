@@ -145,13 +145,15 @@ def _ask(args: argparse.Namespace) -> int:
 
     image = load_image(args.image)
     model = _load(args)
-    answer = model.ask(image, args.question, **_gen_kwargs(args))
-    if args.json:
-        print(
-            json.dumps({"image": args.image, "question": args.question, "text": answer}, ensure_ascii=False)
-        )
-    else:
-        print(answer.strip())
+    questions = args.questions
+    answers = model.ask(image, questions, **_gen_kwargs(args))  # all together: the image is encoded once
+    for question, answer in zip(questions, answers, strict=True):
+        if args.json:
+            print(json.dumps({"image": args.image, "question": question, "text": answer}, ensure_ascii=False))
+        elif len(questions) == 1:
+            print(answer.strip())
+        else:
+            print(f"{question} {answer.strip()}")
     return 0
 
 
@@ -201,10 +203,10 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help='one JSON line per image: {"image": ..., "text": ...}')
     p.set_defaults(func=_caption)
 
-    p = subparsers.add_parser("ask", parents=[common, gen], help="answer a question about an image")
+    p = subparsers.add_parser("ask", parents=[common, gen], help="answer questions about an image")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("question", metavar="QUESTION")
-    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("questions", nargs="+", metavar="QUESTION", help="one or more, answered together")
+    p.add_argument("--json", action="store_true", help="one JSON object per question")
     p.set_defaults(func=_ask)
 
     p = subparsers.add_parser("chat", parents=[common, gen], help="talk about an image (interactive)")

@@ -1,7 +1,7 @@
-"""Model configuration: frozen dataclasses read from a checkpoint's ``config.json``.
+"""Model configuration: frozen dataclasses read from (and written as) a checkpoint's ``config.json``.
 
 The hub's ``config.json`` (current form with ``image_token_index``, and the older form without it) is
-translated once, here, into our own field names; no other module reads the hub's keys.
+translated once, here, into our own field names; no other module reads or writes the hub's keys.
 """
 
 from __future__ import annotations
@@ -136,6 +136,11 @@ class Blip2Config:
         if not isinstance(d, dict):
             raise CheckpointError(f"{path}: config.json does not hold a JSON object")
         return _blip2_from_dict(d, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The hub's ``config.json`` for this model (current form), as the reference writes it;
+        ``from_dict`` reads it back to an equal config."""
+        return _blip2_to_dict(self)
 
 
 def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
@@ -282,3 +287,115 @@ def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Con
         image_text_hidden_size=_get(d, "image_text_hidden_size", default=256),
         retrieval=retrieval,
     )
+
+
+# ---- writing: our fields -> the hub's keys -----------------------------------------------------------
+
+
+def _vision_to_dict(v: VisionConfig) -> dict[str, Any]:
+    return {
+        "model_type": "blip_2_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.mlp_size,
+        "num_hidden_layers": v.num_layers,
+        "num_attention_heads": v.num_heads,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "layer_norm_eps": v.layer_norm_eps,
+        "qkv_bias": v.qkv_bias,
+        "hidden_act": v.activation,
+        "attention_dropout": 0.0,
+    }
+
+
+def _qformer_to_dict(q: QFormerConfig) -> dict[str, Any]:
+    return {
+        "model_type": "blip_2_qformer",
+        "hidden_size": q.hidden_size,
+        "intermediate_size": q.mlp_size,
+        "num_hidden_layers": q.num_layers,
+        "num_attention_heads": q.num_heads,
+        "layer_norm_eps": q.layer_norm_eps,
+        "cross_attention_frequency": q.cross_attention_every,
+        "encoder_hidden_size": q.encoder_hidden_size,
+        "hidden_act": q.activation,
+        "use_qformer_text_input": q.has_text_input,
+        "vocab_size": q.vocab_size,
+        "max_position_embeddings": q.max_position_embeddings,
+        "pad_token_id": q.pad_token_id,
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+    }
+
+
+def _opt_to_dict(t: OPTConfig) -> dict[str, Any]:
+    d = {
+        "model_type": "opt",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "ffn_dim": t.mlp_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "word_embed_proj_dim": t.word_embed_proj_dim,
+        "do_layer_norm_before": t.pre_norm,
+        "enable_bias": t.bias,
+        "layer_norm_elementwise_affine": t.norm_affine,
+        "activation_function": t.activation,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+    }
+    if t.pre_norm and not t.final_norm:  # OPT-350m's layout with the final norm taken out
+        d["_remove_final_layer_norm"] = True
+    return d
+
+
+def _t5_to_dict(t: T5Config) -> dict[str, Any]:
+    return {
+        "model_type": "t5",
+        "vocab_size": t.vocab_size,
+        "d_model": t.hidden_size,
+        "d_kv": t.head_dim,
+        "num_heads": t.num_heads,
+        "d_ff": t.mlp_size,
+        "num_layers": t.num_layers,
+        "num_decoder_layers": t.num_decoder_layers,
+        "relative_attention_num_buckets": t.relative_attention_num_buckets,
+        "relative_attention_max_distance": t.relative_attention_max_distance,
+        "layer_norm_epsilon": t.layer_norm_eps,
+        "feed_forward_proj": ("gated-" if t.gated else "")
+        + ("gelu" if t.activation == "gelu_new" else t.activation),
+        "dense_act_fn": t.activation,
+        "is_gated_act": t.gated,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "scale_decoder_outputs": t.scale_decoder_outputs,
+        "decoder_start_token_id": t.decoder_start_token_id,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+        "dropout_rate": 0.0,
+    }
+
+
+def _blip2_to_dict(cfg: Blip2Config) -> dict[str, Any]:
+    retrieval = "Blip2ForImageTextRetrieval"
+    d: dict[str, Any] = {
+        "architectures": [retrieval if cfg.retrieval else "Blip2ForConditionalGeneration"],
+        "model_type": "blip-2",
+        "num_query_tokens": cfg.num_query_tokens,
+        "image_text_hidden_size": cfg.image_text_hidden_size,
+        "vision_config": _vision_to_dict(cfg.vision),
+        "qformer_config": _qformer_to_dict(cfg.qformer),
+    }
+    if cfg.text is not None and not cfg.retrieval:
+        d["text_config"] = (
+            _opt_to_dict(cfg.text) if isinstance(cfg.text, OPTConfig) else _t5_to_dict(cfg.text)
+        )
+        d["use_decoder_only_language_model"] = isinstance(cfg.text, OPTConfig)
+        if cfg.image_token_index is not None:
+            d["image_token_index"] = cfg.image_token_index
+    return d

@@ -172,10 +172,12 @@ class PrefillCache(LRUCache):
 
 
 class OPTRunner:
-    """Decoder-only: the prompt's embeddings (left-padded) are prefilled into a static cache.
+    """Decoder-only: the prompt's embeddings are prefilled into a static cache.
 
-    With a ``prefill_cache`` and ``shared`` > 0, a single unpadded prompt takes the keys and values of
-    its first ``shared`` positions from the cache when they are there (and puts them there when not).
+    Rows are padded after their first ``shared`` positions (image prefix and BOS), which every row has
+    in full. When those positions are the same in every row (questions about one image), they are
+    prefilled once and their keys and values copied to each row; with a ``prefill_cache`` they are also
+    kept across calls, so a later prompt about the image prefills only its own tokens.
     """
 
     def __init__(
@@ -193,25 +195,34 @@ class OPTRunner:
         # The mask for every position the cache will hold; new positions are always real tokens.
         self.mask = torch.ones(b, t + max_new_tokens, dtype=torch.long, device=embeds.device)
         self.mask[:, :t] = mask
-        self.reuse, self.store_key, self.shared = None, None, 0
-        if prefill_cache is not None and b == 1 and 0 < shared < t and bool(mask[:, :shared].all()):
-            self.prefill_cache, self.shared = prefill_cache, shared
-            key = prefill_cache.key(embeds[:, :shared])
-            self.reuse = prefill_cache.get(key)
-            if self.reuse is None:
-                self.store_key = key
+        self.prefill_cache, self.shared, self.cache_key = prefill_cache, 0, None
+        if 0 < shared < t and bool(mask[:, :shared].all()):
+            head = embeds[:, :shared]
+            if b == 1 or torch.equal(head, head[:1].expand_as(head)):
+                self.shared = shared
+                if prefill_cache is not None:
+                    self.cache_key = prefill_cache.key(head[:1])
+
+    def _shared_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of the shared positions for one row: from the cache, else computed."""
+        cached = self.prefill_cache.get(self.cache_key) if self.cache_key is not None else None
+        if cached is not None:
+            return cached
+        head = self.lm.new_cache(1, self.shared, dtype=self.embeds.dtype, device=self.embeds.device)
+        self.lm(self.embeds[:1, : self.shared], self.mask[:1, : self.shared], head, start=0)
+        kv = [(c.k, c.v) for c in head]
+        if self.cache_key is not None:
+            self.prefill_cache.put(self.cache_key, kv)
+        return kv
 
     def prefill(self) -> torch.Tensor:
-        start = 0
-        if self.reuse is not None:
-            for c, (k, v) in zip(self.cache, self.reuse, strict=True):
-                c.write(k, v, 0)
-            start = self.shared
+        start = self.shared
+        if start:
+            b = self.embeds.shape[0]
+            for c, (k, v) in zip(self.cache, self._shared_kv(), strict=True):
+                c.write(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), 0)
         hidden = self.lm(self.embeds[:, start:], self.mask[:, : self.pos], self.cache, start=start)
-        if self.store_key is not None:
-            kv = [(c.k[:, :, : self.shared].clone(), c.v[:, :, : self.shared].clone()) for c in self.cache]
-            self.prefill_cache.put(self.store_key, kv)
-        self.embeds = self.reuse = None  # free
+        self.embeds = None  # free
         return self.lm.logits(hidden[:, -1])  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -463,8 +474,9 @@ def generate_ids(
     """New token ids per row (EOS included when produced), for (B, T, D) prompt embeddings and mask.
 
     ``prompt_ids`` / ``prompt_mask`` (B, T'): the ids the repetition penalty sees for an OPT prompt.
-    ``prefill_cache`` / ``shared``: reuse the keys and values of the first ``shared`` positions (OPT,
-    one unpadded prompt) across calls; see :class:`PrefillCache`.
+    ``shared``: how many leading positions every row has unpadded (OPT: image prefix and BOS); when they
+    are equal in all rows they are prefilled once, and with ``prefill_cache`` reused across calls
+    (see :class:`OPTRunner`).
     """
     return list(
         _run(

@@ -26,7 +26,7 @@ from tokenizers import (
     trainers,
 )
 
-from ..config import CLIP_MEAN, CLIP_STD, Blip2Config, OPTConfig, QFormerConfig, VisionConfig
+from ..config import CLIP_MEAN, CLIP_STD, Blip2Config
 from ..model import Blip2
 from ..processor import IMAGE_TOKEN
 from ..weights import hub_tensors
@@ -102,82 +102,7 @@ BERT_TOKENIZER_CONFIG = {
 }
 
 
-# ---- configs ----------------------------------------------------------------------------------------
-
-
-def vision_dict(v: VisionConfig) -> dict:
-    return {
-        "model_type": "blip_2_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.mlp_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
-        "image_size": v.image_size,
-        "patch_size": v.patch_size,
-        "layer_norm_eps": v.layer_norm_eps,
-        "qkv_bias": v.qkv_bias,
-        "hidden_act": v.activation,
-        "attention_dropout": 0.0,
-    }
-
-
-def qformer_dict(q: QFormerConfig) -> dict:
-    return {
-        "model_type": "blip_2_qformer",
-        "hidden_size": q.hidden_size,
-        "intermediate_size": q.mlp_size,
-        "num_hidden_layers": q.num_layers,
-        "num_attention_heads": q.num_heads,
-        "layer_norm_eps": q.layer_norm_eps,
-        "cross_attention_frequency": q.cross_attention_every,
-        "encoder_hidden_size": q.encoder_hidden_size,
-        "hidden_act": q.activation,
-        "use_qformer_text_input": q.has_text_input,
-        "vocab_size": q.vocab_size,
-        "max_position_embeddings": q.max_position_embeddings,
-        "pad_token_id": q.pad_token_id,
-        "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1,
-    }
-
-
-def opt_dict(t: OPTConfig) -> dict:
-    return {
-        "model_type": "opt",
-        "vocab_size": t.vocab_size,
-        "hidden_size": t.hidden_size,
-        "num_hidden_layers": t.num_layers,
-        "num_attention_heads": t.num_heads,
-        "ffn_dim": t.mlp_size,
-        "max_position_embeddings": t.max_position_embeddings,
-        "word_embed_proj_dim": t.word_embed_proj_dim,
-        "do_layer_norm_before": t.pre_norm,
-        "enable_bias": t.bias,
-        "layer_norm_elementwise_affine": t.norm_affine,
-        "activation_function": t.activation,
-        "tie_word_embeddings": t.tie_word_embeddings,
-        "bos_token_id": t.bos_token_id,
-        "eos_token_id": t.eos_token_id,
-        "pad_token_id": t.pad_token_id,
-        "dropout": 0.0,
-        "attention_dropout": 0.0,
-    }
-
-
-def config_dict(cfg: Blip2Config) -> dict:
-    d = {
-        "architectures": ["Blip2ForImageTextRetrieval" if cfg.retrieval else "Blip2ForConditionalGeneration"],
-        "model_type": "blip-2",
-        "num_query_tokens": cfg.num_query_tokens,
-        "image_text_hidden_size": cfg.image_text_hidden_size,
-        "vision_config": vision_dict(cfg.vision),
-        "qformer_config": qformer_dict(cfg.qformer),
-    }
-    if not cfg.retrieval:
-        d["text_config"] = opt_dict(cfg.text)
-        d["image_token_index"] = cfg.image_token_index
-        d["use_decoder_only_language_model"] = True
-    return d
+# ---- processor ---------------------------------------------------------------------------------------
 
 
 def processor_dict(cfg: Blip2Config) -> dict:
@@ -219,7 +144,7 @@ def write_checkpoint(
     tmp = out / "model.safetensors.tmp"
     save_file(hub_tensors(model, cfg), str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out / "model.safetensors")
-    _dump(out / "config.json", config_dict(cfg))
+    _dump(out / "config.json", cfg.to_dict())
     _dump(out / "processor_config.json", processor_dict(cfg))
     tokenizer.save(str(out / "tokenizer.json"))
     _dump(out / "tokenizer_config.json", BERT_TOKENIZER_CONFIG if cfg.retrieval else OPT_TOKENIZER_CONFIG)

@@ -218,17 +218,16 @@ def make_data(out: Path, r: Recipe) -> list[scenes.Scene]:
 
 
 def lm_data(scene_list: list[scenes.Scene], r: Recipe, tokenizer) -> list[tuple[list[int], int]]:
-    """What the language model reads in pre-training: the stage-2 texts without the images, alone and
+    """What the language model reads in pre-training: the stage-2 rows without the images, alone and
     (``lm_context_fraction`` of them) after their scene's caption, which plays the part of the image."""
     rng = np.random.default_rng([r.seed, 3])
-    texts, contexts = [], []
-    captions = {i: s.caption for i, s in enumerate(scene_list)}
     names = [str(i) for i in range(len(scene_list))]
-    for row in stage2_rows(scene_list, names, r):
-        prompt, text = row["prompt"], row["text"]
-        texts.append(f"{prompt} {text}" if prompt else text)
-        contexts.append(captions[int(row["image"])] if rng.random() < r.lm_context_fraction else None)
-    return lm_sequences(texts, contexts, tokenizer)
+    rows = stage2_rows(scene_list, names, r)
+    contexts = [
+        scene_list[int(row["image"])].caption if rng.random() < r.lm_context_fraction else None
+        for row in rows
+    ]
+    return lm_sequences([row["prompt"] for row in rows], [row["text"] for row in rows], contexts, tokenizer)
 
 
 # ---- phases 4-5: checkpoints around the training runs ----------------------------------------------
