@@ -9,7 +9,8 @@ import pytest
 
 import blip2
 from blip2.cli import main
-from blip2.index import Index, build_index
+from blip2.index import Index
+from blip2.indexing import build_index
 from factory import make_images
 
 

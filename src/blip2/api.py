@@ -265,7 +265,8 @@ class Pipeline:
 
     def search(self, query, index, top: int = 10, rerank: int = 0, nprobe: int = 32):
         """Search an index folder (``blip2 index``) by text or by image: list of ``Hit``, best first."""
-        from .index import Index, search_index
+        from .index import Index
+        from .indexing import search_index
 
         if not isinstance(index, Index):
             index = Index.open(index)

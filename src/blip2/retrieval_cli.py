@@ -1,4 +1,4 @@
-"""``blip2 index DIR --out INDEX`` and ``blip2 search QUERY --index INDEX``: thin shells over blip2.index."""
+"""``blip2 index DIR --out INDEX`` and ``blip2 search QUERY --index INDEX``: thin shells over blip2.indexing."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _model_id(name: str) -> str:
 
 def _index(args: argparse.Namespace) -> int:
     import blip2
-    from blip2.index import build_index
+    from blip2.indexing import build_index
     from blip2.weights import retrieval_checkpoint
 
     pipe = blip2.load(retrieval_checkpoint(args.model), device=args.device, dtype=args.dtype)
@@ -40,7 +40,8 @@ def _index(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     import blip2
-    from blip2.index import Index, search_index
+    from blip2.index import Index
+    from blip2.indexing import search_index
     from blip2.weights import retrieval_checkpoint
 
     index = Index.open(args.index)
