@@ -43,6 +43,13 @@ def test_captions_and_answers_describe_the_scene():
         for o in s.objects:
             assert o.phrase in s.caption
             assert qa[f"what shape is {scenes.PLACE_PHRASES[o.place]}?"] == o.shape
+        words = s.code.split()
+        assert len(words) == 4 * len(scenes.PLACES)
+        assert words[::4] == list(scenes.PLACES)
+        for o in s.objects:
+            k = list(scenes.PLACES).index(o.place)
+            assert words[4 * k + 1 : 4 * k + 4] == [o.size, o.colour, o.shape]
+        assert words.count("none") == 3 * (len(scenes.PLACES) - len(s.objects))
         order = [list(scenes.PLACES).index(o.place) for o in s.objects]
         assert order == sorted(order)  # canonical order: one caption per scene
         assert len(s.render().size) == 2 and s.render().size == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)

@@ -2,8 +2,9 @@
 
 - Vision: our ``VisionTransformer`` with two throw-away heads. From the class token, one classifier per
   place says what stands there (nothing, or colour × shape × size); from every patch token, a classifier
-  says which colour × shape covers it. The first makes the encoder see the whole scene, the second keeps
-  the patch tokens (which the Q-Former reads) local and informative.
+  says which object covers it (place × colour × shape × size). The first makes the encoder see the whole
+  scene, the second keeps the patch tokens (which the Q-Former reads) local and informative, each knowing
+  where its object stands, so that a query can find an object by what its patches say.
 - Language: our ``OPT`` as a causal language model on the scene text exactly as stage 2 will feed it:
   ``</s>`` + caption + ``</s>``, and ``</s>`` + "Question: … Answer:" + answer + ``</s>`` (one or two
   turns), the loss on what stage 2 puts it on (caption, answer, EOS).
@@ -121,14 +122,14 @@ def pretrain_vision(
 
 def lm_sequences(
     prompts: list[str], texts: list[str], contexts: list[str | None], tokenizer
-) -> list[tuple[list[int], int]]:
-    """``[context] </s> prompt text </s>`` as (ids, no-loss length), tokenized as stage 2 does (prompt with
-    BOS, then the text apart, then EOS). The context (a caption) is what the image prefix will stand in for:
-    with it the model learns to read what comes before BOS, which a frozen LM needs in order to use a
-    prefix. The context carries no loss, nor does the prompt's first token: learning what opens a prompt
-    would teach the LM that "Question" follows BOS, and a caption (empty prompt) would open with a
-    question. The rest of the prompt keeps its loss: modelling the questions is what teaches the LM to
-    answer them (without it, answers from a caption in context fall from ~86 % to ~69 %)."""
+) -> list[tuple[list[int], int, int]]:
+    """``[context] </s> prompt text </s>`` as (ids, prompt start, text start), tokenized as stage 2 does
+    (prompt with BOS, then the text apart, then EOS). The context (a scene code) is what the image prefix
+    will stand in for: with it the model learns to read what comes before BOS, which a frozen LM needs in
+    order to use a prefix. The text (caption or answer, and EOS) is stage 2's target. The prompt, from its
+    second token on, gets a lighter loss (see ``pretrain_language``); the context and the prompt's first
+    token get none: learning what opens a prompt would teach the LM that "Question" follows BOS, and a
+    caption (empty prompt) would open with a question."""
     eos = tokenizer.token_to_id("</s>")
     out = []
     for prompt, text, context in zip(prompts, texts, contexts, strict=True):
@@ -136,39 +137,43 @@ def lm_sequences(
         head = tokenizer.encode(prompt).ids  # BOS + prompt
         joined = text if not prompt or prompt[-1].isspace() else " " + text
         body = tokenizer.encode(joined, add_special_tokens=False).ids + [eos]
-        out.append((ctx + head + body, len(ctx) + min(len(head), 2)))  # context, BOS, the prompt's opening
+        out.append((ctx + head + body, len(ctx) + min(len(head), 2), len(ctx) + len(head)))
     return out
 
 
 def pretrain_language(
     cfg: OPTConfig,
-    seqs: list[tuple[list[int], int]],
+    seqs: list[tuple[list[int], int, int]],
     *,
     steps: int,
     batch_size: int,
     lr: float,
     seed: int,
+    prompt_weight: float = 0.25,
     report: Callable[[str], None] = log.info,
     device: str | torch.device = "cpu",
 ) -> OPT:
-    """Train a fresh OPT (tied embeddings) as a causal LM on ``seqs`` (ids, no-loss length); returns it in
-    eval mode."""
+    """Train a fresh OPT (tied embeddings) as a causal LM on ``seqs`` (ids, prompt start, text start);
+    returns it in eval mode. The loss is the mean over the text tokens plus ``prompt_weight`` × the mean over
+    the prompt's: modelling the questions helps the model learn to answer them, but one answer token
+    among ten question tokens would otherwise carry a tenth of the signal."""
     torch.manual_seed(seed)
     model = OPT(cfg)
     with torch.no_grad():
         normal_init_(model, std=0.02)
     model.lm_head.weight = model.embed_tokens.weight  # tied, as OPT
     pad = cfg.pad_token_id
-    width = max(len(s) for s, _ in seqs)
+    width = max(len(s) for s, _, _ in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    context = torch.zeros((len(seqs), width), dtype=torch.bool)
-    for i, (s, n) in enumerate(seqs):
+    role = torch.zeros((len(seqs), width), dtype=torch.long)  # 0 no loss, 1 prompt, 2 text
+    for i, (s, prompt_start, text_start) in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-        context[i, :n] = True
+        role[i, prompt_start:text_start] = 1
+        role[i, text_start : len(s)] = 2
     model.to(device)
-    ids, mask, context = ids.to(device), mask.to(device), context.to(device)
+    ids, mask, role = ids.to(device), mask.to(device), role.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -177,14 +182,15 @@ def pretrain_language(
         idx = torch.randint(len(seqs), (batch_size,), generator=gen).to(device)
         m = mask[idx]
         t = int(m.sum(1).max())
-        x, m, c = ids[idx, :t], m[:, :t], context[idx, :t]
+        x, m, r = ids[idx, :t], m[:, :t], role[idx, :t]
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
         logits = model.logits(model(model.embed(x), m))  # (B, T, V)
-        labels = x.masked_fill((m == 0) | c, -100)
-        loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
-        )
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
+        target = r[:, 1:]
+        loss = ce[target == 2].mean()
+        if prompt_weight and bool((target == 1).any()):
+            loss = loss + prompt_weight * ce[target == 1].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

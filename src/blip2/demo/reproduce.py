@@ -5,7 +5,8 @@ Phases, each leaving its result in the output folder (a finished phase is skippe
 1. ``data/``: train-split scenes as PNGs, ``stage1.jsonl`` (captions) and ``stage2.jsonl`` (captions with
    an empty prompt, questions with the ``Question: … Answer:`` prompt, some as two-turn chats).
 2. ``vision.pt``: the ViT pre-trained on scene attributes (its heads thrown away).
-3. ``language.pt``: the OPT pre-trained as a causal LM on the scene text.
+3. ``language.pt``: the OPT pre-trained as a causal LM on the scene text (on a CPU in a second process,
+   beside phases 2 and 4).
 4. ``init-itm/`` → ``stage1/``: a retrieval checkpoint (frozen ViT, fresh Q-Former with its text branch and
    ITC/ITM heads) trained by ``blip2 train --stage 1`` (ITC + ITM + ITG).
 5. ``init-gen/`` → ``stage2/``: a generation checkpoint (the ViT, the stage-1 Q-Former and queries, a fresh
@@ -15,8 +16,10 @@ Phases, each leaving its result in the output folder (a finished phase is skippe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
 import time
@@ -49,11 +52,11 @@ class Recipe:
     qformer_hidden: int = 96
     qformer_layers: int = 2
     qformer_heads: int = 4
-    num_queries: int = 8
+    num_queries: int = 20  # one per word of the scene code the language model was pre-trained to read
     cross_attention_every: int = 1
     itc_dim: int = 64
     lm_hidden: int = 128
-    lm_layers: int = 2
+    lm_layers: int = 3
     lm_heads: int = 4
     lm_positions: int = 128
     scenes: int = 12000
@@ -65,11 +68,12 @@ class Recipe:
     lm_steps: int = 6000
     lm_batch: int = 64
     lm_lr: float = 3e-3
-    lm_context_fraction: float = 0.7
+    lm_context_fraction: float = 0.9
+    lm_prompt_weight: float = 0.25
     stage1_steps: int = 600
     stage1_batch: int = 32
     stage1_lr: float = 1e-3
-    stage2_steps: int = 3000
+    stage2_steps: int = 5000
     stage2_batch: int = 32
     stage2_lr: float = 1e-3
     eval_count: int = 200
@@ -217,15 +221,15 @@ def make_data(out: Path, r: Recipe) -> list[scenes.Scene]:
     return scene_list
 
 
-def lm_data(scene_list: list[scenes.Scene], r: Recipe, tokenizer) -> list[tuple[list[int], int]]:
+def lm_data(scene_list: list[scenes.Scene], r: Recipe, tokenizer) -> list[tuple[list[int], int, int]]:
     """What the language model reads in pre-training: the stage-2 rows without the images, alone and
-    (``lm_context_fraction`` of them) after their scene's caption, which plays the part of the image."""
+    (``lm_context_fraction`` of them) after their scene's code (``Scene.code``, 20 words in a fixed
+    layout), which plays the part of the image prefix (20 queries)."""
     rng = np.random.default_rng([r.seed, 3])
     names = [str(i) for i in range(len(scene_list))]
     rows = stage2_rows(scene_list, names, r)
     contexts = [
-        scene_list[int(row["image"])].caption if rng.random() < r.lm_context_fraction else None
-        for row in rows
+        scene_list[int(row["image"])].code if rng.random() < r.lm_context_fraction else None for row in rows
     ]
     return lm_sequences([row["prompt"] for row in rows], [row["text"] for row in rows], contexts, tokenizer)
 
@@ -307,6 +311,47 @@ def run_stage(stage: int, model: Path, data: Path, output: Path, r: Recipe, devi
 # ---- the whole -------------------------------------------------------------------------------------
 
 
+def _train_language(out: Path, r: Recipe, scene_list: list[scenes.Scene], tokenizer, device: str) -> None:
+    """Pre-train the language model and write ``language.pt`` (atomically: a half-written file never
+    passes for a finished phase)."""
+    lm = pretrain_language(
+        _opt_config(r, tokenizer.get_vocab_size(with_added_tokens=True)), lm_data(scene_list, r, tokenizer),
+        steps=r.lm_steps, batch_size=r.lm_batch, lr=r.lm_lr, seed=r.seed, prompt_weight=r.lm_prompt_weight,
+        report=_say, device=device,
+    )  # fmt: skip
+    tmp = out / "language.pt.tmp"
+    torch.save(lm.state_dict(), tmp)
+    os.replace(tmp, out / "language.pt")
+
+
+def _language_job(out: str, recipe: dict) -> None:
+    """The language phase in its own process (CPU, one thread): the scenes and tokenizer are rebuilt from
+    the recipe, which determines them."""
+    torch.set_num_threads(1)
+    r = Recipe(**recipe)
+    _train_language(
+        Path(out),
+        r,
+        scenes.generate(r.seed, r.scenes, "train"),
+        checkpoint.opt_tokenizer(text_corpus()),
+        "cpu",
+    )
+
+
+@contextlib.contextmanager
+def _one_thread(device: str):
+    """The ViT's matrices are small enough that on a CPU one thread does as well as two or better (2000
+    steps: ~120 s on one thread of the 2-core machine; two took 280 s and more): synchronising threads
+    costs about what it shares, and the other core stays free."""
+    before = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def reproduce(out: str | os.PathLike, recipe: Recipe = FULL, device: str | None = None) -> dict:
     """Build the demo checkpoints from nothing under ``out``; returns the evaluation record."""
     out = Path(out)
@@ -331,38 +376,49 @@ def reproduce(out: str | os.PathLike, recipe: Recipe = FULL, device: str | None 
     opt_tok, bert_tok = checkpoint.opt_tokenizer(corpus), checkpoint.bert_tokenizer(corpus)
     done("data")
 
-    phase("vision")
-    vision_cfg = _vision_config(r)
-    if (out / "vision.pt").is_file():
-        vision = VisionTransformer(vision_cfg)
-        vision.load_state_dict(torch.load(out / "vision.pt", weights_only=True))
-    else:
-        vision = pretrain_vision(
-            vision_cfg, scene_list, image_processor(r), steps=r.vision_steps, batch_size=r.vision_batch,
-            lr=r.vision_lr, seed=r.seed, report=_say, device=device,
-        )  # fmt: skip
-        torch.save(vision.state_dict(), out / "vision.pt")
-    done("vision")
+    # The language model needs nothing but the text: on a CPU it trains in a second process on one core
+    # while this one pre-trains the ViT and runs stage 1 on the other (these small models run as fast on
+    # one thread as on two). On a GPU everything runs in turn.
+    job = None
+    if device == "cpu" and not (out / "language.pt").is_file():
+        job = multiprocessing.get_context("spawn").Process(target=_language_job, args=(str(out), asdict(r)))
+        job.start()
+    try:
+        phase("vision")
+        vision_cfg = _vision_config(r)
+        if (out / "vision.pt").is_file():
+            vision = VisionTransformer(vision_cfg)
+            vision.load_state_dict(torch.load(out / "vision.pt", weights_only=True))
+        else:
+            with _one_thread(device):
+                vision = pretrain_vision(
+                    vision_cfg, scene_list, image_processor(r), steps=r.vision_steps,
+                    batch_size=r.vision_batch, lr=r.vision_lr, seed=r.seed, report=_say, device=device,
+                )  # fmt: skip
+            torch.save(vision.state_dict(), out / "vision.pt")
+        done("vision")
 
-    phase("language")
-    lm_cfg = _opt_config(r, opt_tok.get_vocab_size(with_added_tokens=True))
-    if (out / "language.pt").is_file():
-        lm = OPT(lm_cfg)
+        phase("stage1")
+        if not (out / "stage1" / "model.safetensors").is_file():
+            checkpoint.write_checkpoint(retrieval_init(r, vision, bert_tok), out / "init-itm", bert_tok)
+            with _one_thread(device) if job is not None else contextlib.nullcontext():
+                run_stage(1, out / "init-itm", out / "data" / "stage1.jsonl", out / "stage1", r, device)
+        done("stage1")
+
+        phase("language")  # what is left of it once vision and stage 1 are done
+        if job is not None:
+            job.join()
+            if job.exitcode != 0:
+                raise RuntimeError(f"language model pre-training failed (exit code {job.exitcode})")
+        elif not (out / "language.pt").is_file():
+            _train_language(out, r, scene_list, opt_tok, device)
+        lm = OPT(_opt_config(r, opt_tok.get_vocab_size(with_added_tokens=True)))
         lm.load_state_dict(torch.load(out / "language.pt", weights_only=True))
         lm.lm_head.weight = lm.embed_tokens.weight
-    else:
-        lm = pretrain_language(
-            lm_cfg, lm_data(scene_list, r, opt_tok), steps=r.lm_steps, batch_size=r.lm_batch, lr=r.lm_lr,
-            seed=r.seed, report=_say, device=device,
-        )  # fmt: skip
-        torch.save(lm.state_dict(), out / "language.pt")
-    done("language")
-
-    phase("stage1")
-    if not (out / "stage1" / "model.safetensors").is_file():
-        checkpoint.write_checkpoint(retrieval_init(r, vision, bert_tok), out / "init-itm", bert_tok)
-        run_stage(1, out / "init-itm", out / "data" / "stage1.jsonl", out / "stage1", r, device)
-    done("stage1")
+        done("language")
+    finally:
+        if job is not None and job.is_alive():
+            job.terminate()
 
     phase("stage2")
     if not (out / "stage2" / "model.safetensors").is_file():

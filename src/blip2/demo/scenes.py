@@ -77,6 +77,21 @@ class Scene:
         return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
     @property
+    def code(self) -> str:
+        """The scene in a fixed layout of 20 words: each place's name, then the size, colour and shape of
+        what stands there ("none none none" where nothing does), in place order. The language model reads
+        it in pre-training where the image prefix will be: a fixed layout (word ``4k + j`` is always item
+        ``j`` of place ``k``) is one a prefix of 20 queries can stand in for position by position, and with
+        the place names in it "where is …?" is answered by looking back from the object, as "what colour
+        is …?" is."""
+        by_place = {o.place: o for o in self.objects}
+        words = []
+        for place in PLACES:
+            o = by_place.get(place)
+            words += [place, *([o.size, o.colour, o.shape] if o else ["none"] * 3)]
+        return " ".join(words)
+
+    @property
     def split(self) -> str:
         return split_of(self.caption)
 
@@ -128,11 +143,18 @@ class Scene:
         return image
 
     def label_map(self, size: int = IMAGE_SIZE) -> np.ndarray:
-        """(size, size) uint8: 0 for background, else 1 + the object's (colour, shape) class."""
+        """(size, size) uint8: 0 for background, else 1 + the covering object's (place, colour, shape, size)
+        class: what a patch of it should know, where it stands included."""
         image = Image.new("L", (size, size), 0)
-        fills = [
-            1 + list(COLOURS).index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in self.objects
-        ]
+        fills = []
+        for o in self.objects:
+            c, s, z = list(COLOURS).index(o.colour), SHAPES.index(o.shape), list(SIZES).index(o.size)
+            fills.append(
+                1
+                + (list(PLACES).index(o.place) * len(COLOURS) * len(SHAPES) + c * len(SHAPES) + s)
+                * len(SIZES)
+                + z
+            )
         self._draw(ImageDraw.Draw(image), size, fills)
         return np.asarray(image)
 
@@ -164,7 +186,7 @@ class Scene:
 
 
 SLOT_CLASSES = 1 + len(COLOURS) * len(SHAPES) * len(SIZES)
-PATCH_CLASSES = 1 + len(COLOURS) * len(SHAPES)
+PATCH_CLASSES = 1 + len(PLACES) * len(COLOURS) * len(SHAPES) * len(SIZES)
 
 
 def split_of(caption: str) -> str:
@@ -216,6 +238,7 @@ def corpus() -> list[str]:
                     obj = Obj(colour, shape, size, place)
                     scene = Scene((obj,), ((0, 0),), ((0, 0, 0),))
                     lines.append(scene.caption)
+                    lines.append(scene.code)
                     lines += [f"Question: {q} Answer: {a}." for q, a in scene.questions()]
     lines.append(
         "a small red circle on the left, a large blue square in the centre and a small green triangle"
