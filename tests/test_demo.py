@@ -71,11 +71,6 @@ def monkeypatch_module():
         yield mp
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="the shipped demo does not reach the 0.8 bar yet (issue 7: VQA ~0.78, caption exact match 0 -- "
-    "captions start with the LM's 'Question:' prior); remove this mark once a checkpoint that passes is installed",
-)
 def test_shipped_model_beats_the_bar_offline(demo):
     record = evaluate(pipeline=demo, seed=90210, count=48)
     assert record["caption_exact_match"] >= 0.8, record

@@ -292,18 +292,25 @@ def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Con
 # ---- writing: our fields -> the hub's keys -----------------------------------------------------------
 
 
+def _encoder_keys(c: VisionConfig | QFormerConfig) -> dict[str, Any]:
+    """The keys the vision encoder's and the Q-Former's configs share."""
+    return {
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.mlp_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "layer_norm_eps": c.layer_norm_eps,
+        "hidden_act": c.activation,
+    }
+
+
 def _vision_to_dict(v: VisionConfig) -> dict[str, Any]:
     return {
         "model_type": "blip_2_vision_model",
-        "hidden_size": v.hidden_size,
-        "intermediate_size": v.mlp_size,
-        "num_hidden_layers": v.num_layers,
-        "num_attention_heads": v.num_heads,
+        **_encoder_keys(v),
         "image_size": v.image_size,
         "patch_size": v.patch_size,
-        "layer_norm_eps": v.layer_norm_eps,
         "qkv_bias": v.qkv_bias,
-        "hidden_act": v.activation,
         "attention_dropout": 0.0,
     }
 
@@ -311,14 +318,9 @@ def _vision_to_dict(v: VisionConfig) -> dict[str, Any]:
 def _qformer_to_dict(q: QFormerConfig) -> dict[str, Any]:
     return {
         "model_type": "blip_2_qformer",
-        "hidden_size": q.hidden_size,
-        "intermediate_size": q.mlp_size,
-        "num_hidden_layers": q.num_layers,
-        "num_attention_heads": q.num_heads,
-        "layer_norm_eps": q.layer_norm_eps,
+        **_encoder_keys(q),
         "cross_attention_frequency": q.cross_attention_every,
         "encoder_hidden_size": q.encoder_hidden_size,
-        "hidden_act": q.activation,
         "use_qformer_text_input": q.has_text_input,
         "vocab_size": q.vocab_size,
         "max_position_embeddings": q.max_position_embeddings,
