@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("reproduce", help="train the demo model from nothing (about 25 min on 2 CPU cores)")
+    p = sub.add_parser("reproduce", help="train the demo model from nothing (about 27-30 min on 2 CPU cores)")
     p.add_argument("--out", default="demo-build", help="working and output folder (default ./demo-build)")
     p.add_argument(
         "--tiny", action="store_true", help="a seconds-long run of every phase at toy size (for tests)"
