@@ -40,6 +40,43 @@ def cosine_lr(step: int, total: int, lr: float, warmup: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def fit(
+    model: nn.Module,
+    count: int,
+    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: str | torch.device,
+    report: Callable[[str], None],
+    name: str,
+) -> None:
+    """The pre-training loop both parts share: ``steps`` AdamW steps (warm-up, cosine decay, gradients
+    clipped to norm 1) on batches of ``batch_size`` indices into ``count`` examples drawn from ``seed``;
+    ``batch_loss(indices)`` gives the loss and figures to report beside it (ten reports in all)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(count, (batch_size,), generator=gen).to(device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
+        loss, stats = batch_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
+            extra = "".join(f", {k} {v.item():.2f}" for k, v in stats.items())
+            report(
+                f"{name} step {step + 1}/{steps}: loss {loss.item():.4f}{extra} ({time.perf_counter() - t0:.0f} s)"
+            )
+
+
 def pixels(scenes: list[Scene], processor: ImageProcessor) -> torch.Tensor:
     """(B, 3, S, S) model pixels of the rendered scenes, through the checkpoint's own preprocessing."""
     return processor([s.render() for s in scenes])
@@ -99,24 +136,13 @@ def pretrain_vision(
     patches = torch.from_numpy(np.stack([patch_labels(s, cfg.patch_size) for s in scenes])).long()
     model.to(device)
     x, slots, patches = x.to(device), slots.to(device), patches.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(scenes), (batch_size,), generator=gen).to(device)
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         loss, acc = model(x[idx], slots[idx], patches[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            report(
-                f"vision step {step + 1}/{steps}: loss {loss.item():.4f}, scenes all right {acc.item():.2f} "
-                f"({time.perf_counter() - t0:.0f} s)"
-            )
+        return loss, {"scenes all right": acc}
+
+    fit(model, len(scenes), batch_loss, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.05,
+        seed=seed, device=device, report=report, name="vision")  # fmt: skip
     return model.vision.cpu().eval()
 
 
@@ -174,29 +200,19 @@ def pretrain_language(
         role[i, text_start : len(s)] = 2
     model.to(device)
     ids, mask, role = ids.to(device), mask.to(device), role.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    t0 = time.perf_counter()
-    for step in range(steps):
-        idx = torch.randint(len(seqs), (batch_size,), generator=gen).to(device)
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         m = mask[idx]
         t = int(m.sum(1).max())
         x, m, r = ids[idx, :t], m[:, :t], role[idx, :t]
-        for group in opt.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr, max(1, steps // 20))
         logits = model.logits(model(model.embed(x), m))  # (B, T, V)
         ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")  # (B, T-1)
         target = r[:, 1:]
         loss = ce[target == 2].mean()
         if prompt_weight and bool((target == 1).any()):
             loss = loss + prompt_weight * ce[target == 1].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
-            report(
-                f"language step {step + 1}/{steps}: loss {loss.item():.4f} ({time.perf_counter() - t0:.0f} s)"
-            )
+        return loss, {}
+
+    fit(model, len(seqs), batch_loss, steps=steps, batch_size=batch_size, lr=lr, weight_decay=0.01,
+        seed=seed, device=device, report=report, name="language")  # fmt: skip
     return model.cpu().eval()
