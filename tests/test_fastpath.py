@@ -110,3 +110,17 @@ def test_questions_must_be_strings(opt_ckpt):
     m = blip2.load(opt_ckpt)
     with pytest.raises(blip2.InputError, match="non-empty list of strings"):
         m.ask(make_images(1)[0], [])
+
+
+def test_a_caption_is_prefilled_in_one_pass(opt_ckpt):
+    """With nothing after BOS to share it with, image + BOS go through the language model in one pass."""
+    m = blip2.load(opt_ckpt)
+    q = m.model.cfg.num_query_tokens
+    seen: list[tuple[int, int]] = []
+    hook = m.model.language_model.register_forward_pre_hook(lambda _, a: seen.append(tuple(a[0].shape[:2])))
+    try:
+        m.caption(make_images(1, seed=4)[0], max_new_tokens=2, min_new_tokens=2)
+        m.caption(make_images(2, seed=5), max_new_tokens=2, min_new_tokens=2)
+    finally:
+        hook.remove()
+    assert seen == [(1, q + 1), (1, 1), (2, q + 1), (2, 1)]

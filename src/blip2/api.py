@@ -199,10 +199,14 @@ class Pipeline:
         # OPT: padding goes after the image slots and BOS, which every row has, so those positions line
         # up across rows (prefilled once when the rows share an image); positions come from the mask, so
         # each row still equals its run alone
-        # (BOS stays with the prompt when some prompt is empty: a row must end on a real token)
         keep = len(slots)
         bos = tokenizer.bos_token_id
-        if all(len(seq) > keep + 1 and seq[keep] == bos for seq in ids):
+        # a row that is only image + BOS cannot take padding after them (a row must end on a real token):
+        # then BOS stays with the prompts, unless every row is just that and none needs padding
+        only_head = [len(seq) == keep + 1 for seq in ids]
+        if all(len(seq) > keep and seq[keep] == bos for seq in ids) and (
+            all(only_head) or not any(only_head)
+        ):
             keep += 1
         rests, rests_mask = tokenizer.pad([seq[keep:] for seq in ids], padding_side="left")
         head = torch.tensor([seq[:keep] for seq in ids], dtype=torch.long).view(len(ids), keep)

@@ -196,7 +196,8 @@ class OPTRunner:
         self.mask = torch.ones(b, t + max_new_tokens, dtype=torch.long, device=embeds.device)
         self.mask[:, :t] = mask
         self.prefill_cache, self.shared, self.cache_key = prefill_cache, 0, None
-        if 0 < shared < t and bool(mask[:, :shared].all()):
+        # one row gains from a separate pass over its shared positions only when they are kept for later
+        if 0 < shared < t and (b > 1 or prefill_cache is not None) and bool(mask[:, :shared].all()):
             head = embeds[:, :shared]
             if b == 1 or torch.equal(head, head[:1].expand_as(head)):
                 self.shared = shared
