@@ -124,3 +124,25 @@ def test_reproduce_tiny_runs_end_to_end(tmp_path):
     image = scenes.generate(0, 1, "heldout")[0].render()
     assert isinstance(gen.caption(image, max_new_tokens=3)[0], str)
     assert itm.itm(image, "a small red circle on the left").shape == (1,)
+
+
+def test_lm_sequences_put_the_loss_where_stage_two_does():
+    """The context and a prompt's opening token get no loss (so BOS is only ever followed by a caption);
+    the text starts where stage 2's labels start: after BOS + prompt."""
+    from blip2.demo import checkpoint
+    from blip2.demo.pretrain import lm_sequences
+    from blip2.demo.reproduce import text_corpus
+
+    tok = checkpoint.opt_tokenizer(text_corpus())
+    scene = scenes.generate(2, 1)[0]
+    prompt = "Question: how many shapes are there? Answer:"
+    (ids, p0, t0), (cap, c0, c1) = lm_sequences([prompt, ""], ["two", scene.caption], [scene.code, None], tok)
+    ctx = len(tok.encode(scene.code, add_special_tokens=False).ids)
+    head = tok.encode(prompt).ids
+    assert (
+        ids[:ctx] == tok.encode(scene.code, add_special_tokens=False).ids
+        and ids[ctx : ctx + len(head)] == head
+    )
+    assert (p0, t0) == (ctx + 2, ctx + len(head))
+    assert tok.decode(ids[t0:-1]).strip() == "two" and ids[-1] == tok.token_to_id("</s>")
+    assert (c0, c1) == (1, 1) and tok.decode(cap[c1:-1]) == scene.caption
