@@ -212,11 +212,11 @@ def write(shape: str, out: Path, seed: int = 0) -> Path:
         data["text_config"]["tie_word_embeddings"] = False
         (out / "config.json").write_text(json.dumps(data, indent=2) + "\n")
     text = config.text_config
-    gen_cfg = {
-        "bos_token_id": text.bos_token_id,
-        "eos_token_id": text.eos_token_id,
-        "pad_token_id": text.pad_token_id,
-    }
+    gen_cfg = {"eos_token_id": text.eos_token_id, "pad_token_id": text.pad_token_id}
+    if spec["lm"] == "t5":  # T5 has no BOS: the decoder starts from its start token
+        gen_cfg["decoder_start_token_id"] = text.decoder_start_token_id
+    else:
+        gen_cfg["bos_token_id"] = text.bos_token_id
     (out / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
     processor.save_pretrained(out)
     return out

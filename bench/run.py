@@ -90,7 +90,7 @@ class Reference:
             out = self.model.generate(
                 **inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1
             )
-        if out.shape[1] > n:  # decoder-only: the prompt comes back in front
+        if self.model.config.use_decoder_only_language_model:  # the prompt comes back in front
             out = out[:, inputs["input_ids"].shape[1] :]
         return self.proc.batch_decode(out, skip_special_tokens=True)
 

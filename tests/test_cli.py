@@ -164,3 +164,19 @@ def test_python_dash_m():
     )
     assert proc.returncode == 0, proc.stderr
     assert all(cmd in proc.stdout for cmd in ("caption", "ask", "chat"))
+
+
+@pytest.mark.parametrize("flags", [["--quantize", "int8"], ["--exact"]])
+def test_load_options_reach_the_model(opt_ckpt, image_files, monkeypatch, flags):
+    seen = {}
+    real_load = blip2.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(blip2, "load", spy)
+    rc = main(["caption", image_files[0], "-m", str(opt_ckpt), "--max-new-tokens", "3", *flags])
+    assert rc == 0
+    assert seen["quantize"] == ("int8" if "--quantize" in flags else None)
+    assert seen["exact"] is ("--exact" in flags)

@@ -124,3 +124,29 @@ def test_a_caption_is_prefilled_in_one_pass(opt_ckpt):
     finally:
         hook.remove()
     assert seen == [(1, q + 1), (1, 1), (2, q + 1), (2, 1)]
+
+
+def test_linear_matches_plain_linear_and_still_trains():
+    from blip2.layers import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(64, 48)
+    plain = torch.nn.Linear(64, 48)
+    plain.load_state_dict(layer.state_dict())
+    for shape in [(1, 64), (4, 64), (2, 7, 64), (130, 64)]:
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 5, 64)[:, ::2]  # a strided view
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+    # with gradients on, it is nn.Linear: same values, same gradients
+    x = torch.randn(4, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    plain(x.detach().requires_grad_()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    assert x.grad is not None
+    # half precision and no bias take the plain path
+    half = Linear(64, 48, bias=False).to(torch.bfloat16)
+    with torch.inference_mode():
+        assert half(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import blip2
+from blip2.layers import Linear
 from blip2.quantize import Int8Linear, quantize_model_, quantize_weight
 from factory import make_images
 
@@ -51,8 +52,8 @@ def test_int8_logits_close_to_float32(lm, opt_ckpt, t5_ckpt):
         for part in (m.model.vision, m.model.qformer, m.model.language_model)
         for mod in part.modules()
     }
-    assert Int8Linear in kinds and nn.Linear not in kinds  # vision, Q-Former and language model all int8
-    assert type(m.model.projection) is nn.Linear  # the projection stays float32
+    assert Int8Linear in kinds and Linear not in kinds  # vision, Q-Former and language model all int8
+    assert type(m.model.projection) is Linear  # the projection stays float32
     enc = _inputs(ref)
     kwargs = {}
     if lm == "t5":
@@ -70,7 +71,7 @@ def test_int8_logits_close_to_float32(lm, opt_ckpt, t5_ckpt):
 def test_quantize_model_counts_and_rejects_unknown_mode(opt_ckpt):
     m = blip2.load(opt_ckpt)
     n_linear = sum(
-        type(mod) is nn.Linear
+        type(mod) is Linear
         for part in (m.model.vision, m.model.qformer, m.model.language_model)
         for mod in part.modules()
     )

@@ -14,6 +14,7 @@ from .chat import QUESTION_TEMPLATE, Conversation, PrefixCache
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
+from .layers import Linear
 from .model import Blip2
 from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
@@ -282,6 +283,7 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
+    exact: bool = False,
 ) -> Pipeline:
     """Load a BLIP-2 checkpoint from a local folder or a hub id (``Salesforce/blip2-opt-2.7b``).
 
@@ -289,6 +291,10 @@ def load(
     the Q-Former and its queries stay float32, as in the reference.
     ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
     language model (CPU only; see ``blip2.quantize``).
+    ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
+    instead of oneDNN's: OPT's logits then equal the reference's bit for bit (T5's to ~1e-6), at up
+    to ~2x the time per decode step of several rows. The default differs by float32 rounding only
+    (see ``layers.Linear``); it can flip a greedy choice only where two tokens tie to that rounding.
     """
     t0 = time.perf_counter()
     if quantize not in (None, "int8"):
@@ -298,6 +304,10 @@ def load(
         raise ValueError("quantize='int8' is a CPU path; on a GPU load in float16 or bfloat16 instead")
     folder = resolve_checkpoint(name_or_path)
     model, cfg = build_model(folder, dtype)
+    if exact:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.onednn = False
     if quantize:
         from .quantize import quantize_model_
 

@@ -43,6 +43,11 @@ def model_options() -> argparse.ArgumentParser:
         choices=["int8"],
         help="int8: weight-only 8-bit vision encoder and language model (CPU; ~4x less memory, faster)",
     )
+    p.add_argument(
+        "--exact",
+        action="store_true",
+        help="float32 CPU matmuls through the reference's kernel: bit-for-bit its logits, slower",
+    )
     return p
 
 
@@ -80,7 +85,11 @@ def _load(args: argparse.Namespace):
     import blip2
 
     return blip2.load(
-        args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None)
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=getattr(args, "quantize", None),
+        exact=getattr(args, "exact", False),
     )
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import Blip2Config, T5Config
 from .errors import InputError
+from .layers import Linear
 from .opt import OPT
 from .qformer import QFormer
 from .t5 import T5
@@ -42,12 +43,12 @@ class Blip2(nn.Module):
         self.qformer = QFormer(q)
         self.language_model: OPT | T5 | None = None
         if cfg.retrieval:
-            self.vision_proj = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
-            self.text_proj = nn.Linear(q.hidden_size, cfg.image_text_hidden_size)
-            self.itm_head = nn.Linear(q.hidden_size, 2)
+            self.vision_proj = Linear(q.hidden_size, cfg.image_text_hidden_size)
+            self.text_proj = Linear(q.hidden_size, cfg.image_text_hidden_size)
+            self.itm_head = Linear(q.hidden_size, 2)
         else:
             lm = T5(cfg.text) if isinstance(cfg.text, T5Config) else OPT(cfg.text)
-            self.projection = nn.Linear(q.hidden_size, lm.hidden_size)
+            self.projection = Linear(q.hidden_size, lm.hidden_size)
             self.language_model = lm
 
     # ---- image side -------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import OPTConfig
-from .layers import MLP, KVCache, attention, causal_mask, merge_heads, split_heads
+from .layers import MLP, KVCache, Linear, attention, causal_mask, merge_heads, split_heads
 
 POSITION_OFFSET = 2  # OPT reserves the first two rows of its position table
 
@@ -23,10 +23,10 @@ class OPTAttention(nn.Module):
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
         self.scale = (d // cfg.num_heads) ** -0.5
-        self.q = nn.Linear(d, d, bias=cfg.bias)
-        self.k = nn.Linear(d, d, bias=cfg.bias)
-        self.v = nn.Linear(d, d, bias=cfg.bias)
-        self.out = nn.Linear(d, d, bias=cfg.bias)
+        self.q = Linear(d, d, bias=cfg.bias)
+        self.k = Linear(d, d, bias=cfg.bias)
+        self.v = Linear(d, d, bias=cfg.bias)
+        self.out = Linear(d, d, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
         # OPT scales the query before the product; keep that order for identical rounding.
@@ -62,11 +62,11 @@ class OPT(nn.Module):
         d, e = cfg.hidden_size, cfg.word_embed_proj_dim
         self.embed_tokens = nn.Embedding(cfg.vocab_size, e, padding_idx=cfg.pad_token_id)
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, d)
-        self.project_in = nn.Linear(e, d, bias=False) if e != d else None
-        self.project_out = nn.Linear(d, e, bias=False) if e != d else None
+        self.project_in = Linear(e, d, bias=False) if e != d else None
+        self.project_out = Linear(d, e, bias=False) if e != d else None
         self.layers = nn.ModuleList(OPTBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.LayerNorm(d, elementwise_affine=cfg.norm_affine) if cfg.final_norm else None
-        self.lm_head = nn.Linear(e, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(e, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
 
     @property

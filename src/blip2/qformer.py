@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QFormerConfig
-from .layers import MLP, attention, merge_heads, padding_mask, split_heads
+from .layers import MLP, Linear, attention, merge_heads, padding_mask, split_heads
 
 
 class QFormerAttention(nn.Module):
@@ -23,10 +23,10 @@ class QFormerAttention(nn.Module):
         super().__init__()
         d = cfg.hidden_size
         self.num_heads = cfg.num_heads
-        self.q = nn.Linear(d, d)
-        self.k = nn.Linear(kv_dim, d)
-        self.v = nn.Linear(kv_dim, d)
-        self.proj = nn.Linear(d, d)
+        self.q = Linear(d, d)
+        self.k = Linear(kv_dim, d)
+        self.v = Linear(kv_dim, d)
+        self.proj = Linear(d, d)
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.dropout = 0.0  # on the attention weights (training only; see QFormer.set_dropout)
         self.hidden_dropout = 0.0  # on the output projection, before the residual

@@ -31,10 +31,14 @@ import ctypes
 import logging
 import mmap
 import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import Linear
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +55,8 @@ def quantize_weight(weight: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tens
     scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     for i in range(0, out_features, chunk):
         w = weight.detach()[i : i + chunk].float()
-        s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        q[i : i + chunk] = torch.round(w / s[:, None]).clamp_(-127, 127)
+        s = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).clamp_min_(1e-12) / 127.0
+        q[i : i + chunk] = (w / s[:, None]).round_().clamp_(-127, 127)
         scale[i : i + chunk] = s
     return q, scale
 
@@ -178,30 +182,45 @@ def quantize_model_(
     Meant to run right after loading, on CPU, in float32 or half precision.
     """
     mappings = _file_mappings()
+    kernel = kernel or ("fbgemm" if _fbgemm_available() else "dequant")
     count = 0
-    for part in parts:
-        root = getattr(model, part, None)
-        if root is None:
-            continue
-        for module in list(root.modules()):
-            for child_name, child in list(module.named_children()):
-                if type(child) is not nn.Linear:
-                    continue
-                if child.weight.device.type != "cpu":
-                    raise ValueError("int8 quantization is for CPU inference; load with device='cpu'")
-                new = Int8Linear.from_linear(child, kernel)
-                setattr(module, child_name, new)
-                del new
-                _release(child.weight, mappings)
-                del child
-                _trim_heap()  # freed temporaries would otherwise pile up in the heap, layer after layer
-                count += 1
-        log.debug("quantized %s", part)
+    # fbgemm packs a weight on one thread: pack on a pool while the next weight is quantized
+    workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: deque = deque()
+        for part in parts:
+            root = getattr(model, part, None)
+            if root is None:
+                continue
+            for module in list(root.modules()):
+                for child_name, child in list(module.named_children()):
+                    if type(child) not in (nn.Linear, Linear):
+                        continue
+                    if child.weight.device.type != "cpu":
+                        raise ValueError("int8 quantization is for CPU inference; load with device='cpu'")
+                    q, scale = quantize_weight(child.weight)
+                    bias = None if child.bias is None else child.bias.detach().float().clone()
+                    pending.append((module, child_name, pool.submit(Int8Linear, q, scale, bias, kernel)))
+                    del q, scale, bias
+                    _release(child.weight, mappings)
+                    del child
+                    while len(pending) > 2 * workers:  # a few layers in flight: memory stays bounded
+                        _install(pending.popleft())
+                    count += 1
+            log.debug("quantized %s", part)
+        while pending:
+            _install(pending.popleft())
     if hasattr(model, "language_model") and model.language_model is not None:
         _release_tied(model.language_model, mappings)
     _trim_heap()
     log.info("int8: replaced %d linear layers", count)
     return count
+
+
+def _install(job: tuple[nn.Module, str, Future]) -> None:
+    module, name, future = job
+    setattr(module, name, future.result())
+    _trim_heap()  # freed temporaries would otherwise pile up in the heap, layer after layer
 
 
 def _release_tied(lm: nn.Module, mappings: list[tuple[int, int]]) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import T5Config
-from .layers import MLP, GatedMLP, KVCache, RMSNorm, attention, merge_heads, split_heads
+from .layers import MLP, GatedMLP, KVCache, Linear, RMSNorm, attention, merge_heads, split_heads
 
 
 def relative_position_bucket(
@@ -69,10 +69,10 @@ class T5Attention(nn.Module):
         super().__init__()
         inner = cfg.num_heads * cfg.head_dim
         self.num_heads = cfg.num_heads
-        self.q = nn.Linear(cfg.hidden_size, inner, bias=False)
-        self.k = nn.Linear(cfg.hidden_size, inner, bias=False)
-        self.v = nn.Linear(cfg.hidden_size, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.hidden_size, bias=False)
+        self.q = Linear(cfg.hidden_size, inner, bias=False)
+        self.k = Linear(cfg.hidden_size, inner, bias=False)
+        self.v = Linear(cfg.hidden_size, inner, bias=False)
+        self.o = Linear(inner, cfg.hidden_size, bias=False)
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return split_heads(self.k(context), self.num_heads), split_heads(self.v(context), self.num_heads)
@@ -167,7 +167,7 @@ class T5(nn.Module):
         self.decoder = nn.ModuleList(T5Block(cfg, is_decoder=True) for _ in range(cfg.num_decoder_layers))
         self.decoder_bias = RelativeBias(cfg, bidirectional=False)
         self.decoder_norm = RMSNorm(cfg.hidden_size, cfg.layer_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
 
     @property

@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VisionConfig
-from .layers import MLP, attention, merge_heads
+from .layers import MLP, Linear, attention, merge_heads
 
 
 class VisionAttention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape

@@ -137,7 +137,11 @@ def serve(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     pipe = blip2.load(
-        args.model, device=args.device, dtype=args.dtype, quantize=getattr(args, "quantize", None)
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        quantize=getattr(args, "quantize", None),
+        exact=getattr(args, "exact", False),
     )
     app = create_app(pipe, cfg)
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler it found:
