@@ -29,7 +29,15 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from factory import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _opt_tokenizer, _t5_tokenizer, make_sentences  # noqa: E402
+from factory import (  # noqa: E402
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    _opt_tokenizer,
+    _t5_tokenizer,
+    make_sentences,
+    reference_opt_config,
+    reference_t5_config,
+)
 
 VIT_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16)
@@ -63,7 +71,7 @@ def default_dir(shape: str) -> Path:
 
 
 def build_config(shape: str, tokenizer):
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig, T5Config
+    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 
     spec = SHAPES[shape]
     vision = Blip2VisionConfig(
@@ -78,30 +86,9 @@ def build_config(shape: str, tokenizer):
         encoder_hidden_size=spec["vision"]["hidden_size"],
     )
     if spec["lm"] == "opt":
-        t = spec["text"]
-        text = OPTConfig(
-            **t,
-            word_embed_proj_dim=t["hidden_size"],
-            max_position_embeddings=2048,
-            do_layer_norm_before=True,
-            activation_function="relu",
-            dropout=0.0,
-            attention_dropout=0.0,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        text = reference_opt_config(tokenizer, **spec["text"], max_position_embeddings=2048)
     else:
-        text = T5Config(
-            **spec["text"],
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            dropout_rate=0.0,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
+        text = reference_t5_config(**spec["text"])
     return Blip2Config(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -197,28 +196,13 @@ def _t5_tokenizer(sentences: list[str], vocab_size: int = 300):
 
 
 def _bert_tokenizer(sentences: list[str], held_out: int = 20):
-    """BERT-uncased style WordPiece. The vocabulary is counted here rather than by `WordPieceTrainer`,
-    whose result changes from run to run (hash-ordered ties): specials, every character and its
-    `##` continuation, then whole words by frequency, leaving out the `held_out` rarest so that
-    some words split into pieces."""
+    """BERT-uncased style WordPiece (the demo's builder), leaving out the ``held_out`` rarest words so
+    that some words split into pieces."""
     from transformers import BertTokenizerFast
 
-    normalizer = normalizers.BertNormalizer(lowercase=True)
-    pre = pre_tokenizers.BertPreTokenizer()
-    counts = Counter(w for s in sentences for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(s)))
-    chars = sorted({c for w in counts for c in w})
-    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
-    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
-    pieces += words[: len(words) - held_out]
-    tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
-    tok.normalizer = normalizer
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS]:0 $A:0 [SEP]:0",
-        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
+    from blip2.demo.checkpoint import bert_tokenizer
+
+    tok = bert_tokenizer(sentences, alphabet="", held_out=held_out)
     return BertTokenizerFast(tokenizer_object=tok, do_lower_case=True)
 
 
@@ -343,6 +327,39 @@ def _edit_json(path: Path, fn) -> None:
 # ----------------------------------------------------------------------------- build
 
 
+def reference_opt_config(tokenizer, **shape):
+    """The reference's OPTConfig for a BLIP-2 OPT of this ``shape`` (pre-LN, ReLU, tied head, no dropout)."""
+    from transformers import OPTConfig
+
+    return OPTConfig(
+        **shape,
+        word_embed_proj_dim=shape["hidden_size"],
+        do_layer_norm_before=True,
+        activation_function="relu",
+        dropout=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def reference_t5_config(**shape):
+    """The reference's T5Config for a Flan-T5 of this ``shape`` (gated GELU, untied head, no dropout)."""
+    from transformers import T5Config
+
+    return T5Config(
+        **shape,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+
+
 def build_checkpoint(
     out_dir: Path,
     *,
@@ -385,8 +402,6 @@ def build_checkpoint(
         Blip2QFormerConfig,
         Blip2VisionConfig,
         BlipImageProcessor,
-        OPTConfig,
-        T5Config,
     )
 
     if retrieval:
@@ -445,25 +460,17 @@ def build_checkpoint(
         pad_token_id=0,
     )
     if lm == "opt":
-        text = OPTConfig(
+        text = reference_opt_config(
+            tokenizer,
             vocab_size=vocab,
             hidden_size=lm_hidden,
             num_hidden_layers=lm_layers,
             num_attention_heads=lm_heads,
             ffn_dim=4 * lm_hidden,
             max_position_embeddings=128,
-            word_embed_proj_dim=lm_hidden,
-            do_layer_norm_before=True,
-            activation_function="relu",
-            dropout=0.0,
-            attention_dropout=0.0,
-            tie_word_embeddings=True,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
         )
     elif lm == "t5":
-        text = T5Config(
+        text = reference_t5_config(
             vocab_size=vocab,
             d_model=lm_hidden,
             d_kv=lm_hidden // lm_heads,
@@ -473,12 +480,6 @@ def build_checkpoint(
             num_heads=lm_heads,
             relative_attention_num_buckets=8,
             relative_attention_max_distance=20,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            dropout_rate=0.0,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-            eos_token_id=1,
         )
     else:
         text = None

@@ -217,48 +217,86 @@ def _t5_block(m: re.Match, cfg: Blip2Config) -> str:
     raise KeyError(rest)
 
 
-RULES: list[Rule] = [
+# Plain renames, read both ways (loading: hub -> ours; writing a checkpoint: ours -> hub). A ``{slot}``
+# matches what _SLOTS says; a slot with a table also renames its value (hub key -> our value).
+_SLOTS: dict[str, tuple[str, dict[str, str] | None]] = {
+    "i": (r"\d+", None),
+    "p": (r"weight|bias", None),
+    "n": (r"[12]", None),
+    "fc": (r"fc[12]", None),
+    "proj": (r"project_in|project_out", None),
+    "what": (r"tokens|positions", None),
+    "qf": ("", _QF_BLOCKS),
+    "opt": ("", _OPT_BLOCKS),
+}
+_RENAMES: list[tuple[str, str]] = [
     # vision
-    (r"vision_model\.embeddings\.class_embedding", "vision.class_token"),
-    (r"vision_model\.embeddings\.position_embedding", "vision.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embedding\.(weight|bias)", r"vision.patch_embed.\1"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.(weight|bias)", r"vision.blocks.\1.attn.qkv.\2"),
-    (
-        r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection\.(weight|bias)",
-        r"vision.blocks.\1.attn.proj.\2",
-    ),
-    (r"vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"vision.blocks.\1.norm\2.\3"),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"vision.blocks.\1.mlp.\2.\3"),
-    (r"vision_model\.post_layernorm\.(weight|bias)", r"vision.norm.\1"),
+    ("vision_model.embeddings.class_embedding", "vision.class_token"),
+    ("vision_model.embeddings.position_embedding", "vision.pos_embed"),
+    ("vision_model.embeddings.patch_embedding.{p}", "vision.patch_embed.{p}"),
+    ("vision_model.encoder.layers.{i}.self_attn.qkv.{p}", "vision.blocks.{i}.attn.qkv.{p}"),
+    ("vision_model.encoder.layers.{i}.self_attn.projection.{p}", "vision.blocks.{i}.attn.proj.{p}"),
+    ("vision_model.encoder.layers.{i}.layer_norm{n}.{p}", "vision.blocks.{i}.norm{n}.{p}"),
+    ("vision_model.encoder.layers.{i}.mlp.{fc}.{p}", "vision.blocks.{i}.mlp.{fc}.{p}"),
+    ("vision_model.post_layernorm.{p}", "vision.norm.{p}"),
     # Q-Former
-    (r"query_tokens", "queries"),
-    (r"qformer\.layernorm\.(weight|bias)", r"qformer.norm.\1"),
-    (
-        r"qformer\.encoder\.layer\.(\d+)\.("
-        + "|".join(re.escape(k) for k in _QF_BLOCKS)
-        + r")\.(weight|bias)",
-        lambda m, cfg: f"qformer.layers.{m[1]}.{_QF_BLOCKS[m[2]]}.{m[3]}",
-    ),
-    (r"(?:qformer\.)?embeddings\.word_embeddings\.weight", "qformer.word_embed.weight"),
-    (r"(?:qformer\.)?embeddings\.position_embeddings\.weight", "qformer.pos_embed.weight"),
-    (r"(?:qformer\.)?embeddings\.position_ids", None),
+    ("query_tokens", "queries"),
+    ("qformer.layernorm.{p}", "qformer.norm.{p}"),
+    ("qformer.encoder.layer.{i}.{qf}.{p}", "qformer.layers.{i}.{qf}.{p}"),
+    ("embeddings.word_embeddings.weight", "qformer.word_embed.weight"),
+    ("embeddings.position_embeddings.weight", "qformer.pos_embed.weight"),
     # heads
-    (r"language_projection\.(weight|bias)", r"projection.\1"),
-    (r"vision_projection\.(weight|bias)", r"vision_proj.\1"),
-    (r"text_projection\.(weight|bias)", r"text_proj.\1"),
-    (r"itm_head\.(weight|bias)", r"itm_head.\1"),
+    ("language_projection.{p}", "projection.{p}"),
+    ("vision_projection.{p}", "vision_proj.{p}"),
+    ("text_projection.{p}", "text_proj.{p}"),
+    ("itm_head.{p}", "itm_head.{p}"),
     # OPT
-    (r"language_model\.model\.decoder\.embed_tokens\.weight", "language_model.embed_tokens.weight"),
-    (r"language_model\.model\.decoder\.embed_positions\.weight", "language_model.embed_positions.weight"),
-    (r"language_model\.model\.decoder\.(project_in|project_out)\.weight", r"language_model.\1.weight"),
-    (r"language_model\.model\.decoder\.final_layer_norm\.(weight|bias)", r"language_model.norm.\1"),
-    (
-        r"language_model\.model\.decoder\.layers\.(\d+)\.("
-        + "|".join(re.escape(k) for k in _OPT_BLOCKS)
-        + r")\.(weight|bias)",
-        lambda m, cfg: f"language_model.layers.{m[1]}.{_OPT_BLOCKS[m[2]]}.{m[3]}",
-    ),
-    # T5
+    ("language_model.model.decoder.embed_{what}.weight", "language_model.embed_{what}.weight"),
+    ("language_model.model.decoder.{proj}.weight", "language_model.{proj}.weight"),
+    ("language_model.model.decoder.final_layer_norm.{p}", "language_model.norm.{p}"),
+    ("language_model.model.decoder.layers.{i}.{opt}.{p}", "language_model.layers.{i}.{opt}.{p}"),
+    ("language_model.lm_head.weight", "language_model.lm_head.weight"),  # T5's untied head too
+]
+
+
+def _template_regex(template: str, side: int) -> str:
+    """``side`` 0 reads hub names, 1 ours."""
+    parts = re.split(r"\{(\w+)\}", template)
+    out = []
+    for k, part in enumerate(parts):
+        if k % 2 == 0:
+            out.append(re.escape(part))
+            continue
+        pattern, table = _SLOTS[part]
+        if table is not None:
+            names = table if side == 0 else table.values()
+            pattern = "|".join(re.escape(n) for n in names)
+        out.append(f"(?P<{part}>{pattern})")
+    return "".join(out)
+
+
+def _renamer(template: str, side: int) -> Callable[..., str]:
+    """Fill ``template`` from a match made on the other ``side``, renaming table slots on the way."""
+
+    tables = {
+        slot: table if side == 1 else {v: k for k, v in table.items()}
+        for slot, (_, table) in _SLOTS.items()
+        if table is not None
+    }
+
+    def fill(m: re.Match, *_: object) -> str:
+        values = {slot: tables[slot][v] if slot in tables else v for slot, v in m.groupdict().items()}
+        return template.format(**values)
+
+    return fill
+
+
+RULES: list[Rule] = [
+    *((_template_regex(hub, 0), _renamer(ours, 1)) for hub, ours in _RENAMES),
+    # read only: other spellings of the Q-Former embeddings, T5 (blip2 writes no T5 checkpoint)
+    (r"qformer\.embeddings\.word_embeddings\.weight", "qformer.word_embed.weight"),
+    (r"qformer\.embeddings\.position_embeddings\.weight", "qformer.pos_embed.weight"),
+    (r"(?:qformer\.)?embeddings\.position_ids", None),
     (r"language_model\.shared\.weight", "language_model.embed_tokens.weight"),
     (r"language_model\.(encoder|decoder)\.embed_tokens\.weight", "language_model.embed_tokens.weight"),
     (
@@ -267,7 +305,6 @@ RULES: list[Rule] = [
     ),
     (r"language_model\.encoder\.final_layer_norm\.weight", "language_model.encoder_norm.weight"),
     (r"language_model\.decoder\.final_layer_norm\.weight", "language_model.decoder_norm.weight"),
-    (r"language_model\.lm_head\.weight", "language_model.lm_head.weight"),
 ]
 _COMPILED = [(re.compile(p), r) for p, r in RULES]
 
@@ -563,51 +600,17 @@ def save_checkpoint(
 
 # ---- our names -> hub names, for checkpoints built from scratch (blip2.demo) -------------------
 
-_INVERSE: list[tuple[str, str | Callable[[re.Match], str]]] = [
-    (r"vision\.class_token", "vision_model.embeddings.class_embedding"),
-    (r"vision\.pos_embed", "vision_model.embeddings.position_embedding"),
-    (r"vision\.patch_embed\.(weight|bias)", r"vision_model.embeddings.patch_embedding.\1"),
-    (r"vision\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"vision_model.encoder.layers.\1.self_attn.qkv.\2"),
-    (
-        r"vision\.blocks\.(\d+)\.attn\.proj\.(weight|bias)",
-        r"vision_model.encoder.layers.\1.self_attn.projection.\2",
-    ),
-    (r"vision\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"vision_model.encoder.layers.\1.layer_norm\2.\3"),
-    (r"vision\.blocks\.(\d+)\.mlp\.(fc[12])\.(weight|bias)", r"vision_model.encoder.layers.\1.mlp.\2.\3"),
-    (r"vision\.norm\.(weight|bias)", r"vision_model.post_layernorm.\1"),
-    (r"queries", "query_tokens"),
-    (r"qformer\.norm\.(weight|bias)", r"qformer.layernorm.\1"),
-    (
-        r"qformer\.layers\.(\d+)\.(.+)\.(weight|bias)",
-        lambda m: f"qformer.encoder.layer.{m[1]}.{ {v: k for k, v in _QF_BLOCKS.items()}[m[2]] }.{m[3]}",
-    ),
-    (r"qformer\.word_embed\.weight", "embeddings.word_embeddings.weight"),
-    (r"qformer\.pos_embed\.weight", "embeddings.position_embeddings.weight"),
-    (r"projection\.(weight|bias)", r"language_projection.\1"),
-    (r"vision_proj\.(weight|bias)", r"vision_projection.\1"),
-    (r"text_proj\.(weight|bias)", r"text_projection.\1"),
-    (r"itm_head\.(weight|bias)", r"itm_head.\1"),
-    (r"language_model\.embed_(tokens|positions)\.weight", r"language_model.model.decoder.embed_\1.weight"),
-    (r"language_model\.(project_in|project_out)\.weight", r"language_model.model.decoder.\1.weight"),
-    (r"language_model\.norm\.(weight|bias)", r"language_model.model.decoder.final_layer_norm.\1"),
-    (
-        r"language_model\.layers\.(\d+)\.(.+)\.(weight|bias)",
-        lambda m: (
-            f"language_model.model.decoder.layers.{m[1]}.{ {v: k for k, v in _OPT_BLOCKS.items()}[m[2]] }.{m[3]}"
-        ),
-    ),
-    (r"language_model\.lm_head\.weight", "language_model.lm_head.weight"),
-]
+_INVERSE = [(re.compile(_template_regex(ours, 1)), _renamer(hub, 0)) for hub, ours in _RENAMES]
 
 
 def hub_name(ours: str, cfg: Blip2Config) -> str:
     """The hub name of one of our tensors (vision, Q-Former, heads, OPT; not T5), checked by mapping it back."""
     for pattern, repl in _INVERSE:
-        m = re.fullmatch(pattern, ours)
+        m = pattern.fullmatch(ours)
         if m is None:
             continue
         try:
-            hub = repl(m) if callable(repl) else m.expand(repl)
+            hub = repl(m)
             if our_name(hub, cfg) == ours:
                 return hub
         except KeyError:

@@ -58,14 +58,21 @@ def opt_tokenizer(corpus: list[str]) -> Tokenizer:
     return tok
 
 
-def bert_tokenizer(corpus: list[str]) -> Tokenizer:
-    """Uncased WordPiece holding every scene word whole (plus characters, so nothing is unknown)."""
+def bert_tokenizer(
+    corpus: list[str], alphabet: str = "abcdefghijklmnopqrstuvwxyz0123456789", held_out: int = 0
+) -> Tokenizer:
+    """Uncased WordPiece holding every word of ``corpus`` whole but the ``held_out`` rarest.
+
+    Every character of the corpus and of ``alphabet``, alone and as a ``##`` continuation, is a
+    piece too, so nothing is unknown. The vocabulary is counted here, not by ``WordPieceTrainer``,
+    whose result changes from run to run (hash-ordered ties).
+    """
     normalizer = normalizers.BertNormalizer(lowercase=True)
     pre = pre_tokenizers.BertPreTokenizer()
     counts = Counter(w for s in corpus for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(s)))
-    chars = sorted({c for w in counts for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789"))
+    chars = sorted({c for w in counts for c in w} | set(alphabet))
     words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
-    pieces = [*BERT_SPECIALS, *chars, *("##" + c for c in chars), *words]
+    pieces = [*BERT_SPECIALS, *chars, *("##" + c for c in chars), *words[: len(words) - held_out]]
     tok = Tokenizer(models.WordPiece({p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
     tok.normalizer = normalizer
     tok.pre_tokenizer = pre
