@@ -5,7 +5,8 @@
 
 Every (library, task) runs in its own fresh process, so load time and peak RSS (VmHWM, file-backed
 pages included) belong to that library alone. Libraries: the reference in float32, blip2 in
-float32, blip2 with ``quantize="int8"``. Tasks:
+float32, blip2 with ``quantize="int8"``; on request (``--libs``) ``blip2-exact``, float32 with
+``exact=True`` (the reference's matmul kernel). Tasks:
 
 - ``load``: ``from_pretrained`` + processor / ``blip2.load``;
 - ``vision``: the image encoder on one image;
@@ -38,7 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 MACHINE_GFLOPS = 67.0  # float32 matmul, 2 cores, measured
 MACHINE_GBS = 22.0  # memory read
 TASKS = ("load", "vision", "caption", "decode", "ask", "ask-batched")
-LIBS = ("reference", "blip2", "blip2-int8")
+LIBS = ("reference", "blip2", "blip2-int8", "blip2-exact")
+DEFAULT_LIBS = LIBS[:3]
 QUESTIONS = [
     "what colour is the cube?",
     "how many dogs are there?",
@@ -102,13 +104,13 @@ class Reference:
 
 
 class Ours:
-    def __init__(self, path: str, quantize: str | None):
+    def __init__(self, path: str, quantize: str | None, exact: bool = False):
         import torch
 
         import blip2
 
         self.torch = torch
-        self.m = blip2.load(path, quantize=quantize)
+        self.m = blip2.load(path, quantize=quantize, exact=exact)
 
     def vision(self, images):
         pixels = self.m.processor(images=images)["pixel_values"]
@@ -142,7 +144,7 @@ def worker(args) -> None:
     runner = (
         Reference(args.ckpt)
         if args.lib == "reference"
-        else Ours(args.ckpt, "int8" if args.lib == "blip2-int8" else None)
+        else Ours(args.ckpt, "int8" if args.lib == "blip2-int8" else None, exact=args.lib == "blip2-exact")
     )
     load_s = time.perf_counter() - t0
     res: dict = {"lib": args.lib, "task": args.task, "load_s": load_s}
@@ -270,7 +272,9 @@ def main() -> None:
         "--shape", default="small", help="small | opt-2.7b | flan-t5-xl (checkpoint in bench/checkpoints)"
     )
     ap.add_argument("--ckpt", type=Path, default=None)
-    ap.add_argument("--libs", default=",".join(LIBS))
+    ap.add_argument(
+        "--libs", default=",".join(DEFAULT_LIBS), help=f"any of {', '.join(LIBS)} (default: the first three)"
+    )
     ap.add_argument("--tasks", default=",".join(TASKS))
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--answer-tokens", type=int, default=10)

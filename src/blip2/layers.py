@@ -27,10 +27,10 @@ class Linear(nn.Linear):
     MKL's ``sgemm`` (what ``F.linear`` calls) copies the whole weight into its packed layout on every
     call with a few rows, so a decode step over 4 sequences reads and writes each weight three times;
     oneDNN's kernel reads the plain row-major weight once (measured: 2.8x faster at 4 rows, 1.4x at a
-    prefill's ~130, even at a ViT's ~1000). Same arithmetic, different summation order (float32
-    rounding, ~1e-6 relative, the size of a one-ulp change of the input). ``onednn = False`` (what
-    ``blip2.load(..., exact=True)`` sets) keeps the reference's kernel, for bit-for-bit equal logits.
-    Training (anything needing a gradient), other dtypes and devices take ``F.linear``.
+    prefill's ~130, on par at a ViT's ~1000; bench/README.md). Same arithmetic, another summation
+    order: float32 rounding, ~1e-6 relative, the size of a one-ulp change of the input. ``onednn =
+    False`` (what ``blip2.load(..., exact=True)`` sets) keeps the reference's kernel, for bit-for-bit
+    equal logits. Training (anything needing a gradient), other dtypes and devices take ``F.linear``.
     """
 
     onednn: bool = True
@@ -45,8 +45,16 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
-            return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+            try:
+                return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+            except RuntimeError:  # a build whose oneDNN cannot run this: the plain kernel from now on
+                _disable_onednn()
         return F.linear(x, weight, self.bias)
+
+
+def _disable_onednn() -> None:
+    global _ONEDNN_LINEAR
+    _ONEDNN_LINEAR = False
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
