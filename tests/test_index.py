@@ -88,6 +88,23 @@ def test_cli_index_and_search(itm_ckpt, tmp_path, capsys):
     assert main(["search", "a dog", "--index", str(tmp_path / "nope")]) == 1
 
 
+def test_cli_exact_reaches_the_model(itm_ckpt, tmp_path, capsys, monkeypatch):
+    photos, out = tmp_path / "photos", tmp_path / "idx"
+    _gallery(photos, 2)
+    seen = []
+    real_load = blip2.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("exact"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(blip2, "load", spy)
+    assert main(["index", str(photos), "--model", str(itm_ckpt), "--out", str(out), "-q", "--exact"]) == 0
+    assert main(["search", "a dog", "--index", str(out), "--exact"]) == 0
+    assert main(["search", "a dog", "--index", str(out)]) == 0
+    assert seen == [True, True, False]
+
+
 def test_faiss_path_matches_exact(pipe, itm_ckpt, tmp_path):
     pytest.importorskip("faiss")
     photos, out = tmp_path / "photos", tmp_path / "idx"

@@ -95,10 +95,18 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str | None = None) -> Int8Linear:
+        return cls(*cls.arguments(linear, kernel))
+
+    @staticmethod
+    def arguments(
+        linear: nn.Linear, kernel: str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str]:
+        """What the constructor takes for ``linear``: its weight quantized, its bias, the kernel. The
+        quantizing is the cheap part; constructing packs the weight for fbgemm (one thread)."""
         kernel = kernel or ("fbgemm" if _fbgemm_available() else "dequant")
         q, scale = quantize_weight(linear.weight)
         bias = None if linear.bias is None else linear.bias.detach().float().clone()
-        return cls(q, scale, bias, kernel)
+        return q, scale, bias, kernel
 
     def int8_weight(self) -> torch.Tensor:
         if self.kernel == "fbgemm":
@@ -182,7 +190,6 @@ def quantize_model_(
     Meant to run right after loading, on CPU, in float32 or half precision.
     """
     mappings = _file_mappings()
-    kernel = kernel or ("fbgemm" if _fbgemm_available() else "dequant")
     count = 0
     # fbgemm packs a weight on one thread: pack on a pool while the next weight is quantized
     workers = max(1, torch.get_num_threads())
@@ -198,10 +205,9 @@ def quantize_model_(
                         continue
                     if child.weight.device.type != "cpu":
                         raise ValueError("int8 quantization is for CPU inference; load with device='cpu'")
-                    q, scale = quantize_weight(child.weight)
-                    bias = None if child.bias is None else child.bias.detach().float().clone()
-                    pending.append((module, child_name, pool.submit(Int8Linear, q, scale, bias, kernel)))
-                    del q, scale, bias
+                    job = pool.submit(Int8Linear, *Int8Linear.arguments(child, kernel))
+                    pending.append((module, child_name, job))
+                    del job
                     _release(child.weight, mappings)
                     del child
                     while len(pending) > 2 * workers:  # a few layers in flight: memory stays bounded

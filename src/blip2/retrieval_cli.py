@@ -21,7 +21,9 @@ def _index(args: argparse.Namespace) -> int:
     from blip2.indexing import build_index
     from blip2.weights import retrieval_checkpoint
 
-    pipe = blip2.load(retrieval_checkpoint(args.model), device=args.device, dtype=args.dtype)
+    pipe = blip2.load(
+        retrieval_checkpoint(args.model), device=args.device, dtype=args.dtype, exact=args.exact
+    )
 
     def report(path: str, message: str) -> None:
         print(f"blip2: skipped {path}: {message}", file=sys.stderr)
@@ -46,7 +48,10 @@ def _search(args: argparse.Namespace) -> int:
 
     index = Index.open(args.index)
     pipe = blip2.load(
-        retrieval_checkpoint(args.model or index.meta["model"]), device=args.device, dtype=args.dtype
+        retrieval_checkpoint(args.model or index.meta["model"]),
+        device=args.device,
+        dtype=args.dtype,
+        exact=args.exact,
     )
     query = Path(args.query) if args.image else args.query
     hits = search_index(pipe, index, query, top=args.top, rerank=args.rerank, nprobe=args.nprobe)

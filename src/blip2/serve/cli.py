@@ -131,18 +131,11 @@ def serve(args: argparse.Namespace) -> int:
         from ..errors import InputError
 
         raise InputError("blip2 serve needs the serve extra: pip install 'blip2[serve]'") from None
-    import blip2
-
+    from ..cli import _load
     from .app import create_app
 
     cfg = config_from_args(args)
-    pipe = blip2.load(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        quantize=getattr(args, "quantize", None),
-        exact=getattr(args, "exact", False),
-    )
+    pipe = _load(args)
     app = create_app(pipe, cfg)
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler it found:
     # a no-op one makes a graceful stop exit 0 instead of dying by the signal.
