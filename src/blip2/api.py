@@ -292,9 +292,10 @@ def load(
     ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
     language model (CPU only; see ``blip2.quantize``).
     ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
-    instead of oneDNN's: OPT's logits then equal the reference's bit for bit (T5's to ~1e-6), at up
-    to ~2x the time per decode step of several rows. The default differs by float32 rounding only
-    (see ``layers.Linear``); it can flip a greedy choice only where two tokens tie to that rounding.
+    instead of the native few-row kernel and oneDNN's: OPT's logits then equal the reference's bit
+    for bit (T5's to ~1e-6), at up to ~4x the time per decode step of several rows. The default
+    differs by float32 rounding only (see ``layers.Linear``); it can flip a greedy choice only where
+    two tokens tie to that rounding.
     """
     t0 = time.perf_counter()
     if quantize not in (None, "int8"):
@@ -307,7 +308,7 @@ def load(
     if exact:
         for module in model.modules():
             if isinstance(module, Linear):
-                module.onednn = False
+                module.fast_kernels = False
     if quantize:
         from .quantize import quantize_model_
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
+
 
 def _onednn_linear_available() -> bool:
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -20,35 +22,51 @@ def _onednn_linear_available() -> bool:
 
 _ONEDNN_LINEAR = _onednn_linear_available()
 
+# Up to this many rows the native kernel beats oneDNN's on this project's 2-core AVX2 machine
+# (1.7x at 4 rows, where a decode step is bound by reading the weights; 1.2x at 32; bench/README.md).
+SKINNY_MAX_ROWS = 32
+
 
 class Linear(nn.Linear):
-    """``nn.Linear`` that runs float32 CPU inference through oneDNN's matmul.
+    """``nn.Linear`` whose float32 CPU inference runs on faster kernels than ``F.linear``'s.
 
     MKL's ``sgemm`` (what ``F.linear`` calls) copies the whole weight into its packed layout on every
-    call with a few rows, so a decode step over 4 sequences reads and writes each weight three times;
-    oneDNN's kernel reads the plain row-major weight once (measured: 2.8x faster at 4 rows, 1.4x at a
-    prefill's ~130, on par at a ViT's ~1000; bench/README.md). Same arithmetic, another summation
-    order: float32 rounding, ~1e-6 relative, the size of a one-ulp change of the input. ``onednn =
-    False`` (what ``blip2.load(..., exact=True)`` sets) keeps the reference's kernel, for bit-for-bit
-    equal logits. Training (anything needing a gradient), other dtypes and devices take ``F.linear``.
+    call with a few rows, so a decode step over 4 sequences reads and writes each weight three times.
+    Up to ``SKINNY_MAX_ROWS`` rows the native kernel of ``blip2.native`` reads each weight once at
+    nearly the memory bandwidth; more rows go to oneDNN's matmul (also no repacking; on par with
+    ``sgemm`` at a ViT's ~1000 rows). Either is the same arithmetic in another summation order:
+    float32 rounding, ~1e-6 relative, the size of a one-ulp change of the input.
+    ``fast_kernels = False`` (what ``blip2.load(..., exact=True)`` sets) keeps the reference's
+    kernel, for bit-for-bit equal logits. Training (anything needing a gradient), other dtypes and
+    devices take ``F.linear``.
     """
 
-    onednn: bool = True
+    fast_kernels: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if (
-            self.onednn
-            and _ONEDNN_LINEAR
+            self.fast_kernels
             and x.dtype == torch.float32
             and weight.dtype == torch.float32
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
-            try:
-                return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-            except RuntimeError:  # a build whose oneDNN cannot run this: the plain kernel from now on
-                _disable_onednn()
+            if (
+                x.numel() <= SKINNY_MAX_ROWS * self.in_features
+                and self.in_features % 8 == 0
+                and self.in_features > 0
+                and weight.is_contiguous()
+                and (kernel := native.skinny_linear_kernel()) is not None
+            ):
+                bias = self.bias
+                if bias is None or bias.is_contiguous():
+                    return native.skinny_linear(x, weight, bias, kernel)
+            if _ONEDNN_LINEAR:
+                try:
+                    return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
+                except RuntimeError:  # a build whose oneDNN cannot run this: the plain kernel from now on
+                    _disable_onednn()
         return F.linear(x, weight, self.bias)
 
 

@@ -1,0 +1,165 @@
+"""The native kernel for few-row float32 linear layers, compiled on first use (``csrc/skinny_linear.c``).
+
+A decode step multiplies a handful of rows by every weight of the language model, so its time is
+the time to read the weights. PyTorch's CPU kernels reach about half of the memory bandwidth at 2-8
+rows; ``skinny_linear.c`` reaches nearly all of it (bench/README.md). It is plain C with AVX2
+intrinsics, built once per machine with the system's C compiler and loaded with ``ctypes``; its
+OpenMP pragmas run on PyTorch's own OpenMP runtime, so ``torch.set_num_threads`` governs both.
+
+Everything here is optional: where there is no C compiler, no AVX2+FMA, no Linux x86-64, or no
+libgomp in the process (PyTorch's Linux wheels bring it), ``skinny_linear_kernel()`` returns None
+and the layers keep PyTorch's kernels. ``BLIP2_NATIVE=0`` turns it off; the build goes to
+``$BLIP2_CACHE`` (default ``~/.cache/blip2``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = "skinny_linear.c"
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+
+
+def cache_dir() -> Path:
+    if os.environ.get("BLIP2_CACHE"):
+        return Path(os.environ["BLIP2_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "blip2"
+
+
+def _unsupported_reason() -> str | None:
+    """Why the kernel cannot run here, or None if it can."""
+    if os.environ.get("BLIP2_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return "turned off by BLIP2_NATIVE"
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"built for Linux x86-64 only, this is {sys.platform} {platform.machine()}"
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "the CPU lacks AVX2"
+    try:
+        with open("/proc/self/maps") as maps:
+            if "libgomp" not in maps.read():
+                return "PyTorch does not run on libgomp here (its OpenMP would be a second runtime)"
+    except OSError:
+        return "cannot read /proc/self/maps"
+    return None
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and (path := shutil.which(name)):
+            return path
+    return None
+
+
+def _build(source: bytes, compiler: str) -> Path:
+    """The shared object for ``source``, compiled unless already in the cache."""
+    key = hashlib.sha256(source + compiler.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / "native" / f"skinny_linear-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source_file = target.with_suffix(f".{os.getpid()}.c")
+    partial = target.with_suffix(f".{os.getpid()}.tmp")
+    source_file.write_bytes(source)
+    t0 = time.perf_counter()
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(source_file), "-o", str(partial)],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
+    finally:
+        source_file.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+    log.info("compiled %s in %.1f s", target, time.perf_counter() - t0)
+    return target
+
+
+def _self_check(kernel) -> bool:
+    """The built kernel against ``F.linear`` on a few shapes (a miscompile must not go unnoticed)."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, in_features, out_features in [(1, 8, 1), (3, 24, 7), (4, 64, 10), (9, 16, 5)]:
+        x = torch.randn(rows, in_features, generator=generator)
+        weight = torch.randn(out_features, in_features, generator=generator)
+        bias = torch.randn(out_features, generator=generator)
+        got = skinny_linear(x, weight, bias, kernel)
+        if not torch.allclose(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5):
+            return False
+    return True
+
+
+@functools.cache
+def skinny_linear_kernel():
+    """The compiled ``blip2_skinny_linear`` function, or None where it cannot be had (logged once)."""
+    reason = _unsupported_reason()
+    if reason is None and (compiler := _compiler()) is None:
+        reason = "no C compiler (cc, gcc or clang; or $CC)"
+    if reason is None:
+        try:
+            source = (resources.files("blip2") / "csrc" / SOURCE).read_bytes()
+            library = ctypes.CDLL(str(_build(source, compiler)))
+            kernel = library.blip2_skinny_linear
+            kernel.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_long,
+                ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_void_p,
+                ctypes.c_long,
+                ctypes.c_void_p,
+                ctypes.c_int,
+            ]
+            kernel.restype = ctypes.c_int
+            if _self_check(kernel):
+                return kernel
+            reason = "the built kernel gave wrong results"
+        except subprocess.CalledProcessError as e:
+            reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
+        except (OSError, subprocess.SubprocessError) as e:
+            reason = f"{type(e).__name__}: {e}"
+    log.info("few-row linear layers use PyTorch's kernel: %s", reason)
+    return None
+
+
+def skinny_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for float32 CPU tensors, ``in_features`` a multiple of 8.
+
+    ``weight`` and ``bias`` must be contiguous; ``x`` is made so.
+    """
+    kernel = kernel or skinny_linear_kernel()
+    out_features, in_features = weight.shape
+    x = x.contiguous()
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    rows = x.numel() // in_features
+    status = kernel(
+        x.data_ptr(),
+        rows,
+        in_features,
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out_features,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(f"skinny_linear: in_features must be a multiple of 8, got {in_features}")
+    return y
