@@ -84,6 +84,8 @@ def test_linear_takes_it_for_few_rows_only(kernel, monkeypatch):
             x = torch.randn(rows, 64)
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
         odd(torch.randn(2, 60))  # in_features not a multiple of 8
+        with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+            layer(torch.randn(2, 32))  # the wrong width: the error nn.Linear gives
     x = torch.randn(2, 64)
     layer(x)  # gradients wanted: nn.Linear's own path
     assert calls == [1, layers.SKINNY_MAX_ROWS]

@@ -22,9 +22,11 @@ def _onednn_linear_available() -> bool:
 
 _ONEDNN_LINEAR = _onednn_linear_available()
 
-# Up to this many rows the native kernel beats oneDNN's on this project's 2-core AVX2 machine
-# (1.7x at 4 rows, where a decode step is bound by reading the weights; 1.2x at 32; bench/README.md).
-SKINNY_MAX_ROWS = 32
+# Up to this many rows the native kernel beats oneDNN's on this project's 2-core AVX2 machine: 1.7x at
+# 4 rows, where a linear layer is bound by reading its weight, still 1.07x at 256 (bench/README.md).
+# Where oneDNN has AVX-512 its compute-bound kernels are twice as wide: there only the
+# bandwidth-bound few rows are kept (not measured on such a machine).
+SKINNY_MAX_ROWS = 256 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 
 class Linear(nn.Linear):
@@ -53,14 +55,16 @@ class Linear(nn.Linear):
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             if (
-                x.numel() <= SKINNY_MAX_ROWS * self.in_features
+                x.shape[-1] == self.in_features
+                and x.numel() <= SKINNY_MAX_ROWS * self.in_features
                 and self.in_features % 8 == 0
                 and self.in_features > 0
+                and weight.is_cpu
                 and weight.is_contiguous()
                 and (kernel := native.skinny_linear_kernel()) is not None
             ):
                 bias = self.bias
-                if bias is None or bias.is_contiguous():
+                if bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous()):
                     return native.skinny_linear(x, weight, bias, kernel)
             if _ONEDNN_LINEAR:
                 try:
