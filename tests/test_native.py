@@ -136,3 +136,31 @@ def test_builds_once_into_the_cache(fresh_build, kernel):
     native.skinny_linear_kernel.cache_clear()
     assert native.skinny_linear_kernel() is not None
     assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not rebuilt
+
+
+def _can_build() -> bool:
+    return native._unsupported_reason() is None and native._compiler() is not None
+
+
+def test_an_unwritable_cache_gives_way_to_the_temporary_folder(fresh_build, monkeypatch):
+    if not _can_build():
+        pytest.skip("cannot build here")
+    blocker = fresh_build / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("BLIP2_CACHE", str(blocker / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(fresh_build / "tmp"))
+    assert native.skinny_linear_kernel() is not None
+    assert [p.parent.parent.name for p in fresh_build.rglob("*.so")] == ["tmp"]
+
+
+def test_a_folder_others_can_write_is_not_trusted(fresh_build, monkeypatch):
+    if not _can_build():
+        pytest.skip("cannot build here")
+    shared = fresh_build / "cache" / "native"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    monkeypatch.setenv("BLIP2_CACHE", str(fresh_build / "cache"))
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(fresh_build / "tmp"))
+    assert native.skinny_linear_kernel() is not None
+    assert not list(shared.iterdir())  # nothing written or loaded there
+    assert len(list((fresh_build / "tmp").rglob("*.so"))) == 1

@@ -23,7 +23,7 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 
 # Up to this many rows the native kernel beats oneDNN's on this project's 2-core AVX2 machine: 1.7x at
-# 4 rows, where a linear layer is bound by reading its weight, still 1.07x at 256 (bench/README.md).
+# 4 rows, where a linear layer is bound by reading its weight, on par at 256 (bench/README.md).
 # Where oneDNN has AVX-512 its compute-bound kernels are twice as wide: there only the
 # bandwidth-bound few rows are kept (not measured on such a machine).
 SKINNY_MAX_ROWS = 256 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16

@@ -23,6 +23,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -67,12 +68,33 @@ def _compiler() -> str | None:
 
 
 def _build(source: bytes, compiler: str) -> Path:
-    """The shared object for ``source``, compiled unless already in the cache."""
+    """The shared object for ``source``, compiled unless already in the cache.
+
+    A cache folder that cannot be written (a read-only home) gives way to the temporary folder.
+    """
     key = hashlib.sha256(source + compiler.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / "native" / f"skinny_linear-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    name = f"skinny_linear-{key}.so"
+    folders = [cache_dir() / "native", Path(tempfile.gettempdir()) / f"blip2-{os.getuid()}"]
+    for folder in folders:
+        if (folder / name).exists() and _private(folder):
+            return folder / name
+    for folder in folders:
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(folder, os.W_OK) and _private(folder):
+            return _compile(source, compiler, folder / name)
+    raise OSError(f"no private writable folder for the native kernel among {', '.join(map(str, folders))}")
+
+
+def _private(folder: Path) -> bool:
+    """Ours and writable by nobody else: code loaded from it cannot have been planted."""
+    info = folder.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def _compile(source: bytes, compiler: str, target: Path) -> Path:
     source_file = target.with_suffix(f".{os.getpid()}.c")
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     source_file.write_bytes(source)
