@@ -64,9 +64,19 @@ def test_a_row_is_the_same_alone_in_a_batch_and_on_any_thread_count(kernel):
     assert torch.equal(together, alone)
 
 
-def test_rejects_a_width_it_cannot_run(kernel):
+def test_rejects_what_it_cannot_run(kernel):
     with pytest.raises(ValueError, match="multiple of 8"):
         native.skinny_linear(torch.randn(2, 12), torch.randn(3, 12), None)
+    weight = torch.randn(3, 16)
+    for x, w, b in [
+        (torch.randn(2, 8), weight, None),  # the wrong width
+        (torch.randn(2, 16, dtype=torch.float64), weight, None),
+        (torch.randn(2, 16), weight.t().contiguous().t(), None),  # a strided weight
+        (torch.randn(2, 16), weight, torch.randn(4)),
+        (torch.randn(2, 16), weight, torch.randn(3).half()),
+    ]:
+        with pytest.raises(ValueError, match="contiguous float32 CPU tensors"):
+            native.skinny_linear(x, w, b)
 
 
 def test_linear_takes_it_for_few_rows_only(kernel, monkeypatch):
@@ -74,8 +84,9 @@ def test_linear_takes_it_for_few_rows_only(kernel, monkeypatch):
     real = native.skinny_linear
 
     def counting(x, weight, bias, kernel=None):
-        calls.append(x.numel() // x.shape[-1])
-        return real(x, weight, bias, kernel)
+        y = real(x, weight, bias, kernel)
+        calls.append(x.numel() // x.shape[-1])  # the calls it ran, not the ones it refused
+        return y
 
     monkeypatch.setattr(native, "skinny_linear", counting)
     layer, odd = layers.Linear(64, 48), layers.Linear(60, 8)

@@ -55,17 +55,14 @@ class Linear(nn.Linear):
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
             if (
-                x.shape[-1] == self.in_features
-                and x.numel() <= SKINNY_MAX_ROWS * self.in_features
+                x.numel() <= SKINNY_MAX_ROWS * self.in_features
                 and self.in_features % 8 == 0
-                and self.in_features > 0
-                and weight.is_cpu
-                and weight.is_contiguous()
                 and (kernel := native.skinny_linear_kernel()) is not None
             ):
-                bias = self.bias
-                if bias is None or (bias.dtype == torch.float32 and bias.is_cpu and bias.is_contiguous()):
-                    return native.skinny_linear(x, weight, bias, kernel)
+                try:
+                    return native.skinny_linear(x, weight, self.bias, kernel)
+                except ValueError:  # a shape or layout it does not take (it checks): the kernels below
+                    pass
             if _ONEDNN_LINEAR:
                 try:
                     return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")

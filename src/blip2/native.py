@@ -165,10 +165,31 @@ def skinny_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for float32 CPU tensors, ``in_features`` a multiple of 8.
 
-    ``weight`` and ``bias`` must be contiguous; ``x`` is made so.
+    ``weight`` and ``bias`` must be contiguous; ``x`` is made so. Anything else is refused here: the
+    kernel is handed raw pointers.
     """
     kernel = kernel or skinny_linear_kernel()
     out_features, in_features = weight.shape
+    float32 = torch.float32
+    if (
+        x.shape[-1] != in_features
+        or in_features == 0
+        or x.dtype != float32
+        or weight.dtype != float32
+        or not (x.is_cpu and weight.is_cpu and weight.is_contiguous())
+        or (
+            bias is not None
+            and (
+                bias.dtype != float32
+                or bias.shape != (out_features,)
+                or not (bias.is_cpu and bias.is_contiguous())
+            )
+        )
+    ):
+        raise ValueError(
+            f"skinny_linear takes contiguous float32 CPU tensors with x (..., {in_features}), "
+            f"weight ({out_features}, {in_features}), bias ({out_features},)"
+        )
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
     rows = x.numel() // in_features
