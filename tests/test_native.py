@@ -21,6 +21,10 @@ def kernel():
     return found
 
 
+def _can_build() -> bool:
+    return native._unsupported_reason() is None and native._compiler() is not None
+
+
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """A cold cache and a fresh attempt at building the kernel; the process's kernel is restored after."""
@@ -138,7 +142,7 @@ def test_a_failed_build_leaves_pytorchs_kernel(fresh_build, monkeypatch, caplog,
 
 
 def test_builds_once_into_the_cache(fresh_build, kernel):
-    if native._unsupported_reason() is not None or native._compiler() is None:
+    if not _can_build():
         pytest.skip("cannot build here")
     assert native.skinny_linear_kernel() is not None
     built = list(fresh_build.rglob("*.so"))
@@ -147,10 +151,6 @@ def test_builds_once_into_the_cache(fresh_build, kernel):
     native.skinny_linear_kernel.cache_clear()
     assert native.skinny_linear_kernel() is not None
     assert built[0].stat().st_mtime_ns == mtime  # loaded from the cache, not rebuilt
-
-
-def _can_build() -> bool:
-    return native._unsupported_reason() is None and native._compiler() is not None
 
 
 def test_an_unwritable_cache_gives_way_to_the_temporary_folder(fresh_build, monkeypatch):

@@ -81,12 +81,12 @@ def _gen_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
-def _load(args: argparse.Namespace, model: str | None = None):
-    """``blip2.load`` with the model options of ``args`` (``model`` in place of ``args.model`` if given)."""
+def _load(args: argparse.Namespace):
+    """``blip2.load`` with the model options of ``args``."""
     import blip2
 
     return blip2.load(
-        model or args.model,
+        args.model,
         device=args.device,
         dtype=args.dtype,
         quantize=getattr(args, "quantize", None),
