@@ -17,3 +17,8 @@ class ImageError(Blip2Error):
 
 class InputError(Blip2Error):
     """A prompt, batch or argument is unusable (empty, too long, wrong type)."""
+
+
+class DependencyError(Blip2Error):
+    """An optional package or a system program that a feature needs is missing (the message says how to
+    install it)."""

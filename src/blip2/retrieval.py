@@ -144,11 +144,24 @@ def itm(pipe: Pipeline, images: Any, texts: Any, batch_size: int = 32) -> torch.
     out = []
     for start in range(0, len(texts), max(1, batch_size)):
         batch_images, batch_texts = sources[start : start + batch_size], texts[start : start + batch_size]
-        vision = pipe.model.image_features(_pixels(pipe, batch_images)).vision
-        ids, mask = _tokens(pipe, batch_texts)
-        logits = pipe.model.itm_logits(vision, ids, mask)  # (B, 2)
-        out.append(logits.float().softmax(dim=-1)[:, 1].cpu())
+        logits = itm_logits(pipe, vision_features(pipe, batch_images), batch_texts)  # (B, 2)
+        out.append(logits.softmax(dim=-1)[:, 1])
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def vision_features(pipe: Pipeline, images: Sequence[Any]) -> torch.Tensor:
+    """(B, N, D_vision) image-encoder features of a batch of images, on the pipeline's device (what ITM reads)."""
+    return pipe.model.image_features(_pixels(pipe, images)).vision
+
+
+@torch.inference_mode()
+def itm_logits(pipe: Pipeline, vision: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+    """(B, N, D_vision) image features with B texts -> (B, 2) ITM logits (mean over queries), float32 on
+    the CPU. The features can be computed once (:func:`vision_features`) and paired with many texts."""
+    pipe.model._retrieval()
+    ids, mask = _tokens(pipe, as_text_list(list(texts)))
+    return pipe.model.itm_logits(vision, ids, mask).float().cpu()
 
 
 # ---- ranking ----------------------------------------------------------------------------------------
