@@ -17,4 +17,5 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
 }
 
+need java default-jre-headless  # pycocoevalcap (blip2 eval caption): PTB tokenizer and METEOR
 pip install torch==2.13.0 -e ".[dev]"

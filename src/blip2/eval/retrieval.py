@@ -7,7 +7,7 @@ their ITC similarity. The re-scored candidates rank ahead of the rest; the rest 
 (LAVIS gives them all -100, which ranks them the same way whenever ``k`` >= 10, the deepest recall).
 
 Rankings are lists of candidate indices, best first, possibly cut short: a ground truth missing from
-a list ranks past its end.
+a list counts as a miss at every depth.
 """
 
 from __future__ import annotations
@@ -41,11 +41,14 @@ class Rankings(NamedTuple):
 # ---- recall -------------------------------------------------------------------------------------
 
 
+NOT_LISTED = sys.maxsize  # the rank of a ground truth a (cut) list does not hold: beyond every recall
+
+
 def first_hit(ranked: np.ndarray, targets: Sequence[int] | int) -> int:
-    """Position of the best-ranked target in ``ranked`` (0 = first); ``len(ranked)`` when none is listed."""
+    """Position of the best-ranked target in ``ranked`` (0 = first); :data:`NOT_LISTED` when none is."""
     wanted = np.isin(ranked, np.atleast_1d(np.asarray(targets)))
     hits = np.flatnonzero(wanted)
-    return int(hits[0]) if hits.size else len(ranked)
+    return int(hits[0]) if hits.size else NOT_LISTED
 
 
 def recall_scores(
