@@ -16,7 +16,14 @@ from blip2.cli import main
 from blip2.demo.scenes import generate
 from blip2.eval import caption as caption_eval
 from blip2.eval.data import clean_caption, read_karpathy
-from blip2.eval.retrieval import final_rankings, first_hit, rank_by_scores, rank_retrieval, recall_scores
+from blip2.eval.retrieval import (
+    final_rankings,
+    first_hit,
+    rank_by_scores,
+    rank_retrieval,
+    recall_scores,
+    rerank_pairs,
+)
 from blip2.eval.vqa import (
     CONTRACTIONS,
     PUNCTUATION,
@@ -113,42 +120,8 @@ def test_vqa_accuracy_aggregates_like_the_official_report():
 # ---- VQA: against an independent, literal reading of the rules on random answers ----------------------
 
 
-def _spec_answer(text: str) -> str:
-    """The official rules spelt out character by character (a second route to the same result)."""
-    text = text.replace("\n", " ").replace("\t", " ").strip()
-    glued = any(
-        text[i].isdecimal() and text[i + 1] == "," and text[i + 2].isdecimal() for i in range(len(text) - 2)
-    )
-    marks = set(PUNCTUATION)
-    spaced = "".join(
-        ("" if glued or f" {c}" in text or f"{c} " in text else " ") if c in marks else c for c in text
-    )
-    out, dropped = [], 0
-    for i, c in enumerate(spaced):
-        if c == "." and dropped < 32 and not (i + 1 < len(spaced) and spaced[i + 1].isdecimal()):
-            dropped += 1
-            continue
-        out.append(c)
-    numbers = ["none", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
-    words = []
-    for w in "".join(out).lower().split():
-        if w in numbers:
-            w = str(max(0, numbers.index(w) - 1))
-        if w not in ("a", "an", "the"):
-            words.append(CONTRACTIONS.get(w, w))
-    return " ".join(words)
-
-
-def _spec_accuracy(prediction: str, humans: list[str]) -> float:
-    guess = _spec_answer(prediction)
-    if len(set(humans)) > 1:
-        humans = [_spec_punctuation_only(h) for h in humans]
-    subsets = list(itertools.combinations(range(len(humans)), len(humans) - 1))
-    return sum(min(1.0, sum(humans[j] == guess for j in s) / 3) for s in subsets) / len(subsets)
-
-
-def _spec_punctuation_only(text: str) -> str:
-    # the human answers: punctuation only, on the text as it is (no strip, no lower case)
+def _spec_punctuation(text: str) -> str:
+    """The punctuation rule spelt out character by character (a second route to the same result)."""
     glued = any(
         text[i].isdecimal() and text[i + 1] == "," and text[i + 2].isdecimal() for i in range(len(text) - 2)
     )
@@ -162,6 +135,27 @@ def _spec_punctuation_only(text: str) -> str:
             continue
         out.append(c)
     return "".join(out)
+
+
+def _spec_answer(text: str) -> str:
+    """A prediction: whitespace, punctuation, then word by word numbers, articles, contractions."""
+    text = _spec_punctuation(text.replace("\n", " ").replace("\t", " ").strip())
+    numbers = ["none", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    words = []
+    for w in text.lower().split():
+        if w in numbers:
+            w = str(max(0, numbers.index(w) - 1))
+        if w not in ("a", "an", "the"):
+            words.append(CONTRACTIONS.get(w, w))
+    return " ".join(words)
+
+
+def _spec_accuracy(prediction: str, humans: list[str]) -> float:
+    guess = _spec_answer(prediction)
+    if len(set(humans)) > 1:  # human answers: punctuation only, and only when they differ
+        humans = [_spec_punctuation(h) for h in humans]
+    subsets = list(itertools.combinations(range(len(humans)), len(humans) - 1))
+    return sum(min(1.0, sum(humans[j] == guess for j in s) / 3) for s in subsets) / len(subsets)
 
 
 def test_vqa_matches_an_independent_reading_on_random_answers():
@@ -228,17 +222,22 @@ def test_recall_from_a_known_score_matrix():
 
 
 def test_rerank_reorders_only_the_top_k():
-    itc = np.array([[0.5, 0.4, 0.3, 0.2]], dtype=np.float32)  # one image, four texts
-    i2t = np.array([[0, 1, 2, 3]])
-    t2i = np.zeros((4, 1), dtype=np.int64)
-    pairs = {0: np.array([0, 1, 2, 3])}
-    logits = {0: np.array([-1.0, 2.0, 5.0, 9.0], dtype=np.float32)}
-    r = final_rankings(itc, i2t, t2i, 2, pairs, logits)
-    # the top 2 by ITC re-ordered by logit + ITC (2.4 > -0.5); texts 2, 3 keep ITC order below them,
-    # however high their (unused) logits
+    itc = np.array([[0.5, 0.4, 0.3, 0.2], [0.1, 0.6, 0.0, 0.9]], dtype=np.float32)  # 2 images, 4 texts
+    i2t = np.argsort(-itc, axis=1)  # [[0, 1, 2, 3], [3, 1, 0, 2]]
+    t2i = np.argsort(-itc.T, axis=1)  # texts 0, 2 prefer image 0; texts 1, 3 image 1
+    keys = rerank_pairs(i2t, t2i, k=2)
+    # with k = 2 every text's top 2 holds both images: all 8 pairs, keys image * 4 + text
+    assert keys.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    logits = np.array([-1.0, 2.0, 5.0, 9.0, 0.0, 0.0, 0.0, 0.0], dtype=np.float32)
+    r = final_rankings(itc, i2t, t2i, 2, keys, logits)
+    # image 0: texts 0, 1 re-ordered by logit + ITC (2.4 > -0.5); texts 2, 3 keep ITC order below them,
+    # however high their logits
     assert r.image_to_text[0].tolist() == [1, 0, 2, 3]
     assert r.image_to_text_scores[0] == pytest.approx([2.4, -0.5, 0.3, 0.2])
-    assert r.text_to_image_scores[:, 0] == pytest.approx(itc[0] + logits[0])
+    assert r.image_to_text[1].tolist() == [3, 1, 0, 2]  # zero logits: ITC order
+    # text 2: images 0 (5.0 + 0.3) and 1 (0.0 + 0.0); text 3: image 0 (9.0 + 0.2) beats image 1 (0.9)
+    assert r.text_to_image.tolist() == [[1, 0], [0, 1], [0, 1], [0, 1]]
+    assert r.text_to_image_scores[3] == pytest.approx([9.2, 0.9])
 
 
 # ---- data -----------------------------------------------------------------------------------------
@@ -310,6 +309,8 @@ def test_caption_scores_equal_coco_eval_cap(tmp_path, monkeypatch):
             return "SPICE"
 
     monkeypatch.setattr(coco_eval, "Spice", NoSpice)
+    # the library's METEOR scorer, one process shared with blip2's (it takes seconds to start)
+    monkeypatch.setattr(coco_eval, "Meteor", caption_eval._meteor_scorer)
     coco = COCO(str(captions))
     results = coco.loadRes(str(preds))
     reference = coco_eval.COCOEvalCap(coco, results)
@@ -323,7 +324,7 @@ def test_caption_scores_equal_coco_eval_cap(tmp_path, monkeypatch):
     assert 0 < got.scores["Bleu_4"] < got.scores["Bleu_1"] < 1 and got.scores["CIDEr"] > 0
     assert "SPICE" in got.unavailable
     # SPICE asked for: it runs when its jars are installed, else it is named unavailable with the reason
-    with_spice = caption_eval.score_captions(PREDICTIONS, REFERENCES)
+    with_spice = caption_eval.score_captions({1: PREDICTIONS[1]}, REFERENCES)
     missing = caption_eval.spice_missing()
     assert ("SPICE" in with_spice.unavailable) == (missing is not None)
     if missing:

@@ -203,8 +203,11 @@ def _retrieval(args: argparse.Namespace) -> int:
         data_set = data_set.subset(used)
     else:
         found, missing = image_paths(args.images, dict(enumerate(data_set.images)))
+        from tqdm import tqdm
+
         read = ImageReader()  # decode every image first: a bad one must not stop the run hours in
-        keep = [i for i in found if read(found[i]) is not None]
+        checked = tqdm(found, desc="reading", unit="image", file=sys.stderr, disable=args.quiet)
+        keep = [i for i in checked if read(found[i]) is not None]
         unreadable = read.failed
         data_set = data_set.subset(keep)
         paths = [found[i] for i in keep]

@@ -123,13 +123,17 @@ def read_coco_captions(path: str | Path) -> CaptionSet:
 
 def read_caption_predictions(path: str | Path) -> dict[Hashable, str]:
     """COCO results: ``[{"image_id", "caption"}]`` (or JSON lines), one caption per image."""
-    path = Path(path)
+    return _read_predictions(Path(path), "image_id", "caption")
+
+
+def _read_predictions(path: Path, key: str, value: str) -> dict[Hashable, str]:
+    """``{record[key]: record[value]}`` over the records of a results file; a repeated key is an error."""
     out: dict[Hashable, str] = {}
     for n, rec in enumerate(read_records(path)):
-        image_id = _field(path, f"entry {n}", rec, "image_id", ID)
-        if image_id in out:
-            raise InputError(f"{path}: image_id {image_id!r} has more than one caption (entry {n})")
-        out[image_id] = _field(path, f"entry {n}", rec, "caption", str)
+        rec_id = _field(path, f"entry {n}", rec, key, ID)
+        if rec_id in out:
+            raise InputError(f"{path}: {key} {rec_id!r} appears more than once (entry {n})")
+        out[rec_id] = _field(path, f"entry {n}", rec, value, str)
     return out
 
 
@@ -180,14 +184,7 @@ def read_vqa(questions_path: str | Path | None, annotations_path: str | Path) ->
 
 def read_vqa_predictions(path: str | Path) -> dict[Hashable, str]:
     """VQA results: ``[{"question_id", "answer"}]`` (or JSON lines)."""
-    path = Path(path)
-    out: dict[Hashable, str] = {}
-    for n, rec in enumerate(read_records(path)):
-        qid = _field(path, f"entry {n}", rec, "question_id", ID)
-        if qid in out:
-            raise InputError(f"{path}: question_id {qid!r} has more than one answer (entry {n})")
-        out[qid] = _field(path, f"entry {n}", rec, "answer", str)
-    return out
+    return _read_predictions(Path(path), "question_id", "answer")
 
 
 # ---- retrieval (Karpathy style) ----------------------------------------------------------------------

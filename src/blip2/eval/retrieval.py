@@ -113,75 +113,67 @@ def candidates(itc: torch.Tensor, keep: int) -> tuple[np.ndarray, np.ndarray]:
     return i2t, t2i
 
 
-def rerank_pairs(i2t: np.ndarray, t2i: np.ndarray, k: int) -> dict[int, np.ndarray]:
-    """For each image, the texts it must be ITM-scored with (sorted, each once): its own top ``k``
-    texts, and the texts that have it among their top ``k`` images."""
-    wanted: dict[int, list[np.ndarray]] = {i: [row[:k]] for i, row in enumerate(i2t)}
-    for t, row in enumerate(t2i):
-        for i in row[:k]:
-            wanted[int(i)].append(np.array([t]))
-    return {i: np.unique(np.concatenate(parts)) for i, parts in wanted.items()}
+def rerank_pairs(i2t: np.ndarray, t2i: np.ndarray, k: int) -> np.ndarray:
+    """The (image, text) pairs ITM must score, each once, as sorted keys ``image * T + text``: every
+    image with its top ``k`` texts, every text with its top ``k`` images."""
+    n_images, n_texts = len(i2t), len(t2i)
+    head_i2t, head_t2i = i2t[:, :k], t2i[:, :k]
+    image = np.concatenate([np.repeat(np.arange(n_images), head_i2t.shape[1]), head_t2i.ravel()])
+    text = np.concatenate([head_i2t.ravel(), np.repeat(np.arange(n_texts), head_t2i.shape[1])])
+    return np.unique(image.astype(np.int64) * n_texts + text)
 
 
 def itm_match_logits(
     pipe: Pipeline,
     images: Sequence[Any],
     texts: Sequence[str],
-    pairs: dict[int, np.ndarray],
+    keys: np.ndarray,
     batch_size: int = 32,
     progress: bool = True,
-) -> dict[int, np.ndarray]:
-    """For each image, the ITM "match" logit with each of its ``pairs`` texts (same order). The image
-    encoder runs once per image; its features are paired with the texts ``batch_size`` at a time."""
+) -> np.ndarray:
+    """The ITM "match" logit of each pair of :func:`rerank_pairs`' ``keys`` (same order). The image
+    encoder runs once per image; its features are paired with its texts ``batch_size`` at a time."""
     from ..retrieval import itm_logits, vision_features
 
-    out: dict[int, np.ndarray] = {}
-    order = [i for i in sorted(pairs) if len(pairs[i])]
-    with _bar(sum(len(p) for p in pairs.values()), "ITM", "pair", progress) as bar:
-        for start in range(0, len(order), batch_size):
-            ids = order[start : start + batch_size]
+    image_of, text_of = np.divmod(keys, len(texts))
+    bounds = np.searchsorted(image_of, np.arange(len(images) + 1))  # image i's pairs: bounds[i]:bounds[i+1]
+    wanted = [i for i in range(len(images)) if bounds[i + 1] > bounds[i]]
+    out = np.zeros(len(keys), dtype=np.float32)
+    with _bar(len(keys), "ITM", "pair", progress) as bar:
+        for start in range(0, len(wanted), batch_size):
+            ids = wanted[start : start + batch_size]
             vision = vision_features(pipe, [images[i] for i in ids])  # (B, N, D)
             for row, i in enumerate(ids):
-                logits = []
-                for lo in range(0, len(pairs[i]), batch_size):
-                    chunk = pairs[i][lo : lo + batch_size]
-                    feats = vision[row : row + 1].expand(len(chunk), -1, -1)
-                    logits.append(itm_logits(pipe, feats, [texts[t] for t in chunk])[:, 1].numpy())
-                    bar.update(len(chunk))
-                out[i] = np.concatenate(logits)
+                for lo in range(bounds[i], bounds[i + 1], batch_size):
+                    hi = min(lo + batch_size, bounds[i + 1])
+                    feats = vision[row : row + 1].expand(hi - lo, -1, -1)
+                    out[lo:hi] = itm_logits(pipe, feats, [texts[t] for t in text_of[lo:hi]])[:, 1].numpy()
+                    bar.update(hi - lo)
     return out
 
 
 def final_rankings(
-    itc: np.ndarray,
-    i2t: np.ndarray,
-    t2i: np.ndarray,
-    k: int,
-    pairs: dict[int, np.ndarray],
-    logits: dict[int, np.ndarray],
+    itc: np.ndarray, i2t: np.ndarray, t2i: np.ndarray, k: int, keys: np.ndarray, logits: np.ndarray
 ) -> Rankings:
     """Each query's first ``k`` ITC candidates re-ordered by ITM logit + ITC, then the rest of its
     candidates in ITC order."""
+    n_images, n_texts = itc.shape
 
-    def logit(i: int, texts: np.ndarray) -> np.ndarray:
-        return logits[i][np.searchsorted(pairs[i], texts)]
+    def reorder(
+        cands: np.ndarray, itc_rows: np.ndarray, pair_keys: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        head = cands[:, :k]
+        final = np.take_along_axis(itc_rows, head, axis=1) + logits[np.searchsorted(keys, pair_keys)]
+        order = np.argsort(-final, axis=1, kind="stable")
+        ranked = np.concatenate([np.take_along_axis(head, order, axis=1), cands[:, k:]], axis=1)
+        rest = np.take_along_axis(itc_rows, cands[:, k:], axis=1)
+        return ranked, np.concatenate([np.take_along_axis(final, order, axis=1), rest], axis=1).astype(
+            np.float32
+        )
 
-    def reorder(cands: np.ndarray, itc_row: np.ndarray, match: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        head = cands[:k]
-        final = itc_row[head] + match
-        order = np.argsort(-final, kind="stable")
-        ranked = np.concatenate([head[order], cands[k:]])
-        return ranked, np.concatenate([final[order], itc_row[cands[k:]]])
-
-    rows_i2t = [reorder(c, itc[i], logit(i, c[:k])) for i, c in enumerate(i2t)]
-    rows_t2i = [
-        reorder(c, itc[:, t], np.array([logit(int(i), np.array([t]))[0] for i in c[:k]], np.float32))
-        for t, c in enumerate(t2i)
-    ]
-    return Rankings(
-        np.stack([r[0] for r in rows_i2t]), np.stack([r[1] for r in rows_i2t]).astype(np.float32),
-        np.stack([r[0] for r in rows_t2i]), np.stack([r[1] for r in rows_t2i]).astype(np.float32),
-    )  # fmt: skip
+    rows = np.arange(n_images)[:, None] * n_texts + i2t[:, :k]
+    cols = t2i[:, :k].astype(np.int64) * n_texts + np.arange(n_texts)[:, None]
+    return Rankings(*reorder(i2t, itc, rows), *reorder(t2i, itc.T, cols))
 
 
 def rank_retrieval(
@@ -200,6 +192,6 @@ def rank_retrieval(
         raise InputError("retrieval needs at least one image and one text")
     itc = itc_scores(pipe, images, texts, batch_size, progress)
     i2t, t2i = candidates(itc, max(k, max(RECALL_AT)))
-    pairs = rerank_pairs(i2t, t2i, k)
-    logits = itm_match_logits(pipe, images, texts, pairs, batch_size, progress)
-    return final_rankings(itc.numpy(), i2t, t2i, k, pairs, logits)
+    keys = rerank_pairs(i2t, t2i, k)
+    logits = itm_match_logits(pipe, images, texts, keys, batch_size, progress)
+    return final_rankings(itc.numpy(), i2t, t2i, k, keys, logits)
