@@ -34,6 +34,7 @@ from blip2.eval.vqa import (
     vqa_accuracy,
 )
 from blip2.retrieval import itm_logits, vision_features
+from factory import make_images
 
 # ---- VQA: each normalisation rule, by hand ----------------------------------------------------------
 
@@ -476,6 +477,26 @@ def test_rank_retrieval_scores_as_blip2_does(scenes_dir):
         scores["txt_r10"] == scores["img_r10"] == 100.0
     )  # 8 texts and 4 images: everything is in the top 10
     assert scores["r_mean"] >= 75.0  # the demo model tells its scenes apart
+
+
+def test_rank_retrieval_with_every_pair_reranked_is_the_full_itm_plus_itc_order(itm_ckpt):
+    """k past the counts: every pair is re-scored, so the rankings are those of ITC + ITM match logit
+    over the whole matrix, computed here pair by pair."""
+    pipe = blip2.load(itm_ckpt)
+    images = make_images(3, 32, seed=4)
+    texts = ["a red square", "two dogs on grass", "a blue circle", "the cat sleeps", "green and round"]
+    r = rank_retrieval(pipe, images, texts, k=100, batch_size=2, progress=False)
+    itc = pipe.itc(images, texts).numpy()
+    logits = np.array(
+        [[float(itm_logits(pipe, vision_features(pipe, [im]), [t])[0, 1]) for t in texts] for im in images]
+    )
+    full = itc + logits
+    order_i2t, scores_i2t = rank_by_scores(full)
+    order_t2i, scores_t2i = rank_by_scores(full.T)
+    assert r.image_to_text.tolist() == order_i2t.tolist() and r.text_to_image.tolist() == order_t2i.tolist()
+    assert r.image_to_text_scores == pytest.approx(scores_i2t, abs=1e-4)
+    assert r.text_to_image_scores == pytest.approx(scores_t2i, abs=1e-4)
+    assert len({tuple(row) for row in order_i2t.tolist()}) > 1  # the images rank the texts differently
 
 
 def test_eval_retrieval_cli_and_rescoring(scenes_dir, tmp_path, capsys):
