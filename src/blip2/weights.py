@@ -547,8 +547,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 # ---- saving: our names -> the source checkpoint's hub names -----------------------------------
 
-# Files of a checkpoint folder that are not weights and travel unchanged with saved weights.
+# Files of a checkpoint folder that are not weights and travel unchanged with saved weights (also in
+# InstructBLIP's qformer_tokenizer/ folder).
 CHECKPOINT_SIDE_FILES = ("*.json", "*.txt", "*.model")
+CHECKPOINT_SIDE_FOLDERS = ("qformer_tokenizer",)
 
 
 def hub_state_dict(
@@ -621,6 +623,9 @@ def save_checkpoint(
         for f in src.glob(pattern):
             if f.is_file() and not f.name.endswith(".index.json"):
                 shutil.copyfile(f, out / f.name)
+    for name in CHECKPOINT_SIDE_FOLDERS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
     return out
 
 
