@@ -252,16 +252,16 @@ def test_error_unknown_architecture(tmp_path, opt_ckpt):
     cfg = json.loads((path / "config.json").read_text())
     cfg["model_type"], cfg["architectures"] = "llava", ["LlavaForConditionalGeneration"]
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="not a BLIP-2 checkpoint"):
+    with pytest.raises(CheckpointError, match="not a BLIP-2 or InstructBLIP checkpoint"):
         blip2.load(path)
 
 
 def test_error_unknown_language_model(tmp_path, opt_ckpt):
     path = _copy(opt_ckpt, tmp_path / "c")
     cfg = json.loads((path / "config.json").read_text())
-    cfg["text_config"]["model_type"] = "llama"
+    cfg["text_config"]["model_type"] = "gptj"
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="'llama' is not supported"):
+    with pytest.raises(CheckpointError, match="'gptj' is not supported"):
         blip2.load(path)
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import torch
 
-from .chat import QUESTION_TEMPLATE, Conversation, PrefixCache
+from .chat import (
+    INSTRUCT_CAPTION_PROMPT,
+    INSTRUCT_QUESTION_TEMPLATE,
+    QUESTION_TEMPLATE,
+    Conversation,
+    PrefixCache,
+)
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
@@ -22,6 +28,9 @@ log = logging.getLogger(__name__)
 
 PREFIX_CACHE_SIZE = 64  # images whose prefix is kept (LRU)
 PREFILL_CACHE_SIZE = 8  # images whose language-model keys/values (prefix + BOS) are kept (LRU)
+VISION_CACHE_SIZE = (
+    8  # InstructBLIP: images whose vision-encoder output is kept (the prefix also depends on the prompt)
+)
 
 
 def build_model(folder: Path, dtype: torch.dtype | str | None = None) -> tuple[Blip2, Blip2Config]:
@@ -46,6 +55,7 @@ class Pipeline:
         self.device = device
         self.prefix_cache = PrefixCache(PREFIX_CACHE_SIZE)
         self.prefill_cache = PrefillCache(PREFILL_CACHE_SIZE)  # OPT: image + BOS keys/values per image
+        self.vision_cache = PrefixCache(VISION_CACHE_SIZE if model.cfg.instruction_aware else 0)
         self.generation_config = _generation_defaults(folder, model.cfg)
 
     @property
@@ -86,14 +96,23 @@ class Pipeline:
         return _steps(lm, embeds, mask, cfg, ids, ids_mask)
 
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
-        """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only."""
+        """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only
+        (InstructBLIP: the instruction ``A short image description:``, its paper's captioning prompt)."""
+        if prompt is None and self.config.instruction_aware:
+            prompt = INSTRUCT_CAPTION_PROMPT
         return self.generate(images, prompt, **gen)
 
-    def ask(self, image, question: str | Sequence[str], template: str = QUESTION_TEMPLATE, **gen):
-        """The answer to ``question`` about one image (the ``Question: {} Answer:`` prompt by default).
+    @property
+    def question_template(self) -> str:
+        """How ``ask`` words a question: ``Question: {} Answer:`` (BLIP-2), the bare question (InstructBLIP)."""
+        return INSTRUCT_QUESTION_TEMPLATE if self.config.instruction_aware else QUESTION_TEMPLATE
+
+    def ask(self, image, question: str | Sequence[str], template: str | None = None, **gen):
+        """The answer to ``question`` about one image (worded by :attr:`question_template` by default).
 
         Several questions (a list) are answered together, in one decode: the image is encoded and
         prefilled once, and each step reads the weights once for all of them. Returns a list then."""
+        template = template or self.question_template
         if isinstance(question, str):
             return self.generate(image, template.format(question), **gen)[0]
         questions = list(question)
@@ -110,11 +129,22 @@ class Pipeline:
 
     # ---- generation internals -------------------------------------------------------------
 
-    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) pixels -> (B, Q, D_lm) prefix, through the cache keyed by pixel content."""
+    def image_prefix(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None) -> torch.Tensor:
+        """(B, 3, S, S) pixels -> (B, Q, D_lm) prefix, through the cache keyed by pixel content.
+
+        InstructBLIP: the prefix also depends on each row's prompt (``prompts``, one per row; none: empty
+        instructions), which the Q-Former reads; the key names both, and the vision encoder's output is
+        cached by pixels alone, so new prompts about an image cost only the Q-Former.
+        """
         model = self.model
         dtype = model.vision.patch_embed.weight.dtype
-        keys = [self.prefix_cache.key(p, dtype, self.device) for p in pixel_values]
+        pixel_keys = [self.prefix_cache.key(p, dtype, self.device) for p in pixel_values]
+        instructions: list[list[int]] | None = None
+        keys = pixel_keys
+        if model.cfg.instruction_aware:
+            texts = list(prompts) if prompts is not None else [""] * len(pixel_keys)
+            instructions = self.processor.qformer_tokenizer.encode(texts)
+            keys = [f"{k}|{','.join(map(str, ids))}" for k, ids in zip(pixel_keys, instructions, strict=True)]
         # rows held locally: a batch larger than the cache must not lose rows it has just computed
         rows: dict[str, torch.Tensor] = {}
         missing = []
@@ -125,11 +155,44 @@ class Pipeline:
                     missing.append(i)
         if missing:
             with torch.inference_mode():
-                computed = model.image_prefix(pixel_values[missing].to(self.device))
+                if instructions is None:
+                    computed = model.image_prefix(pixel_values[missing].to(self.device))
+                else:
+                    computed = self._instructed_prefix(pixel_values, pixel_keys, instructions, missing)
             for i, row in zip(missing, computed, strict=True):
                 rows[keys[i]] = row
                 self.prefix_cache.put(keys[i], row)
         return torch.stack([rows[k] for k in keys])
+
+    def _instructed_prefix(
+        self, pixel_values, pixel_keys, instructions, rows: list[int]
+    ) -> list[torch.Tensor]:
+        """InstructBLIP prefixes of ``rows``: each distinct image through the vision encoder once (or from
+        the cache), then the Q-Former over rows grouped by instruction length, so that no row is padded
+        and each equals its run alone."""
+        model = self.model
+        vision: dict[str, torch.Tensor] = {}
+        todo = []
+        for i in rows:
+            k = pixel_keys[i]
+            if k not in vision:
+                vision[k] = self.vision_cache.get(k)
+                if vision[k] is None:
+                    todo.append(i)
+        if todo:
+            for i, out in zip(todo, model.vision(pixel_values[todo].to(self.device)), strict=True):
+                vision[pixel_keys[i]] = out
+                self.vision_cache.put(pixel_keys[i], out)
+        by_length: dict[int, list[int]] = {}
+        for i in rows:
+            by_length.setdefault(len(instructions[i]), []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        for group in by_length.values():
+            ids = torch.tensor([instructions[i] for i in group], dtype=torch.long, device=self.device)
+            feats = torch.stack([vision[pixel_keys[i]] for i in group])
+            for i, prefix in zip(group, model.features_from_vision(feats, ids).prefix, strict=True):
+                out[i] = prefix
+        return [out[i] for i in rows]
 
     def _pixels(self, images) -> torch.Tensor:
         return self.processor.image_processor(images)
@@ -139,8 +202,7 @@ class Pipeline:
         lm = self.model._lm()
         cfg = self.generation_config.updated(**gen)
         pixels = images if isinstance(images, torch.Tensor) and images.dim() == 4 else self._pixels(images)
-        prefix = self.image_prefix(pixels)
-        batch = prefix.shape[0]
+        batch = pixels.shape[0]
         if prompts is None or isinstance(prompts, str):
             prompts = [prompts or ""] * batch
         elif isinstance(prompts, list | tuple):
@@ -153,18 +215,19 @@ class Pipeline:
             raise InputError(f"prompts must be a string or a list of strings, not {type(prompts).__name__}")
         if len(prompts) != batch:
             raise InputError(f"{len(prompts)} prompts for {batch} images: give one per image, or one for all")
+        prefix = self.image_prefix(pixels, prompts)
         ids, ids_mask, cfg, head = self._prompt_ids(prompts, cfg)
         ids, ids_mask = ids.to(self.device), ids_mask.to(self.device)
         with torch.inference_mode():
             embeds, mask = self.model.merge_prefix(prefix, ids, ids_mask)
         # OPT: leading positions every row has unpadded (a prefix put in front, then the ids before the
         # padding), which the runner prefills once when all rows share them
-        shared = embeds.shape[1] - ids.shape[1] + head if self.model.cfg.text.kind == "opt" else 0
+        shared = embeds.shape[1] - ids.shape[1] + head if self.model.cfg.is_decoder_only else 0
         return lm, embeds, mask, ids, ids_mask, cfg, shared
 
     def _prompt_ids(self, prompts: list[str], cfg: GenerationConfig):
         """Token ids with ``<image>`` slots (when the config has them), padded, and how many leading ids
-        every row has unpadded. OPT: padding after the image slots and BOS; T5: right (its encoder)."""
+        every row has unpadded. OPT / LLaMA: padding after the image slots and BOS; T5: right (its encoder)."""
         model_cfg = self.model.cfg
         tokenizer = self.processor.tokenizer
         q = model_cfg.num_query_tokens
@@ -172,7 +235,7 @@ class Pipeline:
         slots = [model_cfg.image_token_index] * q if model_cfg.image_token_index is not None else []
         ids = [slots + seq for seq in ids]
         text = model_cfg.text
-        if text.kind == "opt":
+        if model_cfg.is_decoder_only:
             limit = text.max_position_embeddings
             longest = max(len(seq) for seq in ids) + (0 if slots else q)
             if longest > limit:
@@ -194,7 +257,7 @@ class Pipeline:
                     limit,
                 )
                 cfg = cfg.updated(max_new_tokens=room)
-        if text.kind != "opt":
+        if not model_cfg.is_decoder_only:
             input_ids, mask = tokenizer.pad(ids, padding_side="right")  # T5's encoder
             return input_ids, mask, cfg, 0
         # OPT: padding goes after the image slots and BOS, which every row has, so those positions line

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 QUESTION_TEMPLATE = "Question: {} Answer:"
 TURN_TEMPLATE = "Question: {} Answer: {}."  # one past exchange in a chat prompt (BLIP-2's own format)
+# InstructBLIP: the instruction is the question itself (its model cards); captions follow its paper's prompt.
+INSTRUCT_QUESTION_TEMPLATE = "{}"
+INSTRUCT_CAPTION_PROMPT = "A short image description:"
 
 
 class PrefixCache(LRUCache):
@@ -34,10 +37,10 @@ class PrefixCache(LRUCache):
         super().put(key, prefix.clone())  # not a view into a batch that would stay alive with it
 
 
-def chat_prompt(history: list[tuple[str, str]], text: str) -> str:
-    """BLIP-2's conversation format: past exchanges, then the new question."""
+def chat_prompt(history: list[tuple[str, str]], text: str, template: str = QUESTION_TEMPLATE) -> str:
+    """BLIP-2's conversation format: past exchanges, then the new question worded by ``template``."""
     turns = [TURN_TEMPLATE.format(q, a) for q, a in history]
-    return " ".join([*turns, QUESTION_TEMPLATE.format(text)])
+    return " ".join([*turns, template.format(text)])
 
 
 class Conversation:
@@ -54,7 +57,8 @@ class Conversation:
             raise InputError(f"a conversation is about one image, got {self.pixels.shape[0]}")
         self.gen = dict(gen or {})
         self.history: list[tuple[str, str]] = []
-        pipeline.image_prefix(self.pixels)  # compute (and cache) the prefix now
+        if not pipeline.config.instruction_aware:  # (InstructBLIP's prefix depends on the prompt too)
+            pipeline.image_prefix(self.pixels)  # compute (and cache) the prefix now
 
     @staticmethod
     def _check(text: str) -> str:
@@ -71,7 +75,7 @@ class Conversation:
         text = self._check(text)
         start = 0
         while True:
-            prompt = chat_prompt(self.history[start:], text)
+            prompt = chat_prompt(self.history[start:], text, self.pipeline.question_template)
             try:
                 pieces = self.pipeline.stream(self.pixels, prompt, **options)
                 first = next(pieces, None)

@@ -15,6 +15,8 @@ from .errors import CheckpointError
 
 # Architectures we can build, keyed by the hub's class name.
 GENERATION_ARCHITECTURES = {"Blip2ForConditionalGeneration", "Blip2Model"}
+# InstructBLIP: the same parts, with a Q-Former that also reads the instruction.
+INSTRUCT_ARCHITECTURES = {"InstructBlipForConditionalGeneration", "InstructBlipModel"}
 RETRIEVAL_ARCHITECTURES = {"Blip2ForImageTextRetrieval"}
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -105,20 +107,50 @@ class T5Config:
 
 
 @dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA decoder-only language model (lmsys/vicuna-7b-v1.1 and friends in InstructBLIP)."""
+
+    vocab_size: int = 32001
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    mlp_size: int = 11008
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    activation: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 0
+
+    kind = "llama"
+
+
+@dataclass(frozen=True)
 class Blip2Config:
     """The whole model: vision → Q-Former → projection → language model (or retrieval heads)."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    text: OPTConfig | T5Config | None = field(default_factory=OPTConfig)
+    text: OPTConfig | T5Config | LlamaConfig | None = field(default_factory=OPTConfig)
     num_query_tokens: int = 32
     image_token_index: int | None = None  # None: the image prefix is prepended (older configs)
     image_text_hidden_size: int = 256
     retrieval: bool = False  # Blip2ForImageTextRetrieval layout (no language model)
+    instruction_aware: bool = False  # InstructBLIP: the Q-Former reads the prompt beside its queries
 
     @property
     def is_encoder_decoder(self) -> bool:
         return isinstance(self.text, T5Config)
+
+    @property
+    def is_decoder_only(self) -> bool:
+        return isinstance(self.text, OPTConfig | LlamaConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Blip2Config:
@@ -169,7 +201,9 @@ def _vision_from_dict(d: dict[str, Any]) -> VisionConfig:
     )
 
 
-def _qformer_from_dict(d: dict[str, Any], vision: VisionConfig, retrieval: bool) -> QFormerConfig:
+def _qformer_from_dict(d: dict[str, Any], vision: VisionConfig, reads_text: bool) -> QFormerConfig:
+    """``reads_text``: whether the layout has the text branch when the config does not say (retrieval
+    and InstructBLIP checkpoints do)."""
     base = QFormerConfig()
     return QFormerConfig(
         hidden_size=_get(d, "hidden_size", default=base.hidden_size),
@@ -180,7 +214,7 @@ def _qformer_from_dict(d: dict[str, Any], vision: VisionConfig, retrieval: bool)
         cross_attention_every=_get(d, "cross_attention_frequency", default=base.cross_attention_every),
         encoder_hidden_size=vision.hidden_size,
         activation=_get(d, "hidden_act", default=base.activation),
-        has_text_input=bool(_get(d, "use_qformer_text_input", default=retrieval)),
+        has_text_input=bool(_get(d, "use_qformer_text_input", default=reads_text)),
         vocab_size=_get(d, "vocab_size", default=base.vocab_size),
         max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
         pad_token_id=_get(d, "pad_token_id", default=base.pad_token_id),
@@ -247,26 +281,61 @@ def _t5_from_dict(d: dict[str, Any]) -> T5Config:
     )
 
 
+def _llama_from_dict(d: dict[str, Any], source: str) -> LlamaConfig:
+    base = LlamaConfig()
+    hidden = _get(d, "hidden_size", default=base.hidden_size)
+    heads = _get(d, "num_attention_heads", default=base.num_heads)
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type != "default":
+        raise CheckpointError(
+            f"{source}: LLaMA rope type {rope_type!r} is not supported (blip2 runs 'default')"
+        )
+    theta = (
+        (rope.get("rope_theta") if isinstance(rope, dict) else None) or d.get("rope_theta") or base.rope_theta
+    )
+    return LlamaConfig(
+        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
+        hidden_size=hidden,
+        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
+        num_heads=heads,
+        num_kv_heads=_get(d, "num_key_value_heads", default=heads),
+        head_dim=_get(d, "head_dim", default=hidden // heads),
+        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
+        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
+        rms_norm_eps=_get(d, "rms_norm_eps", default=base.rms_norm_eps),
+        rope_theta=float(theta),
+        activation=_get(d, "hidden_act", default=base.activation),
+        attention_bias=_get(d, "attention_bias", default=False),
+        mlp_bias=_get(d, "mlp_bias", default=False),
+        tie_word_embeddings=_get(d, "tie_word_embeddings", default=False),
+        bos_token_id=d.get("bos_token_id", base.bos_token_id),
+        eos_token_id=_int_or_first(d["eos_token_id"]) if d.get("eos_token_id") is not None else None,
+        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+    )
+
+
+_KNOWN_ARCHITECTURES = GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES | INSTRUCT_ARCHITECTURES
+
+
 def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Config:
     archs = set(d.get("architectures") or [])
     model_type = d.get("model_type")
-    if model_type not in (None, "blip-2", "blip_2") and not archs & (
-        GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES
-    ):
+    if model_type not in (None, "blip-2", "blip_2", "instructblip") and not archs & _KNOWN_ARCHITECTURES:
         raise CheckpointError(
-            f"{source}: model_type {model_type!r} is not a BLIP-2 checkpoint "
-            f"(expected 'blip-2' with one of {sorted(GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES)})"
+            f"{source}: model_type {model_type!r} is not a BLIP-2 or InstructBLIP checkpoint "
+            f"(expected 'blip-2' or 'instructblip' with one of {sorted(_KNOWN_ARCHITECTURES)})"
         )
-    unknown = archs - GENERATION_ARCHITECTURES - RETRIEVAL_ARCHITECTURES
-    if unknown and not archs & (GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES):
+    unknown = archs - _KNOWN_ARCHITECTURES
+    if unknown and not archs & _KNOWN_ARCHITECTURES:
         raise CheckpointError(
-            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds "
-            f"{sorted(GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES)}"
+            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds {sorted(_KNOWN_ARCHITECTURES)}"
         )
     retrieval = bool(archs & RETRIEVAL_ARCHITECTURES)
+    instruct = bool(archs & INSTRUCT_ARCHITECTURES) or model_type == "instructblip"
     vision = _vision_from_dict(d.get("vision_config") or {})
-    qformer = _qformer_from_dict(d.get("qformer_config") or {}, vision, retrieval)
-    text: OPTConfig | T5Config | None = None
+    qformer = _qformer_from_dict(d.get("qformer_config") or {}, vision, retrieval or instruct)
+    text: OPTConfig | T5Config | LlamaConfig | None = None
     if not retrieval:
         td = d.get("text_config") or {}
         text_type = td.get("model_type", "opt")
@@ -274,9 +343,12 @@ def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Con
             text = _opt_from_dict(td)
         elif text_type in ("t5", "mt5", "umt5"):
             text = _t5_from_dict(td)
+        elif text_type == "llama":
+            text = _llama_from_dict(td, source)
         else:
             raise CheckpointError(
-                f"{source}: language model type {text_type!r} is not supported (blip2 runs 'opt' and 't5')"
+                f"{source}: language model type {text_type!r} is not supported "
+                "(blip2 runs 'opt', 't5' and 'llama')"
             )
     return Blip2Config(
         vision=vision,
@@ -286,6 +358,7 @@ def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Con
         image_token_index=_get(d, "image_token_index", "image_token_id"),
         image_text_hidden_size=_get(d, "image_text_hidden_size", default=256),
         retrieval=retrieval,
+        instruction_aware=instruct,
     )
 
 
@@ -383,21 +456,53 @@ def _t5_to_dict(t: T5Config) -> dict[str, Any]:
     }
 
 
+def _llama_to_dict(t: LlamaConfig) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "head_dim": t.head_dim,
+        "intermediate_size": t.mlp_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_parameters": {"rope_theta": t.rope_theta, "rope_type": "default"},
+        "hidden_act": t.activation,
+        "attention_bias": t.attention_bias,
+        "mlp_bias": t.mlp_bias,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+    }
+
+
+_TEXT_WRITERS = {"opt": _opt_to_dict, "t5": _t5_to_dict, "llama": _llama_to_dict}
+
+
 def _blip2_to_dict(cfg: Blip2Config) -> dict[str, Any]:
-    retrieval = "Blip2ForImageTextRetrieval"
+    if cfg.retrieval:
+        arch, model_type = "Blip2ForImageTextRetrieval", "blip-2"
+    elif cfg.instruction_aware:
+        arch, model_type = "InstructBlipForConditionalGeneration", "instructblip"
+    else:
+        arch, model_type = "Blip2ForConditionalGeneration", "blip-2"
     d: dict[str, Any] = {
-        "architectures": [retrieval if cfg.retrieval else "Blip2ForConditionalGeneration"],
-        "model_type": "blip-2",
+        "architectures": [arch],
+        "model_type": model_type,
         "num_query_tokens": cfg.num_query_tokens,
         "image_text_hidden_size": cfg.image_text_hidden_size,
         "vision_config": _vision_to_dict(cfg.vision),
         "qformer_config": _qformer_to_dict(cfg.qformer),
     }
+    if cfg.instruction_aware:
+        d["vision_config"]["model_type"] = "instructblip_vision_model"
+        d["qformer_config"]["model_type"] = "instructblip_qformer"
     if cfg.text is not None and not cfg.retrieval:
-        d["text_config"] = (
-            _opt_to_dict(cfg.text) if isinstance(cfg.text, OPTConfig) else _t5_to_dict(cfg.text)
-        )
-        d["use_decoder_only_language_model"] = isinstance(cfg.text, OPTConfig)
+        d["text_config"] = _TEXT_WRITERS[cfg.text.kind](cfg.text)
+        d["use_decoder_only_language_model"] = cfg.is_decoder_only
         if cfg.image_token_index is not None:
             d["image_token_index"] = cfg.image_token_index
     return d

@@ -116,13 +116,13 @@ class MLP(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """Gated feed-forward (T5 v1.1): ``wo(act(wi_0 x) * wi_1 x)``, no biases."""
+    """Gated feed-forward (T5 v1.1, LLaMA's SwiGLU): ``wo(act(wi_0 x) * wi_1 x)``, no biases by default."""
 
-    def __init__(self, dim: int, hidden: int, act: str):
+    def __init__(self, dim: int, hidden: int, act: str, bias: bool = False):
         super().__init__()
-        self.wi_0 = Linear(dim, hidden, bias=False)
-        self.wi_1 = Linear(dim, hidden, bias=False)
-        self.wo = Linear(hidden, dim, bias=False)
+        self.wi_0 = Linear(dim, hidden, bias=bias)
+        self.wi_1 = Linear(dim, hidden, bias=bias)
+        self.wo = Linear(hidden, dim, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

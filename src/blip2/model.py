@@ -13,13 +13,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import Blip2Config, T5Config
+from .config import Blip2Config
 from .errors import InputError
 from .layers import Linear
+from .llama import Llama
 from .opt import OPT
 from .qformer import QFormer
 from .t5 import T5
 from .vision import VisionTransformer
+
+_LANGUAGE_MODELS = {"opt": OPT, "t5": T5, "llama": Llama}
 
 
 class ImageFeatures(NamedTuple):
@@ -41,31 +44,72 @@ class Blip2(nn.Module):
         self.vision = VisionTransformer(cfg.vision)
         self.queries = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, q.hidden_size))
         self.qformer = QFormer(q)
-        self.language_model: OPT | T5 | None = None
+        self.language_model: OPT | T5 | Llama | None = None
         if cfg.retrieval:
             self.vision_proj = Linear(q.hidden_size, cfg.image_text_hidden_size)
             self.text_proj = Linear(q.hidden_size, cfg.image_text_hidden_size)
             self.itm_head = Linear(q.hidden_size, 2)
         else:
-            lm = T5(cfg.text) if isinstance(cfg.text, T5Config) else OPT(cfg.text)
+            lm = _LANGUAGE_MODELS[cfg.text.kind](cfg.text)
             self.projection = Linear(q.hidden_size, lm.hidden_size)
             self.language_model = lm
 
     # ---- image side -------------------------------------------------------------------------
 
-    def image_features(self, pixel_values: torch.Tensor) -> ImageFeatures:
-        """(B, 3, S, S) pixels -> vision output, Q-Former output and (for generation models) the prefix."""
-        vision = self.vision(pixel_values)
+    def image_features(
+        self,
+        pixel_values: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> ImageFeatures:
+        """(B, 3, S, S) pixels -> vision output, Q-Former output and (for generation models) the prefix.
+
+        InstructBLIP: ``instruction_ids`` / ``instruction_mask`` (B, T), the prompt in the Q-Former's own
+        vocabulary, are read by the Q-Former beside its queries (self-attention over both; only the
+        queries cross-attend to the image and come out).
+        """
+        return self.features_from_vision(self.vision(pixel_values), instruction_ids, instruction_mask)
+
+    def features_from_vision(
+        self,
+        vision: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> ImageFeatures:
+        """As :meth:`image_features`, from the vision encoder's output (B, N, D_vision)."""
         queries = self.queries.expand(vision.shape[0], -1, -1)
-        query_out = self.qformer(queries=queries, image=vision)  # float32
+        if self.cfg.instruction_aware:
+            if instruction_ids is None:
+                raise InputError(
+                    "an InstructBLIP model needs the instruction's Q-Former tokens (qformer_input_ids)"
+                )
+            limit = self.cfg.qformer.max_position_embeddings
+            if instruction_ids.shape[1] > limit:
+                raise InputError(
+                    f"the instruction is {instruction_ids.shape[1]} Q-Former tokens long; "
+                    f"the Q-Former's context holds {limit}"
+                )
+            if instruction_mask is None:
+                instruction_mask = torch.ones_like(instruction_ids)
+            out = self.qformer(
+                queries=queries, image=vision, input_ids=instruction_ids, attention_mask=instruction_mask
+            )
+            query_out = out[:, : queries.shape[1]]  # float32
+        else:
+            query_out = self.qformer(queries=queries, image=vision)  # float32
         prefix = None
         if self.language_model is not None:
             prefix = self.projection(query_out.to(self.projection.weight.dtype))
         return ImageFeatures(vision, query_out, prefix)
 
-    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, Q, D_lm): what the language model sees of the image."""
-        prefix = self.image_features(pixel_values).prefix
+    def image_prefix(
+        self,
+        pixel_values: torch.Tensor,
+        instruction_ids: torch.Tensor | None = None,
+        instruction_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, Q, D_lm): what the language model sees of the image (and instruction)."""
+        prefix = self.image_features(pixel_values, instruction_ids, instruction_mask).prefix
         if prefix is None:
             raise InputError(
                 "this is a retrieval checkpoint: it has no language model to feed an image prefix"
@@ -74,7 +118,7 @@ class Blip2(nn.Module):
 
     # ---- language side ----------------------------------------------------------------------
 
-    def _lm(self) -> OPT | T5:
+    def _lm(self) -> OPT | T5 | Llama:
         if self.language_model is None:
             raise InputError("this is a retrieval checkpoint: it has no language model")
         return self.language_model
@@ -113,12 +157,15 @@ class Blip2(nn.Module):
         decoder_attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_prefix: torch.Tensor | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> Blip2Output:
         """Logits of the language model for a prompt conditioned on the image.
 
         OPT: logits over every input position (the prefix positions too when it is prepended).
         T5: logits over ``decoder_input_ids`` (shifted ``labels`` when only labels are given).
         ``labels`` (-100 = ignored) give the mean cross-entropy of the next token (OPT) / target (T5).
+        ``qformer_input_ids`` / ``qformer_attention_mask``: InstructBLIP's instruction for the Q-Former.
         """
         lm = self._lm()
         if input_ids is None:
@@ -126,9 +173,9 @@ class Blip2(nn.Module):
         if image_prefix is None:
             if pixel_values is None:
                 raise InputError("forward needs pixel_values or a precomputed image_prefix")
-            image_prefix = self.image_prefix(pixel_values)
+            image_prefix = self.image_prefix(pixel_values, qformer_input_ids, qformer_attention_mask)
         embeds, mask = self.merge_prefix(image_prefix, input_ids, attention_mask)
-        if isinstance(lm, OPT):
+        if not isinstance(lm, T5):  # decoder-only
             logits = lm.logits(lm(embeds, mask))
             loss = None
             if labels is not None:

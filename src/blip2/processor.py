@@ -3,9 +3,11 @@
 - :class:`~blip2.images.ImageProcessor` (in ``images.py``, re-exported here) gives the pixels.
 - :class:`TextTokenizer` runs ``tokenizer.json`` through the ``tokenizers`` library, with the pipeline the
   reference rebuilds for the tokenizer class named in ``tokenizer_config.json`` (GPT-2/OPT byte-level BPE,
-  T5 Unigram, BERT WordPiece): the reference does not use every part of ``tokenizer.json`` as written.
+  T5 Unigram, BERT WordPiece, LLaMA byte-fallback BPE): the reference does not use every part of
+  ``tokenizer.json`` as written.
 - :class:`Processor` puts them together: ``<image>`` × ``num_query_tokens`` before the (padded) prompt
-  tokens, as the reference's ``Blip2Processor`` does.
+  tokens, as the reference's ``Blip2Processor`` does; for InstructBLIP also the prompt in the Q-Former's
+  own BERT vocabulary (``qformer_tokenizer/``), as ``InstructBlipProcessor`` does.
 
 Shapes: ``B`` batch, ``T`` text tokens, ``Q`` query (image) tokens.
 """
@@ -28,6 +30,7 @@ from blip2.images import ImageProcessor
 __all__ = ["IMAGE_TOKEN", "ImageProcessor", "Processor", "TextTokenizer"]
 
 IMAGE_TOKEN = "<image>"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # InstructBLIP's second tokenizer, in a folder of its own
 
 
 # ============================================================================ text
@@ -44,14 +47,17 @@ _FAMILY_DEFAULTS: dict[str, dict[str, str]] = {
         "cls_token": "[CLS]",
         "mask_token": "[MASK]",
     },
+    "llama": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
     "other": {},
 }
+# Where the reference's class pads when tokenizer_config.json does not say.
+_FAMILY_PADDING_SIDE = {"llama": "left"}
 
 
 def _family(tokenizer_class: str | None) -> str:
     """Which of the reference's rebuilt pipelines a ``tokenizer_class`` gets ("other": the file as is)."""
     name = (tokenizer_class or "").removesuffix("Fast").removesuffix("Tokenizer").lower()
-    return {"gpt2": "gpt2", "opt": "gpt2", "t5": "t5", "bert": "bert"}.get(name, "other")
+    return {"gpt2": "gpt2", "opt": "gpt2", "t5": "t5", "bert": "bert", "llama": "llama"}.get(name, "other")
 
 
 def _content(token: Any) -> str | None:
@@ -133,7 +139,7 @@ class TextTokenizer:
         return cls(
             backend,
             special_tokens=special,
-            padding_side=config.get("padding_side", "right"),
+            padding_side=config.get("padding_side", _FAMILY_PADDING_SIDE.get(family, "right")),
             truncation_side=config.get("truncation_side", "right"),
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             image_token=image_token or IMAGE_TOKEN,
@@ -291,6 +297,8 @@ def _build_backend(tokenizer_json: dict[str, Any], config: Mapping[str, Any], fa
         model.update(unk_id=2, byte_fallback=False)
     elif family == "bert" and model.get("type") == "WordPiece":
         model.update(unk_token=_content(config.get("unk_token")) or "[UNK]", continuing_subword_prefix="##")
+    elif family == "llama" and model.get("type") == "BPE":
+        model.update(fuse_unk=True, byte_fallback=True, dropout=None)
     else:
         family = "other"
     try:
@@ -324,6 +332,18 @@ def _build_backend(tokenizer_json: dict[str, Any], config: Mapping[str, Any], fa
         )
         backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         backend.decoder = decoders.WordPiece(prefix="##")
+    elif family == "llama":
+        # The reference's LLaMA class: a leading "▁" on the first word only ("always" in its legacy mode,
+        # none without a prefix space), bytes for unknown characters; the post-processor stays the file's.
+        add_prefix_space = config.get("add_prefix_space")
+        add_prefix_space = True if add_prefix_space is None else bool(add_prefix_space)
+        scheme = ("always" if config.get("legacy", False) else "first") if add_prefix_space else "never"
+        backend.normalizer = None
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+        steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if add_prefix_space:
+            steps.append(decoders.Strip(content=" ", left=1))
+        backend.decoder = decoders.Sequence(steps)
     return backend
 
 
@@ -386,6 +406,7 @@ class Processor:
     tokenizer: TextTokenizer
     num_query_tokens: int | None = None
     image_token_id: int | None = field(default=None)
+    qformer_tokenizer: TextTokenizer | None = None  # InstructBLIP: the prompt for the Q-Former
 
     def __post_init__(self) -> None:
         # The reference adds `<image>` to every BLIP-2 tokenizer lacking it, whatever id is used.
@@ -425,7 +446,14 @@ class Processor:
         if num_query_tokens is None:
             num_query_tokens = processor_cfg.get("num_query_tokens", preprocessor_cfg.get("num_query_tokens"))
         tokenizer = TextTokenizer.from_pretrained(path)
-        return cls(image_processor, tokenizer, num_query_tokens, image_token_id)
+        qformer_tokenizer = None
+        if getattr(config, "instruction_aware", False):
+            if not (path / QFORMER_TOKENIZER_DIR / "tokenizer.json").is_file():
+                raise CheckpointError(
+                    f"{path}: an InstructBLIP checkpoint needs the Q-Former's tokenizer in {QFORMER_TOKENIZER_DIR}/"
+                )
+            qformer_tokenizer = TextTokenizer.from_pretrained(path / QFORMER_TOKENIZER_DIR)
+        return cls(image_processor, tokenizer, num_query_tokens, image_token_id, qformer_tokenizer)
 
     def __call__(
         self,
@@ -435,7 +463,8 @@ class Processor:
         padding_side: str | None = None,
         max_length: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``pixel_values`` ``(B, 3, H, W)`` and/or ``input_ids``, ``attention_mask`` ``(B, T)``.
+        """``pixel_values`` ``(B, 3, H, W)`` and/or ``input_ids``, ``attention_mask`` ``(B, T)`` (and for
+        InstructBLIP ``qformer_input_ids``, ``qformer_attention_mask``).
 
         ``padding``: True/"longest" pads to the longest prompt, "max_length" to ``max_length``, False
         requires equal lengths. ``max_length`` counts the image tokens, as in the reference.
@@ -474,9 +503,18 @@ class Processor:
                 input_ids = torch.cat([image_ids, input_ids], dim=1)  # (B, Q + T)
                 mask = torch.cat([torch.ones((batch, prefix), dtype=torch.long), mask], dim=1)
             out["input_ids"], out["attention_mask"] = input_ids, mask
+            if self.qformer_tokenizer is not None:
+                out["qformer_input_ids"], out["qformer_attention_mask"] = self.qformer_ids(texts)
         if images is not None:
             out["pixel_values"] = self.image_processor(images)
         return out
+
+    def qformer_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """InstructBLIP: the prompts in the Q-Former's vocabulary, right-padded: ids and mask (B, T)."""
+        if self.qformer_tokenizer is None:
+            raise InputError("this model's Q-Former reads no prompt (not an InstructBLIP checkpoint)")
+        ids = self.qformer_tokenizer.encode(texts)
+        return self.qformer_tokenizer.pad(ids, padding_side="right")
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

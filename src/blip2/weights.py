@@ -186,6 +186,23 @@ _OPT_BLOCKS = {
 }
 
 
+_LLAMA_BLOCKS = {
+    "self_attn.q_proj": "attn.q",
+    "self_attn.k_proj": "attn.k",
+    "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.out",
+    "input_layernorm": "norm1",
+    "post_attention_layernorm": "norm2",
+    "mlp.gate_proj": "mlp.wi_0",
+    "mlp.up_proj": "mlp.wi_1",
+    "mlp.down_proj": "mlp.wo",
+}
+
+
+def _llama_block(m: re.Match, cfg: Blip2Config) -> str:
+    return f"language_model.layers.{m['i']}.{_LLAMA_BLOCKS[m['part']]}.{m['p']}"
+
+
 def _t5_block(m: re.Match, cfg: Blip2Config) -> str:
     stack, n, sub, rest = m["stack"], m["n"], int(m["sub"]), m["rest"]
     gated = cfg.text.gated
@@ -293,7 +310,9 @@ def _renamer(template: str, side: int) -> Callable[..., str]:
 
 RULES: list[Rule] = [
     *((_template_regex(hub, 0), _renamer(ours, 1)) for hub, ours in _RENAMES),
-    # read only: other spellings of the Q-Former embeddings, T5 (blip2 writes no T5 checkpoint)
+    # read only: other spellings of the Q-Former embeddings (InstructBLIP's holds the norm too), T5 and
+    # LLaMA (blip2 writes no T5 or LLaMA checkpoint from scratch)
+    (r"qformer\.embeddings\.layernorm\.(weight|bias)", r"qformer.norm.\1"),
     (r"qformer\.embeddings\.word_embeddings\.weight", "qformer.word_embed.weight"),
     (r"qformer\.embeddings\.position_embeddings\.weight", "qformer.pos_embed.weight"),
     (r"(?:qformer\.)?embeddings\.position_ids", None),
@@ -305,6 +324,13 @@ RULES: list[Rule] = [
     ),
     (r"language_model\.encoder\.final_layer_norm\.weight", "language_model.encoder_norm.weight"),
     (r"language_model\.decoder\.final_layer_norm\.weight", "language_model.decoder_norm.weight"),
+    (r"language_model\.model\.embed_tokens\.weight", "language_model.embed_tokens.weight"),
+    (r"language_model\.model\.norm\.weight", "language_model.norm.weight"),
+    (
+        r"language_model\.model\.layers\.(?P<i>\d+)\.(?P<part>[\w.]+)\.(?P<p>weight|bias)",
+        _llama_block,
+    ),
+    (r"language_model\.model\.rotary_emb\.inv_freq", None),  # derived, never loaded
 ]
 _COMPILED = [(re.compile(p), r) for p, r in RULES]
 
@@ -521,8 +547,10 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
 
 # ---- saving: our names -> the source checkpoint's hub names -----------------------------------
 
-# Files of a checkpoint folder that are not weights and travel unchanged with saved weights.
+# Files of a checkpoint folder that are not weights and travel unchanged with saved weights (also in
+# InstructBLIP's qformer_tokenizer/ folder).
 CHECKPOINT_SIDE_FILES = ("*.json", "*.txt", "*.model")
+CHECKPOINT_SIDE_FOLDERS = ("qformer_tokenizer",)
 
 
 def hub_state_dict(
@@ -595,6 +623,9 @@ def save_checkpoint(
         for f in src.glob(pattern):
             if f.is_file() and not f.name.endswith(".index.json"):
                 shutil.copyfile(f, out / f.name)
+    for name in CHECKPOINT_SIDE_FOLDERS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
     return out
 
 

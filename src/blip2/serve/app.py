@@ -242,7 +242,7 @@ class Server:
         self.retrieval = bool(model_cfg.retrieval)
         text = model_cfg.text
         self.context_limit = (
-            text.max_position_embeddings if (text is not None and text.kind == "opt") else None
+            text.max_position_embeddings if self.pipe.config.is_decoder_only else None
         )
         self.batcher = Batcher(
             self.engine.handlers,
@@ -329,7 +329,7 @@ class Server:
         pixels = self.pipe.processor.image_processor(image)[0]
         q = self.pipe.config.num_query_tokens
         for skip in range(len(chat.history) + 1):
-            prompt = chat.text(skip)
+            prompt = chat.text(skip, self.pipe.question_template)
             tokens = len(self.pipe.processor.tokenizer.encode([prompt])[0])
             length = q + tokens
             if self.context_limit is None or length < self.context_limit:

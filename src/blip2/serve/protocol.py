@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..chat import chat_prompt
+from ..chat import QUESTION_TEMPLATE, chat_prompt
 from ..errors import ImageError
 from ..images import load_image
 from .config import ServeConfig
@@ -226,8 +226,9 @@ class ChatPrompt:
     system: str = ""
     raw: bool = False
 
-    def text(self, skip: int = 0) -> str:
-        prompt = self.question if self.raw else chat_prompt(self.history[skip:], self.question)
+    def text(self, skip: int = 0, template: str = QUESTION_TEMPLATE) -> str:
+        """``template`` words the question (the pipeline's ``question_template``)."""
+        prompt = self.question if self.raw else chat_prompt(self.history[skip:], self.question, template)
         return f"{self.system} {prompt}" if self.system else prompt
 
 

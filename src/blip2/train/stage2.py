@@ -1,9 +1,10 @@
 """Stage 2, generative learning (and fine-tuning for captioning / VQA): the image prefix into a frozen LM.
 
-OPT (decoder-only): ``<image>``×Q, then the prompt (with BOS), then the caption and EOS; the loss is on the
+OPT / LLaMA (decoder-only): ``<image>``×Q, then the prompt (with BOS), then the caption and EOS; the loss is on the
 caption and EOS only (image, prompt and padding positions are -100). Flan-T5 (prefix LM): ``<image>``×Q and
 the prompt go to the encoder, the caption (with EOS) is the decoder's target. The loss is exactly
 ``Blip2.forward(labels=...)``, the reference's: mean cross-entropy over the target tokens of the batch.
+InstructBLIP's Q-Former also reads the prompt (the instruction), in its own vocabulary.
 The prompt and caption are tokenized apart and joined, so the boundary between them is exact.
 
 Shapes: ``B`` batch, ``Q`` queries, ``T`` text tokens.
@@ -23,7 +24,7 @@ class Stage2(Stage):
         super().__init__(model, processor, opts)
         if model.language_model is None:
             raise InputError(
-                "stage 2 trains a generation checkpoint (Blip2ForConditionalGeneration: OPT or Flan-T5); "
+                "stage 2 trains a generation checkpoint (BLIP-2 or InstructBLIP: OPT, Flan-T5 or LLaMA); "
                 "this is a retrieval checkpoint: use --stage 1"
             )
 
@@ -63,8 +64,11 @@ class Stage2(Stage):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         enc = {k: v.to(self.device) for k, v in self.tokenize(batch.texts, batch.prompts).items()}
         vision = self.encode_image(batch.pixels.to(self.device))
-        proj = self.model.projection
-        prefix = proj(self.query_outputs(vision).to(proj.weight.dtype))  # (B, Q, D_lm)
+        instruction = (None, None)
+        if self.model.cfg.instruction_aware:  # InstructBLIP: the Q-Former reads the prompt (instruction tuning)
+            prompts = [p if p is not None else self.opts.prompt for p in batch.prompts]
+            instruction = tuple(t.to(self.device) for t in self.processor.qformer_ids(prompts))
+        prefix = self.model.features_from_vision(vision, *instruction).prefix  # (B, Q, D_lm)
         out = self.model(image_prefix=prefix, **enc)
         return out.loss, {}
 
