@@ -241,9 +241,7 @@ class Server:
         model_cfg = pipe.config
         self.retrieval = bool(model_cfg.retrieval)
         text = model_cfg.text
-        self.context_limit = (
-            text.max_position_embeddings if self.pipe.config.is_decoder_only else None
-        )
+        self.context_limit = text.max_position_embeddings if self.pipe.config.is_decoder_only else None
         self.batcher = Batcher(
             self.engine.handlers,
             max_batch=cfg.max_batch,
