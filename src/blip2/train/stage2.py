@@ -65,7 +65,9 @@ class Stage2(Stage):
         enc = {k: v.to(self.device) for k, v in self.tokenize(batch.texts, batch.prompts).items()}
         vision = self.encode_image(batch.pixels.to(self.device))
         instruction = (None, None)
-        if self.model.cfg.instruction_aware:  # InstructBLIP: the Q-Former reads the prompt (instruction tuning)
+        if (
+            self.model.cfg.instruction_aware
+        ):  # InstructBLIP: the Q-Former reads the prompt (instruction tuning)
             prompts = [p if p is not None else self.opts.prompt for p in batch.prompts]
             instruction = tuple(t.to(self.device) for t in self.processor.qformer_ids(prompts))
         prefix = self.model.features_from_vision(vision, *instruction).prefix  # (B, Q, D_lm)
