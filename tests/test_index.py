@@ -201,10 +201,12 @@ def test_links_and_files_vanishing_mid_walk_are_reported_not_fatal(pipe, itm_ckp
     (photos / "ghost.png").symlink_to(photos / "nowhere.png")  # dangling
     (photos / "escape.png").symlink_to(tmp_path / "outside.png")  # a link out of the folder
     (photos / "alias.png").symlink_to(photos / "img000.png")  # a link that stays inside: indexed
+    (photos / "sub").mkdir()
+    make_images(1, seed=8)[0].save(photos / "sub" / "deep.png")
     errors = {}
     r = build_index(pipe, photos, out, model=str(itm_ckpt), progress=False,
                     on_error=lambda p, m: errors.__setitem__(p, m))  # fmt: skip
-    assert r.added == 5 and set(errors) == {"ghost.png", "escape.png"}
+    assert r.added == 6 and set(errors) == {"ghost.png", "escape.png"}
     assert "missing file" in errors["ghost.png"] and "out of the indexed folder" in errors["escape.png"]
 
     # a file deleted between the walk and its stat: reported, the rest goes on, its old rows dropped
@@ -216,13 +218,22 @@ def test_links_and_files_vanishing_mid_walk_are_reported_not_fatal(pipe, itm_ckp
         return found
 
     monkeypatch.setattr(indexing, "scan", scan_then_delete)
+    # and a folder that cannot be listed this time: reported, what was indexed in it kept
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda p=".": _raise(PermissionError(13, "Permission denied", str(p)))
+                        if str(p).endswith("sub") else real_scandir(p))  # fmt: skip
     _gallery(photos, 1, start=4)
     errors.clear()
     r = build_index(pipe, photos, out, model=str(itm_ckpt), progress=False,
                     on_error=lambda p, m: errors.__setitem__(p, m))  # fmt: skip
-    assert (r.added, r.removed) == (1, 1) and "img002.png" in errors
+    assert (r.added, r.removed) == (1, 1) and set(errors) == {"img002.png", "sub", "ghost.png", "escape.png"}
+    assert "cannot list the folder" in errors["sub"]
     assert sorted(Index.open(out).records) == ["alias.png", "img000.png", "img001.png", "img003.png",
-                                                "img004.png"]  # fmt: skip
+                                                "img004.png", "sub/deep.png"]  # fmt: skip
+
+
+def _raise(error):
+    raise error
 
 
 def test_rerank_stays_inside_the_root_and_survives_a_missing_file(pipe, itm_ckpt, tmp_path, monkeypatch,

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
-from .locking import folder_lock
+from .locking import FolderBusyError, folder_lock
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ class Index:
         return q * e * 2
 
     def stored_rows(self) -> int:
-        return (self.file(EMBEDDINGS)).stat().st_size // self.row_bytes
+        return self.file(EMBEDDINGS).stat().st_size // self.row_bytes
 
     def __len__(self) -> int:
         """Live images (removed and replaced files excluded)."""
@@ -430,12 +430,17 @@ class Index:
     def _summary_candidates(self, q: torch.Tensor, k: int, live: np.ndarray,
                             chunk_rows: int = 65_536) -> np.ndarray | None:  # fmt: skip
         """Sorted rows of the ``k`` live images whose summary best matches the (M, E) query's mean vector;
-        None when the summary cannot be brought up to date (a read-only index folder)."""
-        try:
-            self.sync_summary()
-        except OSError as e:
-            log.warning("%s: cannot update %s (%s); scanning exactly", self.folder, SUMMARY, e)
-            return None
+        None when the summary cannot be brought up to date (a read-only index folder, or one a `blip2 index`
+        is writing: it brings the summary up to date itself)."""
+        if self.summary_rows() < live.shape[0]:
+            try:
+                with write_lock(self.folder):
+                    self.sync_summary()
+            except FolderBusyError:
+                return None
+            except OSError as e:
+                log.warning("%s: cannot update %s (%s); scanning exactly", self.folder, SUMMARY, e)
+                return None
         summ = self.summary()[: live.shape[0]]  # a concurrent `blip2 index` may have written more rows
         if summ.shape[0] < live.shape[0]:
             return None

@@ -142,7 +142,14 @@ def _build(pipe, root: Path, out: Path, model: str, batch_size: int, ann: str, p
         if on_error is not None:
             on_error(rel, message)
 
-    files, others = scan(root, skip=out.resolve(), on_error=lambda p, m: fail(_relative(p, root), m))
+    unlisted: list[str] = []  # folders that could not be read: what was indexed under them is kept
+
+    def unlistable(folder: Path, message: str) -> None:
+        rel = _relative(folder, root)
+        unlisted.append("" if rel == "." else rel + "/")
+        fail(rel, message)
+
+    files, others = scan(root, skip=out.resolve(), on_error=unlistable)
     report.not_images = [str(p.relative_to(root)) for p in others]
     todo: list[tuple[Path, dict[str, Any]]] = []
     seen = set()
@@ -158,7 +165,7 @@ def _build(pipe, root: Path, out: Path, model: str, batch_size: int, ann: str, p
             report.unchanged += 1
         else:
             todo.append((path, rec))
-    gone = [p for p in index.records if p not in seen]
+    gone = [p for p in index.records if p not in seen and not p.startswith(tuple(unlisted))]
     if gone:
         index.remove(gone)
         report.removed = len(gone)
