@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import io
 import json
 import subprocess
@@ -106,7 +105,7 @@ def test_caption_streams_batches_in_bounded_memory(opt_ckpt, image_files, tmp_pa
 
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    paths = [*image_files * 5, str(bad), *image_files * 5]  # 31 paths, one unreadable
+    paths = [*image_files * 2, str(bad), *image_files * 2]  # 13 paths, one unreadable
     alive, peak, loads_at_first_caption = set(), [0], []
     real_load, real_caption = images.load_image, Pipeline.caption
 
@@ -116,7 +115,6 @@ def test_caption_streams_batches_in_bounded_memory(opt_ckpt, image_files, tmp_pa
             return img
         alive.add(id(img))
         weakref.finalize(img, alive.discard, id(img))
-        gc.collect()  # count what is really still referenced
         peak[0] = max(peak[0], len(alive))
         return img
 
@@ -140,7 +138,7 @@ def test_caption_streams_batches_in_bounded_memory(opt_ckpt, image_files, tmp_pa
     want = dict(zip(image_files, blip2.load(opt_ckpt).caption(image_files, max_new_tokens=3), strict=True))
     assert [d["text"] for d in lines] == [want[p] for p in good]
     err = [line for line in out.err.splitlines() if line.startswith("blip2: error:")]
-    assert len(err) == 2 and str(bad) in err[0] and "1 of 31 images could not be read" in err[1]
+    assert len(err) == 2 and str(bad) in err[0] and "1 of 13 images could not be read" in err[1]
 
 
 def test_ask(t5_ckpt, image_files, capsys):

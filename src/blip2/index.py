@@ -53,7 +53,7 @@ META, MANIFEST, EMBEDDINGS, ANN = "meta.json", "manifest.jsonl", "embeddings.f16
 SUMMARY = "summary.f16"
 LOCK = "lock"
 # Data files of any generation (and their temporaries): generation 0 has no number.
-DATA_FILE = re.compile(r"(embeddings|summary|manifest|ann)(?:\.(\d+))?\.(f16|jsonl|faiss)(?:\.tmp)?")
+DATA_FILE = re.compile(r"(embeddings|summary|manifest|ann)(?:\.(\d+))?\.(f16|jsonl|faiss)(\.tmp)?")
 # An index is compacted when at least this fraction of its rows is dead, or whenever it is this small.
 COMPACT_DEAD_FRACTION = 0.25
 COMPACT_ALWAYS_BYTES = 256 << 20
@@ -342,11 +342,11 @@ class Index:
         return dropped
 
     def sweep(self) -> None:
-        """Delete data files of other generations: the old one after a compaction, or a new one left
-        half-written by a crash. Call it holding the write lock."""
+        """Delete data files of other generations (the old one after a compaction, or a new one left
+        half-written by a crash) and temporaries a crash left. Call it holding the write lock."""
         for f in self.folder.iterdir():
             m = DATA_FILE.fullmatch(f.name)
-            if m and int(m.group(2) or 0) != self.generation:
+            if m and (m.group(4) or int(m.group(2) or 0) != self.generation):
                 f.unlink(missing_ok=True)
 
     # ---- candidate stage ----------------------------------------------------------------------------
