@@ -17,6 +17,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 
@@ -109,41 +113,56 @@ def _error(message: str) -> None:
 def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.batch_size < 1:
+        raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
+    # Read, caption and print one batch at a time: memory holds one batch of decoded images however many
+    # paths are given, and the first captions appear at once. Unreadable images are reported as they
+    # come; the rest are still captioned. The model loads with the first readable image.
+    model, failed = None, 0
+    paths = args.images
+    with tqdm(total=len(paths), unit="image", file=sys.stderr, disable=len(paths) <= args.batch_size) as bar:
+
+        def report(message: str) -> None:  # above the progress bar, not through it
+            bar.write(f"blip2: error: {message}", file=sys.stderr)
+
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            read, images = _read_images(chunk, report)
+            failed += len(chunk) - len(read)
+            if images:
+                if model is None:
+                    model = _load(args)
+                texts = model.caption(images, prompt=args.prompt, **_gen_kwargs(args))
+                del images  # the next batch is read only after this one is let go
+                for path, text in zip(read, texts, strict=True):
+                    if args.json:
+                        line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
+                    elif len(paths) == 1:
+                        line = text.strip()
+                    else:
+                        line = f"{path}\t{text.strip()}"
+                    bar.write(line, file=sys.stdout)
+                    sys.stdout.flush()
+            bar.update(len(chunk))
+    if failed:
+        _error(f"{failed} of {len(paths)} images could not be read")
+        return 1
+    return 0
+
+
+def _read_images(paths: Sequence[str], report) -> tuple[list[str], list[Image.Image]]:
+    """The readable ``paths`` and their decoded images; each unreadable one passed to ``report(message)``."""
     from .errors import ImageError
     from .images import load_image
 
-    if args.batch_size < 1:
-        raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
-    # Read every image first: the bad ones are reported, the good ones still captioned.
-    good, failed = [], 0
-    for path in args.images:
+    read, images = [], []
+    for path in paths:
         try:
-            good.append((path, load_image(path)))
+            images.append(load_image(path))
+            read.append(path)
         except ImageError as e:
-            _error(str(e))
-            failed += 1
-    if not good:
-        return 1
-    model = _load(args)
-    gen = _gen_kwargs(args)
-    with tqdm(total=len(good), unit="image", file=sys.stderr, disable=len(good) <= args.batch_size) as bar:
-        for i in range(0, len(good), args.batch_size):
-            chunk = good[i : i + args.batch_size]
-            texts = model.caption([img for _, img in chunk], prompt=args.prompt, **gen)
-            for (path, _), text in zip(chunk, texts, strict=True):
-                if args.json:
-                    line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
-                elif len(args.images) == 1:
-                    line = text.strip()
-                else:
-                    line = f"{path}\t{text.strip()}"
-                bar.write(line, file=sys.stdout)
-                sys.stdout.flush()
-            bar.update(len(chunk))
-    if failed:
-        _error(f"{failed} of {len(args.images)} images could not be read")
-        return 1
-    return 0
+            report(str(e))
+    return read, images
 
 
 def raise_input(message: str):

@@ -18,23 +18,25 @@ def _model_id(name: str) -> str:
 
 def _index(args: argparse.Namespace) -> int:
     import blip2
+    from blip2.index import write_lock
     from blip2.indexing import build_index
     from blip2.weights import retrieval_checkpoint
-
-    pipe = blip2.load(
-        retrieval_checkpoint(args.model), device=args.device, dtype=args.dtype, exact=args.exact
-    )
 
     def report(path: str, message: str) -> None:
         print(f"blip2: skipped {path}: {message}", file=sys.stderr)
 
-    r = build_index(pipe, args.dir, args.out, model=_model_id(args.model), batch_size=args.batch_size,
-                    ann=args.ann, progress=not args.quiet, on_error=report)  # fmt: skip
+    with write_lock(args.out):  # taken before the model loads, so a second run fails at once
+        pipe = blip2.load(
+            retrieval_checkpoint(args.model), device=args.device, dtype=args.dtype, exact=args.exact
+        )
+        r = build_index(pipe, args.dir, args.out, model=_model_id(args.model), batch_size=args.batch_size,
+                        ann=args.ann, progress=not args.quiet, on_error=report)  # fmt: skip
     for path in r.not_images:
         print(f"blip2: skipped {path}: not an image file (extension)", file=sys.stderr)
+    reclaimed = f"; {r.reclaimed} stale rows reclaimed" if r.reclaimed else ""
     print(
         f"blip2: {r.added} added, {r.unchanged} unchanged, {r.removed} removed, "
-        f"{len(r.failed) + len(r.not_images)} skipped (unreadable or not images); search: {r.search}",
+        f"{len(r.failed) + len(r.not_images)} skipped (unreadable or not images){reclaimed}; search: {r.search}",
         file=sys.stderr,
     )
     return 0
