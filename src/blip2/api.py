@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -57,6 +57,7 @@ class Pipeline:
         self.prefill_cache = PrefillCache(PREFILL_CACHE_SIZE)  # OPT: image + BOS keys/values per image
         self.vision_cache = PrefixCache(VISION_CACHE_SIZE if model.cfg.instruction_aware else 0)
         self.generation_config = _generation_defaults(folder, model.cfg)
+        self.decoder = None  # a fastdecode.StaticDecoder with blip2.load(..., compile=...)
 
     @property
     def config(self) -> Blip2Config:
@@ -82,7 +83,9 @@ class Pipeline:
         """As :meth:`generate`, the new token ids (EOS included when produced)."""
         lm, embeds, mask, ids, ids_mask, cfg, shared = self._prepare(images, prompts, gen)
         with torch.inference_mode():
-            return generate_ids(lm, embeds, mask, cfg, ids, ids_mask, self.prefill_cache, shared)
+            return generate_ids(
+                lm, embeds, mask, cfg, ids, ids_mask, self.prefill_cache, shared, decoder=self.decoder
+            )
 
     def stream(self, image, prompt: str | None = None, **gen) -> Iterator[str]:
         """Yield the continuation of ``prompt`` for one image piece by piece, as it is produced."""
@@ -93,7 +96,7 @@ class Pipeline:
         done). A batch streams as one (the server batches streaming requests with it). Beam search
         yields its finished result, one token per step, at the end. Bad input raises here, at the call."""
         lm, embeds, mask, ids, ids_mask, cfg, _ = self._prepare(images, prompts, gen)
-        return _steps(lm, embeds, mask, cfg, ids, ids_mask)
+        return _steps(lm, embeds, mask, cfg, ids, ids_mask, self.decoder)
 
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
         """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only
@@ -343,44 +346,101 @@ class Pipeline:
 
 def load(
     name_or_path: str | os.PathLike,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | Mapping = "cpu",
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     exact: bool = False,
+    compile: bool | str = False,
+    max_memory: Mapping | None = None,
 ) -> Pipeline:
     """Load a BLIP-2 checkpoint from a local folder or a hub id (``Salesforce/blip2-opt-2.7b``).
 
+    ``device``: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; ``"auto"``: split over the GPUs (the image
+    encoder, Q-Former and embeddings on the first, the language model's layers in order after them),
+    the CPU as the last resort, within ``max_memory`` (device -> bytes or ``"20GiB"``) when given; or a
+    map ``{"vision": "cuda:0", "language_model.layers.0-15": "cuda:0", "": "cuda:1"}`` (see
+    ``blip2.placement``).
     ``dtype``: float32 (default), bfloat16 or float16 for the vision encoder and the language model;
     the Q-Former and its queries stay float32, as in the reference.
-    ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
-    language model (CPU only; see ``blip2.quantize``).
+    ``quantize``: ``"int8"``, weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
+    language model (on CPU see ``blip2.quantize``); ``"int4"`` (CUDA): 4-bit groups
+    (``blip2.quantize_cuda``; ``"int8:bnb"``, ``"int4:bnb"``... pick a kernel).
     ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
     instead of the native few-row kernel and oneDNN's: OPT's logits then equal the reference's bit
     for bit (T5's to ~1e-6), at up to ~4x the time per decode step of several rows. The default
     differs by float32 rounding only (see ``layers.Linear``); it can flip a greedy choice only where
     two tokens tie to that rounding.
+    ``compile=True`` (CUDA): decode steps on a static KV cache, captured once per shape as a CUDA graph
+    and replayed; ``"inductor"``: the step compiled by ``torch.compile`` first; ``"static"``: the
+    static-shape step without capture, on any device (see ``blip2.fastdecode``).
     """
     t0 = time.perf_counter()
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
-    device = torch.device(device)
-    if quantize and device.type != "cpu":
-        raise ValueError("quantize='int8' is a CPU path; on a GPU load in float16 or bfloat16 instead")
+    bits, kernel = _quantize_spec(quantize)
     folder = resolve_checkpoint(name_or_path)
     model, cfg = build_model(folder, dtype)
     if exact:
         for module in model.modules():
             if isinstance(module, Linear):
                 module.fast_kernels = False
-    if quantize:
-        from .quantize import quantize_model_
-
-        quantize_model_(model)
-    if device.type != "cpu":
-        model.to(device)
+    device = _place(model, device, bits, kernel, max_memory)
     processor = _load_processor(folder, cfg)
     log.info("loaded %s in %.1f s", folder, time.perf_counter() - t0)
-    return Pipeline(model, processor, folder, device)
+    pipe = Pipeline(model, processor, folder, device)
+    if compile and model.language_model is not None:
+        from .fastdecode import StaticDecoder
+
+        mode = "graphs" if compile is True else compile
+        if mode != "static" and device.type != "cuda":
+            log.warning("compile=%r runs on CUDA only: decoding the plain way on %s", compile, device)
+        else:
+            pipe.decoder = StaticDecoder(mode)
+    return pipe
+
+
+def _quantize_spec(quantize: str | None) -> tuple[int | None, str | None]:
+    """``"int8"`` -> (8, None); ``"int4:bnb"`` -> (4, "bnb")."""
+    if quantize is None:
+        return None, None
+    from .quantize_cuda import KERNELS, bits_of
+
+    name, _, kernel = str(quantize).partition(":")
+    bits = bits_of(name)
+    if kernel and kernel not in KERNELS[bits]:
+        raise ValueError(f"{name} kernel must be one of {KERNELS[bits]}, not {kernel!r}")
+    return bits, kernel or None
+
+
+def _place(model: Blip2, device, bits: int | None, kernel: str | None, max_memory) -> torch.device:
+    """Quantize and move the model as asked; returns the device the pipeline feeds (the main one)."""
+    if isinstance(device, Mapping) or device == "auto":
+        from .placement import device_budgets, model_units, place, plan_auto, plan_from_map
+
+        units = model_units(model, bits=bits, kernel=kernel)
+        if isinstance(device, Mapping):
+            plan = plan_from_map(units, device)
+        else:
+            plan = plan_auto(units, device_budgets(max_memory))
+        if isinstance(device, Mapping) or any(d.type != "cpu" for d in plan.devices.values()):
+            return place(model, plan, bits, kernel).main
+        device = "cpu"
+    device = torch.device(device)
+    if device.type == "cpu":
+        if bits == 4:
+            raise ValueError("quantize='int4' is a CUDA path here: load on a GPU, or use 'int8' on the CPU")
+        if bits:
+            from .quantize import quantize_model_
+
+            quantize_model_(model)
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if bits:
+        from .quantize_cuda import check_kernel, layer_kernel, quantize_model_
+
+        check_kernel(bits, layer_kernel(bits, device, kernel))
+        quantize_model_(model, bits, lambda _: device, kernel)
+    model.to(device)
+    return device
 
 
 def _load_processor(folder: Path, cfg: Blip2Config):
@@ -400,9 +460,9 @@ def _load_processor(folder: Path, cfg: Blip2Config):
 
 
 @torch.inference_mode()
-def _steps(lm, embeds, mask, cfg, ids, ids_mask) -> Iterator[list[int | None]]:
+def _steps(lm, embeds, mask, cfg, ids, ids_mask, decoder=None) -> Iterator[list[int | None]]:
     # The decorator (unlike a `with` inside) leaves inference mode between steps: the caller's is untouched.
-    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask)
+    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask, decoder=decoder)
 
 
 def _generation_defaults(folder: Path, cfg: Blip2Config) -> GenerationConfig:

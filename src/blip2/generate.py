@@ -191,7 +191,7 @@ class OPTRunner:
     ):
         b, t, _ = embeds.shape
         self.lm, self.embeds, self.pos = lm, embeds, t
-        self.cache = lm.new_cache(b, t + max_new_tokens, dtype=embeds.dtype, device=embeds.device)
+        self.cache = lm.new_cache(b, t + max_new_tokens, dtype=embeds.dtype)  # each on its layer's device
         # The mask for every position the cache will hold; new positions are always real tokens.
         self.mask = torch.ones(b, t + max_new_tokens, dtype=torch.long, device=embeds.device)
         self.mask[:, :t] = mask
@@ -209,7 +209,7 @@ class OPTRunner:
         cached = self.prefill_cache.get(self.cache_key) if self.cache_key is not None else None
         if cached is not None:
             return cached
-        head = self.lm.new_cache(1, self.shared, dtype=self.embeds.dtype, device=self.embeds.device)
+        head = self.lm.new_cache(1, self.shared, dtype=self.embeds.dtype)
         self.lm(self.embeds[:1, : self.shared], self.mask[:1, : self.shared], head, start=0)
         kv = [(c.k, c.v) for c in head]
         if self.cache_key is not None:
@@ -233,10 +233,23 @@ class OPTRunner:
         self.pos += 1
         return self.lm.logits(hidden[:, -1])
 
+    def static_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """As :meth:`step` at the position held by the 0-dim tensor ``pos``, attending over the whole
+        cache: every shape and Python value is the same at each step (what a CUDA graph captures).
+        Does not advance ``pos``."""
+        x = self.lm.embed(tokens[:, None])
+        return self.lm.logits(self.lm(x, self.mask, self.cache, start=pos)[:, -1])
+
     def reorder(self, index: torch.Tensor) -> None:
         for c in self.cache:
             c.reorder(index)
         self.mask = self.mask.index_select(0, index)
+
+    def reorder_(self, index: torch.Tensor) -> None:
+        """As :meth:`reorder`, in place."""
+        for c in self.cache:
+            c.reorder_(index)
+        self.mask.copy_(self.mask.index_select(0, index))
 
 
 class T5Runner:
@@ -258,8 +271,16 @@ class T5Runner:
         self.pos += 1
         return self.lm.logits(hidden[:, -1])
 
+    def static_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """As :meth:`OPTRunner.static_step`."""
+        hidden = self.lm.decode(self.lm.embed(tokens[:, None]), cache=self.cache, start=pos)
+        return self.lm.logits(hidden[:, -1])
+
     def reorder(self, index: torch.Tensor) -> None:
         self.cache.reorder(index)
+
+    def reorder_(self, index: torch.Tensor) -> None:
+        self.cache.reorder_(index)
 
 
 def make_runner(
@@ -269,10 +290,15 @@ def make_runner(
     max_new_tokens: int,
     prefill_cache: PrefillCache | None = None,
     shared: int = 0,
+    decoder=None,
 ):
+    """The runner for ``lm``; with a ``decoder`` (``blip2.fastdecode.StaticDecoder``) its decode steps
+    run on static buffers, captured once per shape and replayed."""
     if isinstance(lm, T5):
-        return T5Runner(lm, embeds, mask, max_new_tokens)
-    return OPTRunner(lm, embeds, mask, max_new_tokens, prefill_cache, shared)
+        runner = T5Runner(lm, embeds, mask, max_new_tokens)
+    else:
+        runner = OPTRunner(lm, embeds, mask, max_new_tokens, prefill_cache, shared)
+    return decoder.wrap(runner) if decoder is not None else runner
 
 
 # ============================================================================ logits processors
@@ -327,16 +353,20 @@ def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator |
 
 def token_steps(
     runner, cfg: GenerationConfig, seen: torch.Tensor | None, batch: int, device: torch.device
-) -> Iterator[torch.Tensor]:
-    """Greedy or sampled decoding: yields the (B,) new tokens of each step.
+) -> Iterator[list[int]]:
+    """Greedy or sampled decoding: yields the B new tokens of each step (a list).
 
     A row that produced EOS keeps receiving the pad token (never yielded as text) until every row is
-    done or ``max_new_tokens`` is reached.
+    done or ``max_new_tokens`` is reached. Reading the new tokens is the one wait for the device per
+    step: the next step is fed from the tokens still on the device, and "all rows done" is decided
+    from what was read.
     """
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device)
+    eos_ids = set(cfg.eos_token_id)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or (0,))[0]
     gen = _generator(cfg, device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished = [False] * batch
     logits = runner.prefill()
     for step in range(cfg.max_new_tokens):
         scores = process(logits.float(), cfg, seen, eos, step)
@@ -345,10 +375,12 @@ def token_steps(
         else:
             tokens = scores.argmax(-1)
         tokens = tokens.masked_fill(done, pad)
-        yield tokens
-        done |= torch.isin(tokens, eos)
-        if step + 1 == cfg.max_new_tokens or bool(done.all()):
+        row = tokens.tolist()
+        yield row
+        finished = [f or t in eos_ids for f, t in zip(finished, row, strict=True)]
+        if step + 1 == cfg.max_new_tokens or all(finished):
             return
+        done |= torch.isin(tokens, eos)
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
         logits = runner.step(tokens)
@@ -471,13 +503,14 @@ def generate_ids(
     prompt_mask: torch.Tensor | None = None,
     prefill_cache: PrefillCache | None = None,
     shared: int = 0,
+    decoder=None,
 ) -> list[list[int]]:
     """New token ids per row (EOS included when produced), for (B, T, D) prompt embeddings and mask.
 
     ``prompt_ids`` / ``prompt_mask`` (B, T'): the ids the repetition penalty sees for an OPT prompt.
     ``shared``: how many leading positions every row has unpadded (OPT: image prefix and BOS); when they
     are equal in all rows they are prefilled once, and with ``prefill_cache`` reused across calls
-    (see :class:`OPTRunner`).
+    (see :class:`OPTRunner`). ``decoder``: see :func:`make_runner`.
     """
     return list(
         _run(
@@ -490,6 +523,7 @@ def generate_ids(
             stream=False,
             prefill_cache=prefill_cache,
             shared=shared,
+            decoder=decoder,
         )
     )[0]
 
@@ -501,13 +535,25 @@ def stream_ids(
     cfg: GenerationConfig,
     prompt_ids: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
+    decoder=None,
 ) -> Iterator[list[int | None]]:
     """Per step, each row's new token (None once the row is done). Beam search yields its whole
     result at the end, one token per step."""
-    yield from _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True)
+    yield from _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True, decoder=decoder)
 
 
-def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_cache=None, shared: int = 0):
+def _run(
+    lm,
+    embeds,
+    mask,
+    cfg,
+    prompt_ids,
+    prompt_mask,
+    stream: bool,
+    prefill_cache=None,
+    shared: int = 0,
+    decoder=None,
+):
     batch, device = embeds.shape[0], embeds.device
     vocab = lm.lm_head.out_features
     seen = None
@@ -520,9 +566,17 @@ def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_c
             seen = seen_tokens(prompt_ids.to(device), pm.to(device), vocab)
         else:
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-    runner = make_runner(lm, embeds, mask, cfg.max_new_tokens, prefill_cache, shared)
-    eos = set(cfg.eos_token_id)
+    runner = make_runner(lm, embeds, mask, cfg.max_new_tokens, prefill_cache, shared, decoder)
+    try:
+        yield from _decode(runner, cfg, seen, batch, device, stream)
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
 
+
+def _decode(runner, cfg, seen, batch, device, stream: bool):
+    eos = set(cfg.eos_token_id)
     if cfg.num_beams > 1:
         result = beam_search(runner, cfg, seen, batch, device)
         if not stream:
@@ -536,7 +590,7 @@ def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_c
     finished = [False] * batch
     for tokens in token_steps(runner, cfg, seen, batch, device):
         row_tokens: list[int | None] = []
-        for i, t in enumerate(tokens.tolist()):
+        for i, t in enumerate(tokens):
             if finished[i]:
                 row_tokens.append(None)
                 continue

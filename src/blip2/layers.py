@@ -177,20 +177,47 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
+def positions_from(start: int | torch.Tensor, length: int, device=None) -> torch.Tensor:
+    """(length,) absolute positions start, start+1, ...; ``start`` an int or a 0-dim tensor."""
+    device = start.device if isinstance(start, torch.Tensor) else device
+    return torch.arange(length, device=device) + start
+
+
+def window(x: torch.Tensor, start: int | torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    """Positions [start, start+length) of ``x`` along ``dim``.
+
+    ``start`` is an int, or a 0-dim tensor on ``x``'s device: a decode step whose shapes and Python
+    values do not change from step to step, so that it can be captured once and replayed (CUDA graphs).
+    """
+    if isinstance(start, torch.Tensor):
+        return x.index_select(dim, positions_from(start, length))
+    return x.narrow(dim, start, length)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of a module's first parameter or buffer (where a placement put it)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    raise ValueError(f"{type(module).__name__} holds no tensors: it has no device")
+
+
 def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
     """A (B, S) 0/1 key mask -> boolean (B, 1, 1, S) for bidirectional attention."""
     return key_mask.bool()[:, None, None, :]
 
 
-def causal_mask(key_mask: torch.Tensor, query_start: int, query_len: int) -> torch.Tensor:
-    """Causal + padding mask: boolean (B, 1, T, S) where query i sits at absolute position query_start + i.
+def causal_mask(key_mask: torch.Tensor, query_start: int | torch.Tensor, query_len: int) -> torch.Tensor:
+    """Causal + padding mask: boolean (B, 1, T, S) where query i sits at absolute position query_start + i
+    (``query_start`` may be a 0-dim tensor: see :func:`window`).
 
     A query with no visible key (a padding position) is let attend to itself, so that SDPA never
     produces NaN there; such positions are padding and their outputs are never used.
     """
     s = key_mask.shape[1]
     device = key_mask.device
-    q_pos = torch.arange(query_start, query_start + query_len, device=device)[:, None]
+    q_pos = (torch.arange(query_len, device=device) + query_start)[:, None]
     k_pos = torch.arange(s, device=device)[None, :]
     allowed = (k_pos <= q_pos)[None] & key_mask.bool()[:, None, :]  # (B, T, S)
     allowed = allowed | (k_pos == q_pos)[None]
@@ -208,8 +235,19 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[2]
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store (B, H, T, Dh) at positions [start, start+T) and return keys/values [0, start+T)."""
+    def write(
+        self, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, H, T, Dh) at positions [start, start+T) and return keys/values [0, start+T).
+
+        A 0-dim tensor ``start`` (a decode step of static shapes, see :func:`window`) returns every
+        position the cache holds: the causal mask hides those not written yet.
+        """
+        if isinstance(start, torch.Tensor):
+            index = positions_from(start.to(self.k.device), k.shape[2])
+            self.k.index_copy_(2, index, k)
+            self.v.index_copy_(2, index, v)
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked to write up to {end}")
@@ -219,8 +257,15 @@ class KVCache:
 
     def reorder(self, index: torch.Tensor) -> None:
         """Select batch rows (beam search): row i becomes old row index[i]."""
+        index = index.to(self.k.device)
         self.k = self.k.index_select(0, index)
         self.v = self.v.index_select(0, index)
+
+    def reorder_(self, index: torch.Tensor) -> None:
+        """As :meth:`reorder`, in place: the storage stays where it is (a captured decode step reads it)."""
+        index = index.to(self.k.device)
+        self.k.copy_(self.k.index_select(0, index))
+        self.v.copy_(self.v.index_select(0, index))
 
 
 def normal_init_(module: nn.Module, std: float = 0.02) -> None:

@@ -13,7 +13,18 @@ import torch
 from torch import nn
 
 from .config import LlamaConfig
-from .layers import GatedMLP, KVCache, Linear, RMSNorm, attention, causal_mask, merge_heads, split_heads
+from .layers import (
+    GatedMLP,
+    KVCache,
+    Linear,
+    RMSNorm,
+    attention,
+    causal_mask,
+    device_of,
+    merge_heads,
+    split_heads,
+    window,
+)
 
 
 class Rotary:
@@ -65,7 +76,7 @@ class LlamaAttention(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
         cache: KVCache | None,
-        start: int,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         q = rotate(split_heads(self.q(x), self.num_heads), *cos_sin)  # (B, H, T, Dh)
         k = rotate(split_heads(self.k(x), self.num_kv_heads), *cos_sin)  # (B, G, T, Dh)
@@ -92,7 +103,7 @@ class LlamaBlock(nn.Module):
         cos_sin: tuple[torch.Tensor, torch.Tensor],
         mask: torch.Tensor,
         cache: KVCache | None,
-        start: int,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos_sin, mask, cache, start)
         return x + self.mlp(self.norm2(x))
@@ -119,11 +130,12 @@ class Llama(nn.Module):
     def new_cache(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None
     ) -> list[KVCache]:
+        """Per-layer caches, each on its layer's device unless ``device`` is given."""
         w = self.embed_tokens.weight
         c = self.cfg
         return [
-            KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype or w.dtype, device or w.device)
-            for _ in self.layers
+            KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype or w.dtype, device or device_of(layer))
+            for layer in self.layers
         ]
 
     @staticmethod
@@ -136,20 +148,21 @@ class Llama(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Hidden states (B, T, D) for new positions [start, start+T), after the final norm.
 
         attention_mask: (B, start+T) 0/1 over every position so far (cache included).
         cache: per-layer KV caches from ``new_cache``, or None to run without one.
+        start: an int, or a 0-dim tensor (a decode step of static shapes, as ``OPT.forward``).
         """
         b, t, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones(b, start + t, dtype=torch.long, device=inputs_embeds.device)
-        if cache is None and start:
+        if cache is None and not isinstance(start, torch.Tensor) and start:
             raise ValueError("start > 0 needs a cache holding the earlier positions")
         x = inputs_embeds
-        cos_sin = self.rotary.cos_sin(self.positions(attention_mask)[:, start : start + t], x.dtype)
+        cos_sin = self.rotary.cos_sin(window(self.positions(attention_mask), start, t), x.dtype)
         mask = causal_mask(attention_mask, start, t)  # (B, 1, T, S)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None

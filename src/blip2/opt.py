@@ -12,7 +12,17 @@ import torch
 from torch import nn
 
 from .config import OPTConfig
-from .layers import MLP, KVCache, Linear, attention, causal_mask, merge_heads, split_heads
+from .layers import (
+    MLP,
+    KVCache,
+    Linear,
+    attention,
+    causal_mask,
+    device_of,
+    merge_heads,
+    split_heads,
+    window,
+)
 
 POSITION_OFFSET = 2  # OPT reserves the first two rows of its position table
 
@@ -28,7 +38,9 @@ class OPTAttention(nn.Module):
         self.v = Linear(d, d, bias=cfg.bias)
         self.out = Linear(d, d, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor
+    ) -> torch.Tensor:
         # OPT scales the query before the product; keep that order for identical rounding.
         q = split_heads(self.q(x) * self.scale, self.num_heads)  # (B, H, T, D/H)
         k = split_heads(self.k(x), self.num_heads)
@@ -47,7 +59,9 @@ class OPTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(cfg.hidden_size, elementwise_affine=cfg.norm_affine)
         self.mlp = MLP(cfg.hidden_size, cfg.mlp_size, cfg.activation, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, start: int) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor
+    ) -> torch.Tensor:
         if self.pre_norm:
             x = x + self.attn(self.norm1(x), mask, cache, start)
             return x + self.mlp(self.norm2(x))
@@ -79,11 +93,14 @@ class OPT(nn.Module):
     def new_cache(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None
     ) -> list[KVCache]:
+        """Per-layer caches, each on its layer's device unless ``device`` is given."""
         p = self.embed_positions.weight
         h = self.cfg.num_heads
         return [
-            KVCache(batch, h, max_len, self.cfg.hidden_size // h, dtype or p.dtype, device or p.device)
-            for _ in self.layers
+            KVCache(
+                batch, h, max_len, self.cfg.hidden_size // h, dtype or p.dtype, device or device_of(layer)
+            )
+            for layer in self.layers
         ]
 
     @staticmethod
@@ -96,19 +113,21 @@ class OPT(nn.Module):
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Hidden states (B, T, E) for new positions [start, start+T).
 
         attention_mask: (B, start+T) 0/1 over every position so far (cache included).
         cache: per-layer KV caches from ``new_cache``, or None to run without one.
+        start: an int, or a 0-dim tensor for a decode step of static shapes (``attention_mask`` then
+        covers every position the cache holds; see ``layers.window``).
         """
         b, t, _ = inputs_embeds.shape
         if attention_mask is None:
             attention_mask = torch.ones(b, start + t, dtype=torch.long, device=inputs_embeds.device)
-        if cache is None and start:
+        if cache is None and not isinstance(start, torch.Tensor) and start:
             raise ValueError("start > 0 needs a cache holding the earlier positions")
-        positions = self.positions(attention_mask)[:, start : start + t]
+        positions = window(self.positions(attention_mask), start, t)
         x = inputs_embeds
         if self.project_in is not None:
             x = self.project_in(x)

@@ -15,7 +15,18 @@ import torch
 from torch import nn
 
 from .config import T5Config
-from .layers import MLP, GatedMLP, KVCache, Linear, RMSNorm, attention, merge_heads, split_heads
+from .layers import (
+    MLP,
+    GatedMLP,
+    KVCache,
+    Linear,
+    RMSNorm,
+    attention,
+    device_of,
+    merge_heads,
+    positions_from,
+    split_heads,
+)
 
 
 def relative_position_bucket(
@@ -54,9 +65,9 @@ class RelativeBias(nn.Module):
         self.max_distance = cfg.relative_attention_max_distance
         self.embed = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
 
-    def forward(self, query_len: int, key_len: int, query_start: int = 0) -> torch.Tensor:
+    def forward(self, query_len: int, key_len: int, query_start: int | torch.Tensor = 0) -> torch.Tensor:
         device = self.embed.weight.device
-        q_pos = torch.arange(query_start, query_start + query_len, device=device)[:, None]
+        q_pos = positions_from(query_start, query_len, device)[:, None]
         k_pos = torch.arange(key_len, device=device)[None, :]
         buckets = relative_position_bucket(
             k_pos - q_pos, self.bidirectional, self.num_buckets, self.max_distance
@@ -83,7 +94,7 @@ class T5Attention(nn.Module):
         bias: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """bias: additive float (B or 1, H, T, S), position bias and mask together; T5 does not scale."""
         q = split_heads(self.q(x), self.num_heads)
@@ -128,7 +139,7 @@ class T5Block(nn.Module):
         cross_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
         cross_bias: torch.Tensor | None = None,
         cache: KVCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         x = _clamp_half(x + self.self_attn(self.norm1(x), self_bias, cache=cache, start=start))
         if self.cross_attn is not None:
@@ -147,8 +158,29 @@ class T5DecoderCache:
     def reorder(self, index: torch.Tensor) -> None:
         for c in self.self_attn:
             c.reorder(index)
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
-        self.cross_bias = self.cross_bias.index_select(0, index)
+        self.cross_kv = [_rows(k, index) for k in self.cross_kv]
+        self.cross_bias = self.cross_bias.index_select(0, index.to(self.cross_bias.device))
+
+    def reorder_(self, index: torch.Tensor) -> None:
+        """As :meth:`reorder`, in place (a captured decode step reads these tensors)."""
+        for c in self.self_attn:
+            c.reorder_(index)
+        for kv in self.cross_kv:
+            for t, moved in zip(kv, _rows(kv, index), strict=True):
+                t.copy_(moved)
+        self.cross_bias.copy_(self.cross_bias.index_select(0, index.to(self.cross_bias.device)))
+
+
+def _rows(kv: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k, v = kv
+    index = index.to(k.device)
+    return k.index_select(0, index), v.index_select(0, index)
+
+
+def _cross_kv(layer: T5Block, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's cross-attention keys/values, on the layer's device (a placement may split the
+    decoder over devices)."""
+    return layer.cross_attn.project_kv(encoder_out.to(device_of(layer)))
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,9 +234,9 @@ class T5(nn.Module):
             encoder_mask = torch.ones(encoder_out.shape[:2], dtype=torch.long, device=encoder_out.device)
         return T5DecoderCache(
             self_attn=[
-                KVCache(b, h, max_len, dh, encoder_out.dtype, encoder_out.device) for _ in self.decoder
+                KVCache(b, h, max_len, dh, encoder_out.dtype, device_of(layer)) for layer in self.decoder
             ],
-            cross_kv=[layer.cross_attn.project_kv(encoder_out) for layer in self.decoder],
+            cross_kv=[_cross_kv(layer, encoder_out) for layer in self.decoder],
             cross_bias=_additive(encoder_mask, encoder_out.dtype)[:, None, None, :],
         )
 
@@ -215,18 +247,25 @@ class T5(nn.Module):
         encoder_mask: torch.Tensor | None = None,
         decoder_mask: torch.Tensor | None = None,
         cache: T5DecoderCache | None = None,
-        start: int = 0,
+        start: int | torch.Tensor = 0,
     ) -> torch.Tensor:
         """Decoder hidden states (B, T, D) for positions [start, start+T).
 
         Without a cache, ``encoder_out`` is required and every position is recomputed.
         decoder_mask: optional (B, start+T) 0/1 padding mask over decoder positions.
+        A 0-dim tensor ``start`` (a decode step of static shapes, see ``layers.window``) attends over
+        every position the cache holds, those not written yet hidden by causality.
         """
         b, t, _ = decoder_embeds.shape
         x = decoder_embeds
-        s = start + t
+        if isinstance(start, torch.Tensor):
+            if cache is None:
+                raise ValueError("a tensor start needs a cache")
+            s = cache.self_attn[0].max_len
+        else:
+            s = start + t
         bias = self.decoder_bias(t, s, start).to(x.dtype)  # (1, H, T, S)
-        q_pos = torch.arange(start, s, device=x.device)[:, None]
+        q_pos = positions_from(start, t, x.device)[:, None]
         k_pos = torch.arange(s, device=x.device)[None, :]
         visible = (k_pos <= q_pos)[None]  # (1, T, S)
         if decoder_mask is not None:
@@ -236,7 +275,7 @@ class T5(nn.Module):
             if encoder_out is None:
                 raise ValueError("decode needs encoder_out or a cache built from it")
             cache_list = None
-            cross_kv = [layer.cross_attn.project_kv(encoder_out) for layer in self.decoder]
+            cross_kv = [_cross_kv(layer, encoder_out) for layer in self.decoder]
             mask = (
                 encoder_mask
                 if encoder_mask is not None
