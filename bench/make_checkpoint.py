@@ -42,6 +42,12 @@ from factory import (  # noqa: E402
 VIT_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16)
 SHAPES = {
+    # for dry runs of the benchmarks' code: a narrow, shallow encoder and decoder (the Q-Former is full size)
+    "tiny": dict(
+        vision=dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4),
+        lm="opt",
+        text=dict(hidden_size=128, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4, vocab_size=2048),
+    ),
     # OPT-350m's width and depth, but pre-LN with no projection (word_embed_proj_dim = hidden).
     "small": dict(
         vision=VIT_B,
@@ -99,28 +105,37 @@ def build_config(shape: str, tokenizer):
 
 
 def draw(name: str, shape: tuple[int, ...], gen: torch.Generator, n_tokens: int) -> torch.Tensor:
+    """A tensor for hub tensor ``name``, on the generator's device."""
     leaf = name.rsplit(".", 1)[-1]
     lname = name.lower()
+
+    def randn() -> torch.Tensor:
+        return torch.randn(shape, generator=gen, device=gen.device)
+
     if "layernorm" in lname or "layer_norm" in lname:
-        noise = torch.randn(shape, generator=gen) * 0.1
+        noise = randn() * 0.1
         return noise + 1.0 if leaf == "weight" else noise
     if any(k in name for k in ("embed", "shared", "relative_attention_bias", "query_tokens")) or leaf in (
         "class_embedding",
         "position_embedding",
     ):
-        t = torch.randn(shape, generator=gen)
+        t = randn()
         if ("embed_tokens" in name or "shared" in name) and shape[0] > n_tokens:
             t[n_tokens:] *= 0.01  # rows the tokenizer cannot decode: kept, but rarely chosen
         return t
     if len(shape) >= 2:
-        t = torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))
+        t = randn() / math.sqrt(math.prod(shape[1:]))
         if name.endswith("lm_head.weight") and shape[0] > n_tokens:
             t[n_tokens:] *= 0.01
         return t
-    return torch.randn(shape, generator=gen) * 0.1
+    return randn() * 0.1
 
 
-def write(shape: str, out: Path, seed: int = 0) -> Path:
+def write(
+    shape: str, out: Path, seed: int = 0, device: str = "cpu", file_dtype: torch.dtype | None = None
+) -> Path:
+    """Write the checkpoint; ``device``: where the numbers are drawn (a GPU draws 15 GB in seconds),
+    ``file_dtype``: the floats' dtype in the files (default float32, as the reference builds them)."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
 
     spec = SHAPES[shape]
@@ -155,7 +170,7 @@ def write(shape: str, out: Path, seed: int = 0) -> Path:
         params.append(("language_model.lm_head.weight", (d["vocab_size"], d["d_model"]), torch.float32))
     del model
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     files: list[tuple[str, list[str]]] = []
@@ -170,7 +185,7 @@ def write(shape: str, out: Path, seed: int = 0) -> Path:
 
     for name, shp, dtype in params:
         t = (
-            draw(name, shp, gen, n_tokens).to(dtype)
+            draw(name, shp, gen, n_tokens).to(dtype=file_dtype or dtype).cpu()
             if dtype.is_floating_point
             else torch.zeros(shp, dtype=dtype)
         )
@@ -217,7 +232,7 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out or default_dir(args.shape)
     free = shutil.disk_usage(out.parent if out.parent.exists() else ROOT).free
-    need = {"small": 1.6e9}.get(args.shape, 16.5e9)
+    need = {"tiny": 0.5e9, "small": 1.6e9}.get(args.shape, 16.5e9)
     if free < need * 1.2:
         sys.exit(f"not enough disk for {args.shape}: {free / 1e9:.1f} GB free, ~{need / 1e9:.1f} GB needed")
     t0 = time.perf_counter()

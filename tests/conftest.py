@@ -77,3 +77,11 @@ def opt_sharded_bin_ckpt(tmp_path_factory) -> Path:
 def opt_sharded_st_ckpt(tmp_path_factory) -> Path:
     """Same tensors as `opt_ckpt` minus the tied lm_head, as sharded model-*.safetensors + index."""
     return _build(tmp_path_factory, "opt_sharded_st", lm="opt", max_shard_size="100KB", drop_lm_head=True)
+
+
+@pytest.fixture(scope="session")
+def instruct_llama_ckpt(tmp_path_factory) -> Path:
+    """InstructBLIP with a LLaMA of grouped-query attention (4 query heads, 2 key/value heads)."""
+    from factory_instruct import build_instruct_checkpoint
+
+    return build_instruct_checkpoint(tmp_path_factory.mktemp("instruct_llama"), lm="llama", lm_kv_heads=2)

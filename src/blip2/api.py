@@ -376,6 +376,15 @@ def load(
     """
     t0 = time.perf_counter()
     bits, kernel = _quantize_spec(quantize)
+    if compile not in (False, True, "graphs", "inductor", "static"):
+        raise ValueError(f"compile must be False, True, 'graphs', 'inductor' or 'static', not {compile!r}")
+    if (
+        bits == 4
+        and not isinstance(device, Mapping)
+        and device != "auto"
+        and torch.device(device).type == "cpu"
+    ):
+        raise ValueError("quantize='int4' is a CUDA path here: load on a GPU, or use 'int8' on the CPU")
     folder = resolve_checkpoint(name_or_path)
     model, cfg = build_model(folder, dtype)
     if exact:
@@ -425,7 +434,7 @@ def _place(model: Blip2, device, bits: int | None, kernel: str | None, max_memor
         device = "cpu"
     device = torch.device(device)
     if device.type == "cpu":
-        if bits == 4:
+        if bits == 4:  # device="auto" without a GPU
             raise ValueError("quantize='int4' is a CUDA path here: load on a GPU, or use 'int8' on the CPU")
         if bits:
             from .quantize import quantize_model_

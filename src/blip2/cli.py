@@ -39,7 +39,11 @@ def model_options() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, help=f"hub id or local folder (default {DEFAULT_MODEL})"
     )
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device, e.g. cpu, cuda, cuda:1; auto: split over the GPUs, the CPU last (default cpu)",
+    )
     p.add_argument(
         "--dtype",
         default=None,
@@ -49,8 +53,14 @@ def model_options() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["int8"],
-        help="int8: weight-only 8-bit vision encoder and language model (CPU; ~4x less memory, faster)",
+        choices=["int8", "int4"],
+        help="int8: weight-only 8-bit vision encoder and language model (CPU; ~4x less memory, faster); "
+        "int4: 4-bit groups (CUDA)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="CUDA: decode steps on a static cache, captured once as a CUDA graph and replayed",
     )
     p.add_argument(
         "--exact",
@@ -100,6 +110,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         quantize=getattr(args, "quantize", None),
         exact=getattr(args, "exact", False),
+        compile=getattr(args, "compile", False),
     )
 
 

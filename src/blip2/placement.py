@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -110,7 +109,7 @@ class Plan:
         lines = []
         for device, total in self.bytes_per_device().items():
             names = [u.name for u in self.units if self.devices[u.name] == device]
-            lines.append(f"{device}: {_fold(names)} ({total / GiB:.2f} GiB)")
+            lines.append(f"{device}: {_fold(names)} ({human(total)})")
         return "\n".join(lines)
 
 
@@ -296,8 +295,8 @@ def plan_auto(units: list[Unit], budgets: list[tuple[torch.device, int]]) -> Pla
     d = next((i for i, b in enumerate(left) if b >= need), None)
     if d is None:
         raise PlacementError(
-            f"the image encoder, Q-Former and embeddings need {need / GiB:.2f} GiB on one device; "
-            f"the most any device gives is {max(left) / GiB:.2f} GiB ({_offer(budgets)})"
+            f"the image encoder, Q-Former and embeddings need {human(need)} on one device; "
+            f"the most any device gives is {human(max(left))} ({_offer(budgets)})"
         )
     devices = {u.name: budgets[d][0] for u in front}
     left[d] -= need
@@ -307,7 +306,7 @@ def plan_auto(units: list[Unit], budgets: list[tuple[torch.device, int]]) -> Pla
         if d == len(left):
             total = sum(u.bytes for u in units)
             raise PlacementError(
-                f"the model's weights take {total / GiB:.2f} GiB and do not fit: {_offer(budgets)} "
+                f"the model's weights take {human(total)} and do not fit: {_offer(budgets)} "
                 f"({unit.name} found no room)"
             )
         devices[unit.name] = budgets[d][0]
@@ -380,7 +379,15 @@ def _most_specific(path: str, keys: Mapping[str, torch.device]) -> str | None:
 
 
 def _offer(budgets: list[tuple[torch.device, int]]) -> str:
-    return ", ".join(f"{d} gives {b / GiB:.2f} GiB" for d, b in budgets)
+    return ", ".join(f"{d} gives {human(b)}" for d, b in budgets)
+
+
+def human(n: int) -> str:
+    """Bytes as ``14.63 GiB`` / ``2.10 MiB`` / ``900 B``."""
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
 
 
 def _fold(names: list[str]) -> str:
@@ -450,9 +457,9 @@ def place(
             for path in unit.modules:
                 target = _get(model, path)
                 if isinstance(target, nn.Module):
-                    placement.hooks.append(
-                        target.register_forward_pre_hook(mover.inputs_hook, with_kwargs=True)
-                    )
+                    first = re.fullmatch(r"language_model\.\w+\.0", path) is not None
+                    hook = mover.pass_hook if first else mover.inputs_hook
+                    placement.hooks.append(target.register_forward_pre_hook(hook, with_kwargs=True))
                     if path in _EXITS:
                         placement.hooks.append(target.register_forward_hook(mover.output_hook(main)))
         log.info("placement:\n%s", plan.summary())
@@ -475,29 +482,22 @@ def _move(model: nn.Module, path: str, device: torch.device) -> None:
 
 
 class _Mover:
-    """Moves a module's tensor arguments to its device. A tensor crossing to a device is kept with its
-    copy while unchanged (same object, same version), so a mask read by every layer moves once."""
+    """Moves a module's tensor arguments to its device. Within one pass of the language model a tensor
+    crossing to a device is moved once (a mask read by every layer); the first layer of each stack
+    starts a pass (nothing a pass hands its layers is changed in place during it)."""
 
-    def __init__(self, size: int = 32):
-        self.size = size
-        self._copies: OrderedDict[tuple[int, torch.device], tuple[torch.Tensor, int, torch.Tensor]] = (
-            OrderedDict()
-        )
+    def __init__(self):
+        self._copies: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def to(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
         if t.device == device:
             return t
-        if t.requires_grad:
-            return t.to(device)
         key = (id(t), device)
         hit = self._copies.get(key)
-        if hit is not None and hit[0] is t and hit[1] == t._version:
-            self._copies.move_to_end(key)
-            return hit[2]
+        if hit is not None and hit[0] is t:  # the tensor is held here: its id is not reused meanwhile
+            return hit[1]
         moved = t.to(device)
-        self._copies[key] = (t, t._version, moved)
-        while len(self._copies) > self.size:
-            self._copies.popitem(last=False)
+        self._copies[key] = (t, moved)
         return moved
 
     def tree(self, x, device: torch.device):
@@ -510,6 +510,10 @@ class _Mover:
     def inputs_hook(self, module: nn.Module, args: tuple, kwargs: dict):
         device = device_of(module)
         return self.tree(args, device), {k: self.tree(v, device) for k, v in kwargs.items()}
+
+    def pass_hook(self, module: nn.Module, args: tuple, kwargs: dict):
+        self._copies.clear()
+        return self.inputs_hook(module, args, kwargs)
 
     def output_hook(self, main: torch.device):
         def hook(module: nn.Module, args: tuple, output):
