@@ -121,8 +121,7 @@ def torchao_variants(layer: torch.nn.Linear):
             print(f"{name}: not measured ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
 
-def bench_linear(device: torch.device, clock: Clock, repeat: int) -> list[dict]:
-    rows = []
+def bench_linear(device: torch.device, clock: Clock, repeat: int, rows: list[dict], save) -> None:
     for m, k, n in LINEAR_SHAPES:
         if clock.left() < 20:
             break
@@ -147,7 +146,7 @@ def bench_linear(device: torch.device, clock: Clock, repeat: int) -> list[dict]:
                 rows.append(dict(rows_in_out=(m, k, n), kernel=name, us=seconds * 1e6, cosine=cos,
                                  weight_mb=weight_bytes / 1e6, gb_s=weight_bytes / seconds / 1e9))  # fmt: skip
                 print(f"linear {m}x{k}->{n} {name:24s} {seconds * 1e6:9.1f} us  cos {cos:.5f}", flush=True)
-    return rows
+        save()
 
 
 def _tensors(fn) -> list[torch.Tensor]:
@@ -186,8 +185,7 @@ def ours_generate(path: Path, device: torch.device, **options):
     return pipe, run
 
 
-def bench_generate(shape: str, device: torch.device, clock: Clock, args) -> list[dict]:
-    rows: list[dict] = []
+def bench_generate(shape: str, device: torch.device, clock: Clock, args, rows: list[dict], save) -> None:
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
         t0 = time.perf_counter()
         path = write(shape, Path(tmp) / shape, device=str(device), file_dtype=torch.float16)
@@ -196,9 +194,9 @@ def bench_generate(shape: str, device: torch.device, clock: Clock, args) -> list
         if device.type == "cuda":
             variants += [
                 ("blip2 int8 graphs", {"compile": True, "quantize": "int8"}),
-                ("blip2 int8 inductor+graphs", {"compile": "inductor", "quantize": "int8"}),
                 ("blip2 int4 graphs", {"compile": True, "quantize": "int4"}),
                 ("blip2 int8 bitsandbytes", {"quantize": "int8:bnb"}),
+                ("blip2 int8 inductor+graphs", {"compile": "inductor", "quantize": "int8"}),  # compiles: last
             ]
         elif args.dry_run_static:
             variants.append(("blip2 static", {"compile": "static"}))
@@ -225,7 +223,13 @@ def bench_generate(shape: str, device: torch.device, clock: Clock, args) -> list
                     same = ids == reference_ids.get(batch)
                     tps = batch * args.tokens / seconds
                     ref_row = next(
-                        (r for r in rows if r["variant"] == "reference" and r["batch"] == batch), None
+                        (
+                            r
+                            for r in rows
+                            if (r.get("shape"), r.get("variant"), r.get("batch"))
+                            == (shape, "reference", batch)
+                        ),
+                        None,
                     )
                     ratio = ref_row["seconds"] / seconds if ref_row else None
                     rows.append(dict(shape=shape, variant=name, batch=batch, tokens=args.tokens, seconds=seconds,
@@ -233,12 +237,12 @@ def bench_generate(shape: str, device: torch.device, clock: Clock, args) -> list
                     print(f"{shape} b{batch} {name:28s} {tps:9.1f} tok/s  x{ratio or 1:.2f}  "
                           f"same={same}", flush=True)  # fmt: skip
                 del holder, run  # free the device before the next variant
+                save()
             except Exception as e:  # noqa: BLE001 - one variant failing leaves the others' numbers
                 rows.append(dict(shape=shape, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}"))
                 print(f"{shape} {name}: {type(e).__name__}: {e}", flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    return rows
 
 
 def main() -> None:
@@ -260,14 +264,19 @@ def main() -> None:
                      "torch": torch.__version__}  # fmt: skip
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+
+    def save() -> None:  # after every measurement: a run cut short keeps what it measured
+        if args.out:
+            args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
     if "linear" in args.parts:
-        results["linear"] = bench_linear(device, clock, args.repeat)
+        results["linear"] = []
+        bench_linear(device, clock, args.repeat, results["linear"], save)
     if "generate" in args.parts:
         results["generate"] = []
         for shape in args.shapes:
-            results["generate"] += bench_generate(shape, device, clock, args)
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            bench_generate(shape, device, clock, args, results["generate"], save)
+    save()
     print(f"done with {clock.left():.0f} s of the budget left")
 
 

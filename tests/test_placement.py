@@ -207,6 +207,18 @@ def test_bad_device_maps_are_clear_errors(metas, device_map, message):
         plan_from_map(_sizes(metas, "blip2-opt-2.7b"), device_map)
 
 
+def test_budgets_from_max_memory_and_the_plan_summary(metas):
+    from blip2.placement import device_budgets
+
+    budgets = device_budgets({"cpu": "40GiB", 1: "12GiB", "cuda:0": 10 * GiB})
+    assert budgets == [(CUDA0, 10 * GiB), (CUDA1, 12 * GiB), (CPU, 40 * GiB)]
+    assert device_budgets()[-1][0] == CPU  # the CPU's available memory, last
+    plan = plan_auto(_sizes(metas, "blip2-opt-2.7b"), [(CUDA0, 3 * GiB), (CUDA1, 3 * GiB), (CPU, 64 * GiB)])
+    lines = plan.summary().splitlines()
+    assert lines[0].startswith("cuda:0: vision, qformer, language_model.embed, language_model.layers.0-")
+    assert lines[1].startswith("cuda:1: language_model.layers.") and lines[2].startswith("cpu: ")
+
+
 def test_memory_sizes_parse():
     assert parse_bytes("12GiB") == 12 * GiB
     assert parse_bytes("1.5GB") == 1_500_000_000

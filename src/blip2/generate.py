@@ -512,20 +512,8 @@ def generate_ids(
     are equal in all rows they are prefilled once, and with ``prefill_cache`` reused across calls
     (see :class:`OPTRunner`). ``decoder``: see :func:`make_runner`.
     """
-    return list(
-        _run(
-            lm,
-            embeds,
-            mask,
-            cfg,
-            prompt_ids,
-            prompt_mask,
-            stream=False,
-            prefill_cache=prefill_cache,
-            shared=shared,
-            decoder=decoder,
-        )
-    )[0]
+    [out] = _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, False, prefill_cache, shared, decoder)
+    return out
 
 
 def stream_ids(

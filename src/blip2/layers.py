@@ -268,6 +268,20 @@ class KVCache:
         self.v.copy_(self.v.index_select(0, index))
 
 
+def layer_caches(
+    layers: nn.ModuleList,
+    batch: int,
+    heads: int,
+    max_len: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device=None,
+) -> list[KVCache]:
+    """One cache per layer, each on its layer's device (a placement may split the layers) unless
+    ``device`` is given."""
+    return [KVCache(batch, heads, max_len, head_dim, dtype, device or device_of(layer)) for layer in layers]
+
+
 def normal_init_(module: nn.Module, std: float = 0.02) -> None:
     """Plain initialisation for modules built outside a checkpoint (training from scratch)."""
     for m in module.modules():

@@ -20,7 +20,7 @@ from .layers import (
     RMSNorm,
     attention,
     causal_mask,
-    device_of,
+    layer_caches,
     merge_heads,
     split_heads,
     window,
@@ -130,13 +130,10 @@ class Llama(nn.Module):
     def new_cache(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None
     ) -> list[KVCache]:
-        """Per-layer caches, each on its layer's device unless ``device`` is given."""
-        w = self.embed_tokens.weight
+        """Per-layer caches (``layers.layer_caches``)."""
         c = self.cfg
-        return [
-            KVCache(batch, c.num_kv_heads, max_len, c.head_dim, dtype or w.dtype, device or device_of(layer))
-            for layer in self.layers
-        ]
+        dtype = dtype or self.embed_tokens.weight.dtype
+        return layer_caches(self.layers, batch, c.num_kv_heads, max_len, c.head_dim, dtype, device)
 
     @staticmethod
     def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from .layers import (
     Linear,
     attention,
     causal_mask,
-    device_of,
+    layer_caches,
     merge_heads,
     split_heads,
     window,
@@ -93,15 +93,10 @@ class OPT(nn.Module):
     def new_cache(
         self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None
     ) -> list[KVCache]:
-        """Per-layer caches, each on its layer's device unless ``device`` is given."""
-        p = self.embed_positions.weight
+        """Per-layer caches (``layers.layer_caches``)."""
         h = self.cfg.num_heads
-        return [
-            KVCache(
-                batch, h, max_len, self.cfg.hidden_size // h, dtype or p.dtype, device or device_of(layer)
-            )
-            for layer in self.layers
-        ]
+        dtype = dtype or self.embed_positions.weight.dtype
+        return layer_caches(self.layers, batch, h, max_len, self.cfg.hidden_size // h, dtype, device)
 
     @staticmethod
     def positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -114,15 +114,17 @@ class CudaInt8Linear(nn.Module):
         return self.qweight.to(self.scale.dtype) * self.scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
+        # computed and returned in the float layer's dtype (the scale's), as that layer would: T5's
+        # float32 ``wo`` in a float16 model stays float32, where float16 would overflow
+        dtype = self.scale.dtype
         if self.kernel == "int8pack":
-            x2 = x.reshape(-1, self.in_features).to(self.scale.dtype)
+            x2 = x.reshape(-1, self.in_features).to(dtype)
             out = torch._weight_int8pack_mm(x2, self.qweight, self.scale).view(*x.shape[:-1], -1)
         else:
-            out = F.linear(x.to(self.scale.dtype), self.qweight.to(self.scale.dtype)) * self.scale
+            out = F.linear(x.to(dtype), self.qweight.to(dtype)) * self.scale
         if self.bias is not None:
             out = out + self.bias
-        return out.to(dtype)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
@@ -165,10 +167,12 @@ class CudaInt4Linear(nn.Module):
         in_features: int,
         group: int,
         kernel: str,
+        compute_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, scales_and_zeros.shape[1]
         self.group, self.kernel = group, kernel
+        self.compute_dtype = compute_dtype  # the float layer's dtype, as in CudaInt8Linear
         self.register_buffer("packed", packed)  # tinygemm: its int32 tile layout; dequant: (out, in/2) uint8
         self.register_buffer("scales_and_zeros", scales_and_zeros)
         self.register_buffer("bias", bias)
@@ -189,7 +193,7 @@ class CudaInt4Linear(nn.Module):
             inner_k_tiles = next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
             packed = torch._convert_weight_to_int4pack(packed.contiguous(), inner_k_tiles)
         bias = None if linear.bias is None else linear.bias.detach().to(device, weight.dtype)
-        return cls(packed, scales_and_zeros, bias, in_features, group, kernel)
+        return cls(packed, scales_and_zeros, bias, in_features, group, kernel, weight.dtype)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the layer multiplies by (the ``dequant`` kernel's packing)."""
@@ -199,15 +203,15 @@ class CudaInt4Linear(nn.Module):
         return (q * sz[..., :1] + sz[..., 1:]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if self.kernel == "tinygemm":
+        dtype = self.compute_dtype
+        if self.kernel == "tinygemm":  # bfloat16 in and out
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
             out = torch._weight_int4pack_mm(x2, self.packed, self.group, self.scales_and_zeros)
             out = out.view(*x.shape[:-1], self.out_features).to(dtype)
         else:
-            out = F.linear(x, self.dequantized(dtype))
+            out = F.linear(x.to(dtype), self.dequantized(dtype))
         if self.bias is not None:
-            out = out + self.bias.to(dtype)
+            out = out + self.bias
         return out
 
     def extra_repr(self) -> str:

@@ -23,6 +23,7 @@ from .layers import (
     RMSNorm,
     attention,
     device_of,
+    layer_caches,
     merge_heads,
     positions_from,
     split_heads,
@@ -233,9 +234,7 @@ class T5(nn.Module):
         if encoder_mask is None:
             encoder_mask = torch.ones(encoder_out.shape[:2], dtype=torch.long, device=encoder_out.device)
         return T5DecoderCache(
-            self_attn=[
-                KVCache(b, h, max_len, dh, encoder_out.dtype, device_of(layer)) for layer in self.decoder
-            ],
+            self_attn=layer_caches(self.decoder, b, h, max_len, dh, encoder_out.dtype),
             cross_kv=[_cross_kv(layer, encoder_out) for layer in self.decoder],
             cross_bias=_additive(encoder_mask, encoder_out.dtype)[:, None, None, :],
         )
