@@ -1,6 +1,6 @@
 """GPU speed: blip2 against the reference (`transformers`) in float16, and the int8 / int4 kernels.
 
-    python bench/gpu_bench.py --out results.json                 # on the GPU machine (bench/gpu_check.sh)
+    python bench/gpu_bench.py --out results.json                  # on the GPU machine (bench/gpu_check.sh)
     python bench/gpu_bench.py --device cpu --shapes tiny --budget 300   # a dry run of this script's code
 
 Two parts, each stopping where ``--budget`` seconds run out (what was measured is kept):
@@ -76,16 +76,15 @@ def timed(fn, device: torch.device, repeat: int, warmup: int = 1) -> tuple[float
 # ---- one linear layer -------------------------------------------------------------------------------------
 
 
-def linear_variants(layer: torch.nn.Linear, device: torch.device):
+def linear_variants(layer: torch.nn.Linear, device: torch.device, compile_too: bool):
     """(name, module or function) for each kernel that can run here."""
     yield "float16", layer
     cuda = device.type == "cuda"
     yield "int8 dequant", qc.quantize_layer(layer, 8, device, "dequant")
     if cuda:
-        yield (
-            "int8 dequant compiled",
-            torch.compile(qc.quantize_layer(layer, 8, device, "dequant"), dynamic=False),
-        )
+        if compile_too:  # a compile takes tens of seconds: the first (decode) shape only
+            compiled = torch.compile(qc.quantize_layer(layer, 8, device, "dequant"), dynamic=False)
+            yield "int8 dequant compiled", compiled
         if qc.has_cuda_kernel("_weight_int8pack_mm"):
             yield "int8 int8pack", qc.quantize_layer(layer, 8, device, "int8pack")
         yield "int4 tinygemm", qc.quantize_layer(layer, 4, device, "tinygemm")
@@ -98,10 +97,10 @@ def linear_variants(layer: torch.nn.Linear, device: torch.device):
             yield "nf4 bitsandbytes", qc.quantize_layer(layer, 4, device, "bnb")
         except ImportError:
             pass
-        yield from torchao_variants(layer)
+        yield from torchao_variants(layer, compile_too)
 
 
-def torchao_variants(layer: torch.nn.Linear):
+def torchao_variants(layer: torch.nn.Linear, compile_too: bool):
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except Exception as e:  # noqa: BLE001 - absent, or built for another torch
@@ -111,6 +110,8 @@ def torchao_variants(layer: torch.nn.Linear):
         ("torchao int8 compiled", Int8WeightOnlyConfig()),
         ("torchao int4", Int4WeightOnlyConfig()),
     ):
+        if "compiled" in name and not compile_too:
+            continue
         try:
             copy = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             copy = copy.to(layer.weight.device, layer.weight.dtype)
@@ -130,7 +131,7 @@ def bench_linear(device: torch.device, clock: Clock, repeat: int, rows: list[dic
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         with torch.inference_mode():
             expected = layer(x).float()
-            for name, fn in linear_variants(layer, device):
+            for name, fn in linear_variants(layer, device, compile_too=(m, k, n) == LINEAR_SHAPES[0]):
                 if clock.left() < 10:
                     break
                 try:
@@ -196,8 +197,9 @@ def bench_generate(shape: str, device: torch.device, clock: Clock, args, rows: l
                 ("blip2 int8 graphs", {"compile": True, "quantize": "int8"}),
                 ("blip2 int4 graphs", {"compile": True, "quantize": "int4"}),
                 ("blip2 int8 bitsandbytes", {"quantize": "int8:bnb"}),
-                ("blip2 int8 inductor+graphs", {"compile": "inductor", "quantize": "int8"}),  # compiles: last
             ]
+            if shape == args.shapes[0]:  # compiling takes a minute or so: the first shape only
+                variants.append(("blip2 int8 inductor+graphs", {"compile": "inductor", "quantize": "int8"}))
         elif args.dry_run_static:
             variants.append(("blip2 static", {"compile": "static"}))
         reference_ids: dict[int, list] = {}
@@ -213,7 +215,7 @@ def bench_generate(shape: str, device: torch.device, clock: Clock, args, rows: l
                     else ours_generate(path, device, **options)
                 )
                 load = time.perf_counter() - t0
-                for batch in args.batch:
+                for batch in args.batch[:1] if "inductor" in name else args.batch:  # one compile
                     images = make_images(batch, 224, seed=batch)
                     prompts = ["a photo of"] * batch
                     call = partial(run, images, prompts, args.tokens)
@@ -248,7 +250,7 @@ def bench_generate(shape: str, device: torch.device, clock: Clock, args, rows: l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--shapes", nargs="+", default=["small", "opt-2.7b"])
+    ap.add_argument("--shapes", nargs="+", default=["opt-2.7b", "small"])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)

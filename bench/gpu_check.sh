@@ -52,7 +52,7 @@ fi
 
 if [[ $parts == *bench* ]]; then
     start=$(date +%s)
-    timeout 200 python3 bench/gpu_bench.py --budget 170 --shapes small opt-2.7b --out "$OUT/bench.json" \
+    timeout 200 python3 bench/gpu_bench.py --budget 170 --shapes opt-2.7b small --out "$OUT/bench.json" \
         > "$OUT/bench.log" 2>&1
     echo "bench: exit $? in $(( $(date +%s) - start )) s"
     grep -vi warn "$OUT/bench.log" | tail -40

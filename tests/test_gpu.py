@@ -199,6 +199,7 @@ def test_logits_match_reference(kind_path, dtype):
     kind, path = kind_path
     if CUDA:
         torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False  # the patch embedding's convolution
     ref, _ = _reference(path, dtype)
     m = blip2.load(path, device=DEVICE, dtype=dtype)
     images = make_images(3, SIZE, seed=3)
@@ -411,6 +412,7 @@ def test_auto_split_over_gpu_and_cpu_equals_one_device(kind_path):
 
     kind, path = kind_path
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     one = blip2.load(path, device="cuda", dtype=torch.float32)
     units = model_units(meta_model(one.config), torch.float32)
     front = sum(u.bytes for u in units if u.name in FRONT_UNITS)

@@ -327,11 +327,9 @@ def plan_from_map(units: list[Unit], device_map: Mapping) -> Plan:
     for unit in units:
         found: dict[str, torch.device] = {}
         for module in unit.modules:
-            # a key naming the unit (``language_model.layers.31``) takes its norm and head along
-            key = max(
-                (_most_specific(module, keys), _most_specific(unit.name, keys)),
-                key=lambda k: len(k or "") if k is not None else -1,
-            )
+            # the most specific key naming the module or the unit (``language_model.layers.31`` takes
+            # the final norm and head along)
+            key = _most_specific([module, unit.name], keys)
             if key is not None:
                 found[module] = keys[key]
                 used.add(key)
@@ -373,8 +371,9 @@ def _expand(key: str) -> list[str]:
     return [f"{m.group(1)}{i}" for i in range(lo, hi + 1)]
 
 
-def _most_specific(path: str, keys: Mapping[str, torch.device]) -> str | None:
-    matching = [k for k in keys if k == "" or path == k or path.startswith(k + ".")]
+def _most_specific(paths: list[str], keys: Mapping[str, torch.device]) -> str | None:
+    """The longest key that is ``""``, one of ``paths`` or a prefix (up to a dot) of one."""
+    matching = [k for k in keys for p in paths if k == "" or p == k or p.startswith(k + ".")]
     return max(matching, key=len, default=None)
 
 
