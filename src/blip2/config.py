@@ -7,11 +7,14 @@ translated once, here, into our own field names; no other module reads or writes
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .layers import ACTIVATIONS
 
 # Architectures we can build, keyed by the hub's class name.
 GENERATION_ARCHITECTURES = {"Blip2ForConditionalGeneration", "Blip2Model"}
@@ -131,10 +134,8 @@ class Blip2Config:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no config.json in this checkpoint folder") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: config.json does not hold a JSON object")
         return _blip2_from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,137 +144,271 @@ class Blip2Config:
         return _blip2_to_dict(self)
 
 
-def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
+# ---- reading: the hub's keys -> our fields, each value checked ------------------------------------------
 
 
-def _int_or_first(value: Any) -> int:
-    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
+def _shown(value: Any) -> str:
+    """A value as it reads in the JSON file, cut short."""
+    text = (
+        json.dumps(value)
+        if isinstance(value, (dict, list, str, int, float, bool, type(None)))
+        else repr(value)
+    )
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _vision_from_dict(d: dict[str, Any]) -> VisionConfig:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Fields:
+    """Typed reads from one JSON object of a checkpoint file (``config.json``, its sections, a shard index,
+    ``generation_config.json``).
+
+    A key that is absent or null gives the default; a value of the wrong type or out of range is a
+    ``CheckpointError`` naming the file, the key (``vision_config.hidden_size``) and what it must be.
+    """
+
+    def __init__(self, data: Any, source: str, where: str = ""):
+        if not isinstance(data, dict):
+            what = where or "the file"
+            raise CheckpointError(f"{source}: {what} must be a JSON object, not {_shown(data)}")
+        self.data, self.source, self.where = data, source, where
+
+    def key(self, name: str) -> str:
+        """The dotted path of ``name`` in the file, for messages."""
+        return f"{self.where}.{name}" if self.where else name
+
+    def fail(self, name: str, expected: str) -> CheckpointError:
+        return CheckpointError(
+            f"{self.source}: {self.key(name)} must be {expected}, not {_shown(self.data.get(name))}"
+        )
+
+    def has(self, name: str) -> bool:
+        return self.data.get(name) is not None
+
+    def _first(self, names: tuple[str, ...]) -> str | None:
+        return next((n for n in names if self.has(n)), None)
+
+    def section(self, name: str) -> Fields:
+        """A nested object (absent or null: empty)."""
+        value = self.data.get(name)
+        return Fields({} if value is None else value, self.source, self.key(name))
+
+    def integer(self, *names: str, default: Any = None, min: int | None = None, listed: bool = False) -> Any:
+        """The first of ``names`` present, an integer (>= ``min``). ``listed``: ``[n, ...]`` gives ``n``."""
+        name = self._first(names)
+        if name is None:
+            return default
+        value = self.data[name]
+        if listed and isinstance(value, list) and value:
+            value = value[0]
+        expected = "an integer" + (f" >= {min}" if min is not None else "")
+        if not _is_int(value) or (min is not None and value < min):
+            raise self.fail(name, expected + (" (or a list of them)" if listed else ""))
+        return value
+
+    def number(self, *names: str, default: Any = None, positive: bool = False) -> Any:
+        """The first of ``names`` present, a finite number (> 0 when ``positive``)."""
+        name = self._first(names)
+        if name is None:
+            return default
+        value = self.data[name]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (positive and value <= 0):
+            raise self.fail(name, "a positive number" if positive else "a finite number")
+        return float(value)
+
+    def flag(self, *names: str, default: Any = None) -> Any:
+        name = self._first(names)
+        if name is None:
+            return default
+        if not isinstance(self.data[name], bool):
+            raise self.fail(name, "true or false")
+        return self.data[name]
+
+    def text(self, *names: str, default: Any = None, choices: Collection[str] | None = None) -> Any:
+        name = self._first(names)
+        if name is None:
+            return default
+        value = self.data[name]
+        if not isinstance(value, str) or (choices is not None and value not in choices):
+            raise self.fail(name, "a string" if choices is None else f"one of {sorted(choices)}")
+        return value
+
+    def texts(self, name: str) -> list[str]:
+        """A list of strings (absent or null: empty)."""
+        value = self.data.get(name)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise self.fail(name, "a list of strings")
+        return value
+
+    def token_id(self, name: str, default: int | None, vocab_size: int | None = None) -> int | None:
+        """A token id: absent gives ``default``, null gives None (no such token)."""
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        if value is None:
+            return None
+        if not _is_int(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
+            limit = f" below the vocabulary size {vocab_size}" if vocab_size is not None else ""
+            raise self.fail(name, f"a token id (an integer >= 0{limit}) or null")
+        return value
+
+    def divisible(self, width: str, heads: str, width_value: int, heads_value: int) -> None:
+        """Attention splits ``width`` evenly over ``heads``."""
+        if width_value % heads_value:
+            raise CheckpointError(
+                f"{self.source}: {self.key(width)} ({width_value}) must be divisible by "
+                f"{self.key(heads)} ({heads_value})"
+            )
+
+
+def _vision_from_dict(f: Fields) -> VisionConfig:
     base = VisionConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    f.divisible("hidden_size", "num_attention_heads", hidden, heads)
+    image_size = f.integer("image_size", default=base.image_size, min=1, listed=True)
+    patch_size = f.integer("patch_size", default=base.patch_size, min=1, listed=True)
+    if patch_size > image_size:
+        raise f.fail("patch_size", f"at most the image size ({image_size})")
     return VisionConfig(
-        hidden_size=_get(d, "hidden_size", default=base.hidden_size),
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
-        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
-        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
-        image_size=_int_or_first(_get(d, "image_size", default=base.image_size)),
-        patch_size=_int_or_first(_get(d, "patch_size", default=base.patch_size)),
-        layer_norm_eps=_get(d, "layer_norm_eps", default=base.layer_norm_eps),
-        qkv_bias=_get(d, "qkv_bias", default=base.qkv_bias),
-        activation=_get(d, "hidden_act", default=base.activation),
-    )
-
-
-def _qformer_from_dict(d: dict[str, Any], vision: VisionConfig, retrieval: bool) -> QFormerConfig:
-    base = QFormerConfig()
-    return QFormerConfig(
-        hidden_size=_get(d, "hidden_size", default=base.hidden_size),
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
-        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
-        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
-        layer_norm_eps=_get(d, "layer_norm_eps", default=base.layer_norm_eps),
-        cross_attention_every=_get(d, "cross_attention_frequency", default=base.cross_attention_every),
-        encoder_hidden_size=vision.hidden_size,
-        activation=_get(d, "hidden_act", default=base.activation),
-        has_text_input=bool(_get(d, "use_qformer_text_input", default=retrieval)),
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
-        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
-        pad_token_id=_get(d, "pad_token_id", default=base.pad_token_id),
-    )
-
-
-def _opt_from_dict(d: dict[str, Any]) -> OPTConfig:
-    base = OPTConfig()
-    hidden = _get(d, "hidden_size", default=base.hidden_size)
-    return OPTConfig(
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
         hidden_size=hidden,
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
-        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
-        mlp_size=_get(d, "ffn_dim", default=base.mlp_size),
-        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
-        word_embed_proj_dim=_get(d, "word_embed_proj_dim", default=hidden),
-        pre_norm=_get(d, "do_layer_norm_before", default=True),
-        final_norm=_get(d, "do_layer_norm_before", default=True)
-        and not d.get("_remove_final_layer_norm", False),
-        bias=_get(d, "enable_bias", default=True),
-        norm_affine=_get(d, "layer_norm_elementwise_affine", default=True),
-        activation=_get(d, "activation_function", default="relu"),
-        tie_word_embeddings=_get(d, "tie_word_embeddings", default=True),
-        bos_token_id=d.get("bos_token_id", base.bos_token_id),
-        eos_token_id=d.get("eos_token_id", base.eos_token_id),
-        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
+        num_heads=heads,
+        mlp_size=f.integer("intermediate_size", default=base.mlp_size, min=1),
+        image_size=image_size,
+        patch_size=patch_size,
+        layer_norm_eps=f.number("layer_norm_eps", default=base.layer_norm_eps, positive=True),
+        qkv_bias=f.flag("qkv_bias", default=base.qkv_bias),
+        activation=f.text("hidden_act", default=base.activation, choices=ACTIVATIONS),
     )
 
 
-def _t5_from_dict(d: dict[str, Any]) -> T5Config:
+def _qformer_from_dict(f: Fields, vision: VisionConfig, retrieval: bool) -> QFormerConfig:
+    base = QFormerConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    f.divisible("hidden_size", "num_attention_heads", hidden, heads)
+    vocab = f.integer("vocab_size", default=base.vocab_size, min=1)
+    return QFormerConfig(
+        hidden_size=hidden,
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
+        num_heads=heads,
+        mlp_size=f.integer("intermediate_size", default=base.mlp_size, min=1),
+        layer_norm_eps=f.number("layer_norm_eps", default=base.layer_norm_eps, positive=True),
+        cross_attention_every=f.integer(
+            "cross_attention_frequency", default=base.cross_attention_every, min=1
+        ),
+        encoder_hidden_size=vision.hidden_size,
+        activation=f.text("hidden_act", default=base.activation, choices=ACTIVATIONS),
+        has_text_input=f.flag("use_qformer_text_input", default=retrieval),
+        vocab_size=vocab,
+        max_position_embeddings=f.integer(
+            "max_position_embeddings", default=base.max_position_embeddings, min=1
+        ),
+        pad_token_id=f.integer("pad_token_id", default=base.pad_token_id, min=0),
+    )
+
+
+def _opt_from_dict(f: Fields) -> OPTConfig:
+    base = OPTConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    f.divisible("hidden_size", "num_attention_heads", hidden, heads)
+    vocab = f.integer("vocab_size", default=base.vocab_size, min=1)
+    pre_norm = f.flag("do_layer_norm_before", default=True)
+    return OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
+        num_heads=heads,
+        mlp_size=f.integer("ffn_dim", default=base.mlp_size, min=1),
+        max_position_embeddings=f.integer(
+            "max_position_embeddings", default=base.max_position_embeddings, min=1
+        ),
+        word_embed_proj_dim=f.integer("word_embed_proj_dim", default=hidden, min=1),
+        pre_norm=pre_norm,
+        final_norm=pre_norm and not f.flag("_remove_final_layer_norm", default=False),
+        bias=f.flag("enable_bias", default=True),
+        norm_affine=f.flag("layer_norm_elementwise_affine", default=True),
+        activation=f.text("activation_function", default="relu", choices=ACTIVATIONS),
+        tie_word_embeddings=f.flag("tie_word_embeddings", default=True),
+        bos_token_id=f.token_id("bos_token_id", base.bos_token_id),
+        eos_token_id=f.token_id("eos_token_id", base.eos_token_id),
+        pad_token_id=f.token_id("pad_token_id", base.pad_token_id, vocab_size=vocab),  # an embedding row
+    )
+
+
+def _t5_from_dict(f: Fields) -> T5Config:
     base = T5Config()
-    ff = _get(d, "feed_forward_proj", default="gated-gelu")
+    ff = f.text("feed_forward_proj", default="gated-gelu")
     gated = ff.startswith("gated-")
     act = ff.split("-")[-1]
     # T5's own config maps "gated-gelu" to the tanh approximation.
-    act = _get(d, "dense_act_fn", default=("gelu_new" if act == "gelu" else act))
-    num_layers = _get(d, "num_layers", default=base.num_layers)
+    act = "gelu_new" if act == "gelu" else act
+    if not f.has("dense_act_fn") and act not in ACTIVATIONS:
+        raise f.fail(
+            "feed_forward_proj", f"'[gated-]ACTIVATION' with ACTIVATION one of {sorted(ACTIVATIONS)}"
+        )
+    num_layers = f.integer("num_layers", default=base.num_layers, min=1)
     return T5Config(
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
-        hidden_size=_get(d, "d_model", default=base.hidden_size),
-        head_dim=_get(d, "d_kv", default=base.head_dim),
-        num_heads=_get(d, "num_heads", default=base.num_heads),
-        mlp_size=_get(d, "d_ff", default=base.mlp_size),
+        vocab_size=f.integer("vocab_size", default=base.vocab_size, min=1),
+        hidden_size=f.integer("d_model", default=base.hidden_size, min=1),
+        head_dim=f.integer("d_kv", default=base.head_dim, min=1),
+        num_heads=f.integer("num_heads", default=base.num_heads, min=1),
+        mlp_size=f.integer("d_ff", default=base.mlp_size, min=1),
         num_layers=num_layers,
-        num_decoder_layers=_get(d, "num_decoder_layers", default=num_layers),
-        relative_attention_num_buckets=_get(
-            d, "relative_attention_num_buckets", default=base.relative_attention_num_buckets
+        num_decoder_layers=f.integer("num_decoder_layers", default=num_layers, min=1),
+        relative_attention_num_buckets=f.integer(
+            "relative_attention_num_buckets", default=base.relative_attention_num_buckets, min=1
         ),
-        relative_attention_max_distance=_get(
-            d, "relative_attention_max_distance", default=base.relative_attention_max_distance
+        relative_attention_max_distance=f.integer(
+            "relative_attention_max_distance", default=base.relative_attention_max_distance, min=1
         ),
-        layer_norm_eps=_get(d, "layer_norm_epsilon", default=base.layer_norm_eps),
-        gated=_get(d, "is_gated_act", default=gated),
-        activation=act,
-        tie_word_embeddings=_get(d, "tie_word_embeddings", default=True),
-        scale_decoder_outputs=_get(
-            d, "scale_decoder_outputs", default=d.get("tie_word_embeddings") is not False
+        layer_norm_eps=f.number("layer_norm_epsilon", default=base.layer_norm_eps, positive=True),
+        gated=f.flag("is_gated_act", default=gated),
+        activation=f.text("dense_act_fn", default=act, choices=ACTIVATIONS),
+        tie_word_embeddings=f.flag("tie_word_embeddings", default=True),
+        scale_decoder_outputs=f.flag(
+            "scale_decoder_outputs", default=f.data.get("tie_word_embeddings") is not False
         ),
-        decoder_start_token_id=_get(d, "decoder_start_token_id", default=0),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id", base.eos_token_id),
-        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+        decoder_start_token_id=f.integer("decoder_start_token_id", default=0, min=0),
+        bos_token_id=f.token_id("bos_token_id", None),
+        eos_token_id=f.token_id("eos_token_id", base.eos_token_id),
+        pad_token_id=f.token_id("pad_token_id", base.pad_token_id),
     )
 
 
-def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Config:
-    archs = set(d.get("architectures") or [])
-    model_type = d.get("model_type")
-    if model_type not in (None, "blip-2", "blip_2") and not archs & (
-        GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES
-    ):
+def _blip2_from_dict(d: Any, source: str = "config.json") -> Blip2Config:
+    f = Fields(d, source)
+    archs = set(f.texts("architectures"))
+    model_type = f.text("model_type")
+    known = GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES
+    if model_type not in (None, "blip-2", "blip_2") and not archs & known:
         raise CheckpointError(
             f"{source}: model_type {model_type!r} is not a BLIP-2 checkpoint "
-            f"(expected 'blip-2' with one of {sorted(GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES)})"
+            f"(expected 'blip-2' with one of {sorted(known)})"
         )
-    unknown = archs - GENERATION_ARCHITECTURES - RETRIEVAL_ARCHITECTURES
-    if unknown and not archs & (GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES):
+    unknown = archs - known
+    if unknown and not archs & known:
         raise CheckpointError(
-            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds "
-            f"{sorted(GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES)}"
+            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds {sorted(known)}"
         )
     retrieval = bool(archs & RETRIEVAL_ARCHITECTURES)
-    vision = _vision_from_dict(d.get("vision_config") or {})
-    qformer = _qformer_from_dict(d.get("qformer_config") or {}, vision, retrieval)
+    vision = _vision_from_dict(f.section("vision_config"))
+    qformer = _qformer_from_dict(f.section("qformer_config"), vision, retrieval)
     text: OPTConfig | T5Config | None = None
     if not retrieval:
-        td = d.get("text_config") or {}
-        text_type = td.get("model_type", "opt")
+        tf = f.section("text_config")
+        text_type = tf.text("model_type", default="opt")
         if text_type == "opt":
-            text = _opt_from_dict(td)
+            text = _opt_from_dict(tf)
         elif text_type in ("t5", "mt5", "umt5"):
-            text = _t5_from_dict(td)
+            text = _t5_from_dict(tf)
         else:
             raise CheckpointError(
                 f"{source}: language model type {text_type!r} is not supported (blip2 runs 'opt' and 't5')"
@@ -282,9 +417,9 @@ def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Con
         vision=vision,
         qformer=qformer,
         text=text,
-        num_query_tokens=_get(d, "num_query_tokens", default=32),
-        image_token_index=_get(d, "image_token_index", "image_token_id"),
-        image_text_hidden_size=_get(d, "image_text_hidden_size", default=256),
+        num_query_tokens=f.integer("num_query_tokens", default=32, min=1),
+        image_token_index=f.integer("image_token_index", "image_token_id", min=0),
+        image_text_hidden_size=f.integer("image_text_hidden_size", default=256, min=1),
         retrieval=retrieval,
     )
 
