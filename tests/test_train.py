@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import shutil
 import tarfile
 from collections import Counter
 
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 
 import blip2
 from blip2.api import _load_processor, build_model
+from blip2.errors import CheckpointError
+from blip2.train import loop
 from blip2.train import stage1 as s1
 from blip2.train.data import Batch, open_dataset
 from blip2.train.loop import TrainConfig, make_stage, prepare, train
@@ -352,12 +356,88 @@ def test_resume_gives_the_same_weights(itm_ckpt, data_dir, tmp_path):
     a, b = read_state(whole), read_state(parts)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa = torch.load(whole / "train_state" / "state.pt", weights_only=False)["trained"]
-    sb = torch.load(parts / "train_state" / "state.pt", weights_only=False)["trained"]
+    sa = torch.load(whole / "train_state" / "state.pt", weights_only=True)["trained"]
+    sb = torch.load(parts / "train_state" / "state.pt", weights_only=True)["trained"]
     for k in sa:  # the ITG head and temperature too
         assert torch.equal(sa[k], sb[k]), k
     assert [r["step"] for r in _log(parts)] == list(range(1, 5))
     assert [r["loss"] for r in _log(parts)] == [r["loss"] for r in _log(whole)]
+
+
+@pytest.fixture(scope="module")
+def interrupted(opt_ckpt, data_dir, tmp_path_factory):
+    """The output folder of a run stopped after its first of three steps (training state saved)."""
+    out = tmp_path_factory.mktemp("interrupted")
+    assert _run(opt_ckpt, data_dir, out, 2, steps=3, stop_after=1).interrupted
+    return out
+
+
+def _state_copy(interrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    return out, out / "train_state"
+
+
+class _RunsCode:
+    """Unpickling this runs code: it writes ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("name", ["state.pt", "rng.0.pt"])
+def test_resume_refuses_a_pickle_that_runs_code(name, opt_ckpt, data_dir, interrupted, tmp_path):
+    out, state = _state_copy(interrupted, tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({"progress": _RunsCode(marker), "step": 1, "rng": _RunsCode(marker)}, state / name)
+    with pytest.raises(CheckpointError, match=f"{name}: refused"):
+        _run(opt_ckpt, data_dir, out, 2, steps=3, resume=True)
+    assert not marker.exists()
+    torch.load(state / name, weights_only=False)  # the file is a real exploit: a plain load runs it
+    assert marker.read_text() == "ran"
+
+
+def _rewrite(path, edit):
+    data = torch.load(path, weights_only=True)
+    edit(data)
+    torch.save(data, path)
+
+
+STATE_DAMAGE = {
+    "rng file missing": (lambda s: (s / "rng.0.pt").unlink(), "rng.0.pt: missing"),
+    "rng of another step": (lambda s: _rewrite(s / "rng.0.pt", lambda d: d.update(step=0)), "rng.0.pt: random state of step 0"),
+    "rng state gutted": (lambda s: _rewrite(s / "rng.0.pt", lambda d: d["rng"].pop("numpy")), "rng.0.pt: the random state"),
+    "state without optimizer": (lambda s: _rewrite(s / "state.pt", lambda d: d.pop("optimizer")), "state.pt: not a complete"),
+    "state truncated": (lambda s: (s / "state.pt").write_bytes((s / "state.pt").read_bytes()[:100]), "state.pt: unreadable"),
+    "trained tensor reshaped": (
+        lambda s: _rewrite(s / "state.pt", lambda d: d["trained"].update({"model.queries": torch.zeros(3)})),
+        "state.pt: model.queries has shape",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
+def test_resume_fails_clearly_on_damaged_state(damage, opt_ckpt, data_dir, interrupted, tmp_path):
+    out, state = _state_copy(interrupted, tmp_path)
+    edit, message = STATE_DAMAGE[damage]
+    edit(state)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        _run(opt_ckpt, data_dir, out, 2, steps=3, resume=True)
+
+
+def test_every_rank_checks_every_rng_file(interrupted, tmp_path, monkeypatch):
+    """Under DDP a rank whose RNG file is missing must not leave the others waiting: rank 0 refuses too."""
+    out, state = _state_copy(interrupted, tmp_path)
+    _rewrite(state / "state.pt", lambda d: d["progress"]["setup"].update(world=2))
+    shutil.copyfile(state / "rng.0.pt", state / "rng.1.pt")
+    setup = torch.load(state / "state.pt", weights_only=True)["progress"]["setup"]
+    monkeypatch.setattr(loop, "dist_info", lambda: (0, 2))
+    (state / "rng.1.pt").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"{state / 'rng.1.pt'}: missing")):
+        loop.load_state(out, None, None, setup)  # refused before the model or optimizer is touched
 
 
 # ---- data -------------------------------------------------------------------------------------------------
