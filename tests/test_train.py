@@ -190,63 +190,98 @@ def test_itg_mask_and_loss_by_hand():
     assert s1.itg_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_stage1_losses_on_the_model(itm_ckpt):
+def _itg_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> additive (B, 1, Q+T, Q+T), entry by entry: a query sees the queries; a text token sees
+    the queries and the real (non-padding) tokens up to itself, padding itself too."""
+    b, t = text_mask.shape
+    n = num_queries + t
+    blocked = torch.full((b, 1, n, n), torch.finfo(torch.float32).min)
+    for r in range(b):
+        for i in range(n):
+            for j in range(n):
+                text_ok = j >= num_queries and (j == i or (j < i and text_mask[r, j - num_queries]))
+                if j < num_queries or (i >= num_queries and text_ok):
+                    blocked[r, 0, i, j] = 0.0
+    return blocked
+
+
+def test_stage1_losses_equal_a_recomputation_from_the_reference(itm_ckpt):
+    """ITC, ITM and ITG re-computed plainly from the reference's retrieval model (its vision model,
+    query tokens, Q-Former, embeddings, projections and ITM head) on the same batch and weights.
+
+    The hard negatives are drawn as the stage draws them (softmax of the similarities over the
+    temperature, the example's own image and text excluded) from the same seed. The reference has no
+    ITG head (its retrieval model does not train): the stage's BERT LM head weights are applied here
+    by hand to the reference Q-Former's text outputs, with the reference's word embeddings as decoder."""
+    from transformers.activations import ACT2FN
+
+    n = 4
     stage, processor, _ = _stage(itm_ckpt, 1)
-    stage.eval()  # no dropout: the losses are deterministic
-    batch = _batch(processor, 2)
+    stage.eval()  # no dropout: the losses are deterministic but for the negatives' draw
+    batch = _batch(processor, n, seed=7)
+    torch.manual_seed(11)
     with torch.no_grad():
         loss, parts = stage(batch)
-        assert loss.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
-        m = stage.model
-        ids, mask = stage.tokenize(batch.texts)
-        vision = m.vision(batch.pixels)
-        q_out = m.qformer(queries=m.queries.expand(2, -1, -1), image=vision)
-        img = m.image_embeddings(q_out)
-        txt = m.text_embeddings(ids, mask)
-        sims = [
-            [max(float(img[i, q] @ txt[t]) for q in range(img.shape[1])) for t in range(2)] for i in range(2)
-        ]
-        i2t = [[sims[i][t] / 0.07 for t in range(2)] for i in range(2)]
-        t2i = [[sims[i][t] / 0.07 for i in range(2)] for t in range(2)]
-        itc = (
-            sum(_smoothed_ce(i2t[b], b) for b in range(2)) + sum(_smoothed_ce(t2i[b], b) for b in range(2))
-        ) / 4
-        assert parts["itc"].item() == pytest.approx(itc, rel=1e-5)
-        # with two different images the one hard negative is the other example
-        pairs = [
-            (0, 0),
-            (1, 1),
-            (1, 0),
-            (0, 1),
-            (0, 1),
-            (1, 0),
-        ]  # (image, text): positives, neg images, neg texts
-        logits = m.itm_logits(
-            vision[[i for i, _ in pairs]], ids[[t for _, t in pairs]], mask[[t for _, t in pairs]]
-        )
-        itm = sum(_smoothed_ce(logits[k].tolist(), 1 if k < 2 else 0, eps=0.0) for k in range(6)) / 6
+    assert loss.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+
+    ref, ref_processor = load_reference(itm_ckpt)
+    ids, mask = stage.tokenize(batch.texts)
+    enc = ref_processor.tokenizer(batch.texts, padding=True, return_tensors="pt")
+    assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"])
+    pixels, temp = batch.pixels, stage.temp.item()
+    assert temp == pytest.approx(0.07)
+
+    with torch.no_grad():
+        # ITC: the reference's similarities (max over queries of the cosines), smoothed CE both ways
+        sims = ref(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits_per_image  # (I, T)
+        itc = sum(_smoothed_ce((sims[b] / temp).tolist(), b) for b in range(n))
+        itc += sum(_smoothed_ce((sims[:, b] / temp).tolist(), b) for b in range(n))
+        assert parts["itc"].item() == pytest.approx(itc / (2 * n), rel=1e-5)
+
+        # ITM: one negative image per text and one negative text per image, then the reference's head
+        torch.manual_seed(11)
+        own = torch.eye(n, dtype=torch.bool)
+        neg_image = torch.multinomial(torch.softmax((sims.T / temp).masked_fill(own, -torch.inf), 1), 1)[:, 0]
+        neg_text = torch.multinomial(torch.softmax((sims / temp).masked_fill(own, -torch.inf), 1), 1)[:, 0]
+        pairs = [(b, b) for b in range(n)]
+        pairs += [(int(neg_image[b]), b) for b in range(n)] + [(b, int(neg_text[b])) for b in range(n)]
+        image_rows, text_rows = [i for i, _ in pairs], [t for _, t in pairs]
+        itm_logits = ref(
+            pixel_values=pixels[image_rows],
+            input_ids=ids[text_rows],
+            attention_mask=mask[text_rows],
+            use_image_text_matching_head=True,
+        ).logits_per_image  # (3n, 2)
+        labels = [1] * n + [0] * (2 * n)
+        itm = sum(_smoothed_ce(itm_logits[k].tolist(), labels[k], eps=0.0) for k in range(3 * n)) / (3 * n)
         assert parts["itm"].item() == pytest.approx(itm, rel=1e-5)
-        # ITG: [DEC] (here the tokenizer's [CLS]) first, causal text over the queries, BERT LM head
+
+        # ITG: [DEC] (or [CLS]) first; queries and causal text through the reference's Q-Former
+        tok = ref_processor.tokenizer
+        dec_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        assert stage.dec_id == dec_id
         dec = ids.clone()
-        dec[:, 0] = stage.dec_id
-        out = m.qformer(
-            queries=m.queries.expand(2, -1, -1),
-            image=vision,
-            input_ids=dec,
-            self_attn_mask=s1.itg_attention_mask(m.cfg.num_query_tokens, mask),
-        )[:, m.cfg.num_query_tokens :]
-        h = stage.text_head
-        scores = F.layer_norm(
-            F.gelu(out @ h.dense.weight.T + h.dense.bias), (out.shape[-1],), h.norm.weight, h.norm.bias, 1e-12
-        )
-        scores = scores @ m.qformer.word_embed.weight.T + h.bias
+        dec[:, 0] = dec_id
+        q = ref.query_tokens.shape[1]
+        vision = ref.vision_model(pixel_values=pixels).last_hidden_state
+        embeds = ref.embeddings(input_ids=dec, query_embeds=ref.query_tokens.expand(n, -1, -1))
+        text_out = ref.qformer(
+            query_embeds=embeds,
+            query_length=q,
+            attention_mask=_itg_mask(q, mask),
+            encoder_hidden_states=vision,
+        ).last_hidden_state[:, q:]
+        h, qcfg = stage.text_head, ref.config.qformer_config
+        hidden = ACT2FN[qcfg.hidden_act](F.linear(text_out, h.dense.weight, h.dense.bias))
+        hidden = F.layer_norm(hidden, (qcfg.hidden_size,), h.norm.weight, h.norm.bias, qcfg.layer_norm_eps)
+        scores = hidden @ ref.embeddings.word_embeddings.weight.T + h.bias  # (n, T, V)
         terms = [
             _smoothed_ce(scores[b, t].tolist(), int(dec[b, t + 1]))
-            for b in range(2)
+            for b in range(n)
             for t in range(dec.shape[1] - 1)
             if mask[b, t + 1]
         ]
-        assert parts["itg"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+        assert parts["itg"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 # ---- freezing --------------------------------------------------------------------------------------------
