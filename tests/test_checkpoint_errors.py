@@ -199,7 +199,10 @@ CASES = {
     # shard indexes
     "index a list": (_write(INDEX, "[1]"), INDEX, "JSON object"),
     "weight_map a list": (_index(["model.safetensors"]), INDEX, "weight_map must be a JSON object"),
-    "weight_map to numbers": (_index({"query_tokens": 3}), INDEX, "weight_map.query_tokens"),
+    "weight_map to numbers": (_index({"query_tokens": 3}), INDEX, "weight_map.query_tokens must be a shard"),
+    "weight_map to null": (_index({"query_tokens": None}), INDEX, "weight_map.query_tokens must be a shard file name"),
+    "weight_map to empty name": (_index({"query_tokens": ""}), INDEX, "weight_map.query_tokens"),
+    "weight_map to a list": (_index({"query_tokens": ["a"]}), INDEX, "weight_map.query_tokens"),
     "weight_map empty": (_index({}), INDEX, "no shard"),
     "shard up and out": (_index_to("../x.safetensors", outside=True), INDEX, "outside the checkpoint folder"),
     "shard absolute": (_index_to("/etc/passwd"), INDEX, "outside the checkpoint folder"),
@@ -238,13 +241,14 @@ def test_malformed_checkpoint_is_a_checkpoint_error(name, opt_ckpt, tmp_path):
 
 
 def test_valid_edits_still_load(opt_ckpt, tmp_path):
-    """What the checks must keep accepting: a list image size, a null token id, an index with shards in a
-    sub-folder, an eos list, unknown keys."""
+    """What the checks must keep accepting: a list image size, a null token id, unknown keys, null
+    safetensors metadata, an index with shards in a sub-folder, an eos list."""
     folder = tmp_path / "ckpt"
     shutil.copytree(opt_ckpt, folder)
     _set("vision_config", "image_size", [28, 28])(folder)
     _set("text_config", "bos_token_id", None)(folder)
     _set(None, "some_future_key", {"x": [1]})(folder)
+    _header(lambda h: h.update(__metadata__=None))(folder)
     _index_to("shards/model.safetensors")(folder)
     (folder / "shards").mkdir()
     (folder / "model.safetensors").rename(folder / "shards" / "model.safetensors")

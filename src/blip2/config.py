@@ -157,7 +157,8 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """A JSON integer (``true`` and ``false`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -204,7 +205,7 @@ class Fields:
         if listed and isinstance(value, list) and value:
             value = value[0]
         expected = "an integer" + (f" >= {min}" if min is not None else "")
-        if not _is_int(value) or (min is not None and value < min):
+        if not is_integer(value) or (min is not None and value < min):
             raise self.fail(name, expected + (" (or a list of them)" if listed else ""))
         return value
 
@@ -252,7 +253,7 @@ class Fields:
         value = self.data[name]
         if value is None:
             return None
-        if not _is_int(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
+        if not is_integer(value) or value < 0 or (vocab_size is not None and value >= vocab_size):
             limit = f" below the vocabulary size {vocab_size}" if vocab_size is not None else ""
             raise self.fail(name, f"a token id (an integer >= 0{limit}) or null")
         return value

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import Fields
+from .config import Fields, is_integer
 from .errors import CheckpointError, InputError
 from .opt import OPT
 from .t5 import T5
@@ -137,7 +137,7 @@ def _file_values(f: Fields) -> dict[str, Any]:
         eos = f.data["eos_token_id"]
         if not isinstance(eos, list) or not eos:
             values["eos_token_id"] = f.integer("eos_token_id", min=0)
-        elif all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+        elif all(is_integer(e) and e >= 0 for e in eos):
             values["eos_token_id"] = tuple(eos)
         else:
             raise f.fail("eos_token_id", "a token id or a list of them")

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import Blip2Config, Fields
+from .config import Blip2Config, Fields, is_integer
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,17 @@ def shard_names(index: Path) -> list[str]:
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
     weight_map = Fields(data, str(index)).section("weight_map")
-    shards = {weight_map.text(tensor) for tensor in weight_map.data}
-    for shard in sorted(shards):
+    for tensor, shard in weight_map.data.items():
+        if not isinstance(shard, str) or not shard:
+            raise weight_map.fail(tensor, "a shard file name")
+    shards = sorted(set(weight_map.data.values()))
+    for shard in shards:
         paths = (PurePosixPath(shard), PureWindowsPath(shard))
         if any(p.is_absolute() or p.anchor or ".." in p.parts for p in paths):
             raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint folder")
     if not shards:
         raise CheckpointError(f"{index}: the weight_map names no shard files")
-    return sorted(shards)
+    return shards
 
 
 # ---- reading tensors ----------------------------------------------------------------------------
@@ -101,10 +104,6 @@ class TensorSpan(NamedTuple):
     end: int
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def safetensors_spans(path: Path, header: object, data_size: int) -> dict[str, TensorSpan]:
     """Check a safetensors header once, before any tensor is made: a JSON object whose entries each have a
     known dtype, a shape of non-negative integers and two integer offsets inside the ``data_size`` bytes
@@ -113,7 +112,7 @@ def safetensors_spans(path: Path, header: object, data_size: int) -> dict[str, T
         raise CheckpointError(
             f"{path}: corrupt safetensors header (must be a JSON object, not {type(header).__name__})"
         )
-    if not isinstance(header.get("__metadata__", {}), dict):
+    if not isinstance(header.get("__metadata__") or {}, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must be a JSON object)")
     spans = {
         name: _span(f"{path}: corrupt safetensors header: tensor {name!r}", info, data_size)
@@ -136,9 +135,9 @@ def _span(where: str, info: object, data_size: int) -> TensorSpan:
         raise CheckpointError(
             f"{where} has dtype {dtype_name!r}; blip2 reads {', '.join(SAFETENSORS_DTYPES)}"
         )
-    if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape):
+    if not isinstance(shape, list) or not all(is_integer(s) and s >= 0 for s in shape):
         raise CheckpointError(f"{where} has shape {shape!r}; a shape is a list of non-negative integers")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_integer(o) for o in offsets)):
         raise CheckpointError(f"{where} has data_offsets {offsets!r}; they are two integers [begin, end]")
     begin, end = offsets
     if 0 <= begin <= end and end > data_size:
