@@ -32,8 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import Fields, is_integer
 from .errors import CheckpointError, InputError
+from .json_fields import JsonFields, is_integer
 from .opt import OPT
 from .t5 import T5
 
@@ -76,7 +76,7 @@ class GenerationConfig:
                 data = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError, RecursionError) as e:
                 raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
-            values.update(_file_values(Fields(data, str(path))))
+            values.update(_file_values(JsonFields(data, str(path))))
         try:
             return cls().updated(**values)
         except InputError as e:
@@ -117,7 +117,7 @@ class GenerationConfig:
             raise InputError(f"early_stopping must be True, False or 'never', not {self.early_stopping!r}")
 
 
-def _file_values(f: Fields) -> dict[str, Any]:
+def _file_values(f: JsonFields) -> dict[str, Any]:
     """The known keys of a ``generation_config.json``, each of its type (ranges: ``check``)."""
     read = {
         "max_new_tokens": f.integer,

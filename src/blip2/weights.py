@@ -23,8 +23,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .config import Blip2Config, Fields, is_integer
+from .config import Blip2Config
 from .errors import CheckpointError
+from .json_fields import JsonFields, is_integer
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def shard_names(index: Path) -> list[str]:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-    weight_map = Fields(data, str(index)).section("weight_map")
+    weight_map = JsonFields(data, str(index)).section("weight_map")
     for tensor, shard in weight_map.data.items():
         if not isinstance(shard, str) or not shard:
             raise weight_map.fail(tensor, "a shard file name")
