@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
+from .json_fields import JsonFields, is_integer
 from .opt import OPT
 from .t5 import T5
 
@@ -64,18 +65,22 @@ class GenerationConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **defaults: Any) -> GenerationConfig:
-        """Read the keys we know from ``generation_config.json`` (absent file: ``defaults`` only)."""
+        """Read the keys we know from ``generation_config.json`` (absent file: ``defaults`` only).
+
+        The file belongs to the checkpoint: a value of the wrong type or out of range there is a
+        ``CheckpointError`` naming the file and the key."""
         path = Path(path)
-        data: dict[str, Any] = {}
+        values = {k: v for k, v in defaults.items() if v is not None}
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning("%s: ignored, cannot read it (%s)", path, e)
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in defaults.items() if v is not None}
-        values.update({k: v for k, v in data.items() if k in known and v is not None})
-        return cls().updated(**values)
+            except (OSError, ValueError, RecursionError) as e:
+                raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+            values.update(_file_values(JsonFields(data, str(path))))
+        try:
+            return cls().updated(**values)
+        except InputError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def updated(self, **overrides: Any) -> GenerationConfig:
         """A copy with ``overrides`` applied (None means "keep"), checked."""
@@ -110,6 +115,35 @@ class GenerationConfig:
             raise InputError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
         if self.early_stopping not in (True, False, "never"):
             raise InputError(f"early_stopping must be True, False or 'never', not {self.early_stopping!r}")
+
+
+def _file_values(f: JsonFields) -> dict[str, Any]:
+    """The known keys of a ``generation_config.json``, each of its type (ranges: ``check``)."""
+    read = {
+        "max_new_tokens": f.integer,
+        "min_new_tokens": f.integer,
+        "num_beams": f.integer,
+        "top_k": f.integer,
+        "seed": f.integer,
+        "pad_token_id": f.integer,
+        "do_sample": f.flag,
+        "temperature": f.number,
+        "top_p": f.number,
+        "repetition_penalty": f.number,
+        "length_penalty": f.number,
+    }
+    values = {name: reader(name) for name, reader in read.items() if f.has(name)}
+    if f.has("eos_token_id"):
+        eos = f.data["eos_token_id"]
+        if not isinstance(eos, list) or not eos:
+            values["eos_token_id"] = f.integer("eos_token_id", min=0)
+        elif all(is_integer(e) and e >= 0 for e in eos):
+            values["eos_token_id"] = tuple(eos)
+        else:
+            raise f.fail("eos_token_id", "a token id or a list of them")
+    if f.has("early_stopping"):
+        values["early_stopping"] = f.data["early_stopping"]  # True, False or "never": ``check`` says
+    return values
 
 
 # ============================================================================ runners
