@@ -55,7 +55,11 @@ class Blip2(nn.Module):
 
     def image_features(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """(B, 3, S, S) pixels -> vision output, Q-Former output and (for generation models) the prefix."""
-        vision = self.vision(pixel_values)
+        return self.query_features(self.vision(pixel_values))
+
+    def query_features(self, vision: torch.Tensor) -> ImageFeatures:
+        """The rest of :meth:`image_features` from the vision output (B, N, D_vision): the Q-Former's
+        queries read it, and (generation models) their projection is the prefix."""
         queries = self.queries.expand(vision.shape[0], -1, -1)
         query_out = self.qformer(queries=queries, image=vision)  # float32
         prefix = None
