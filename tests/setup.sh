@@ -18,3 +18,4 @@ need() {
 }
 
 pip install torch==2.13.0 -e ".[dev]"
+need chromium chromium  # tests/test_web.py drives the web page in headless Chromium (through Playwright)

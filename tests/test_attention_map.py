@@ -4,6 +4,8 @@ on the demo model, whose scenes put known objects at known places."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -167,3 +169,32 @@ def test_demo_itm_gradcam_picks_the_named_object(demo_scenes):
 
 def test_question_prompt_is_asks():
     assert question_prompt(" what colour is it? ") == "Question: what colour is it? Answer:"
+
+
+def test_caption_heatmap_command(tmp_path, capsys):
+    """``blip2 caption IMAGE --heatmap out.png``: the caption as usual, and the map drawn over the image."""
+    from blip2.cli import main
+
+    image = Path(__file__).resolve().parent.parent / "examples" / "scene1.png"
+    out = tmp_path / "looked.png"
+    assert main(["caption", str(image), "--model", "demo", "--heatmap", str(out)]) == 0
+    pipe = blip2.load("demo")
+    captured = capsys.readouterr()
+    assert captured.out.strip() == pipe.caption(image)[0].strip()
+    assert "looked.png: where it looked (attention)" in captured.err
+    expected = overlay(image, attention_map(pipe, image).grid, min_side=256)
+    with Image.open(out) as drawn:
+        assert drawn.format == "PNG" and drawn.size == (256, 256)
+        np.testing.assert_array_equal(np.asarray(drawn.convert("RGB")), np.asarray(expected))
+
+    out = tmp_path / "cam.png"
+    assert (
+        main(["caption", str(image), "--model", "demo", "--heatmap", str(out), "--heatmap-method", "gradcam"])
+        == 0
+    )
+    assert "(gradcam)" in capsys.readouterr().err
+    with Image.open(out) as drawn:
+        assert not np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(expected))
+
+    assert main(["caption", str(image), str(image), "--model", "demo", "--heatmap", str(out)]) == 1
+    assert "--heatmap draws one image's map" in capsys.readouterr().err

@@ -155,23 +155,30 @@ def _colours(values: np.ndarray) -> np.ndarray:
 
 
 def _upsampled(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(gh, gw) -> (height, width) in [0, 1]: scaled to its maximum, smoothly resized."""
-    peak = float(grid.max())
-    scaled = (grid / peak if peak > 0 else grid).astype(np.float32)
+    """(gh, gw) -> (height, width) in [0, 1]: stretched from its minimum to its maximum (what stands
+    out is where it looked more than elsewhere), smoothly resized."""
+    low, high = float(grid.min()), float(grid.max())
+    scaled = ((grid - low) / (high - low) if high > low else np.zeros_like(grid)).astype(np.float32)
     resized = Image.fromarray(scaled, mode="F").resize(size, Image.Resampling.BILINEAR)
     return np.clip(np.asarray(resized), 0.0, 1.0)
 
 
-def heat_layer(grid: np.ndarray, size: tuple[int, int], opacity: float = 0.6) -> Image.Image:
-    """An RGBA image of ``size`` (width, height): the map's colours, more opaque where it is higher."""
+def heat_layer(grid: np.ndarray, size: tuple[int, int], opacity: float = 0.65) -> Image.Image:
+    """An RGBA image of ``size`` (width, height): the map's colours, clear where it is lowest and
+    ``opacity`` opaque where it is highest."""
     values = _upsampled(grid, size)
-    alpha = (255 * opacity * values**0.7).round().astype(np.uint8)
+    alpha = (255 * opacity * values).round().astype(np.uint8)
     return Image.fromarray(np.dstack([_colours(values), alpha]), mode="RGBA")
 
 
-def overlay(image: Any, grid: np.ndarray, opacity: float = 0.6) -> Image.Image:
-    """The image (RGB, its own size) with the heat map drawn over it."""
+def overlay(image: Any, grid: np.ndarray, opacity: float = 0.65, min_side: int = 0) -> Image.Image:
+    """The image (RGB) with the heat map drawn over it, at its own size, or enlarged until its longer
+    side is ``min_side`` (a 64-pixel picture is hard to read)."""
     from .images import load_image
 
-    base = load_image(image).convert("RGBA")
+    base = load_image(image)
+    if max(base.size) < min_side:
+        scale = min_side / max(base.size)
+        base = base.resize((round(base.width * scale), round(base.height * scale)), Image.Resampling.BICUBIC)
+    base = base.convert("RGBA")
     return Image.alpha_composite(base, heat_layer(grid, base.size, opacity)).convert("RGB")

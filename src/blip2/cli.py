@@ -109,6 +109,8 @@ def _caption(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.heatmap and len(args.images) != 1:
+        raise_input(f"--heatmap draws one image's map: give one image, not {len(args.images)}")
     # Read every image first: the bad ones are reported, the good ones still captioned.
     good, failed = [], 0
     for path in args.images:
@@ -135,10 +137,21 @@ def _caption(args: argparse.Namespace) -> int:
                 bar.write(line, file=sys.stdout)
                 sys.stdout.flush()
             bar.update(len(chunk))
+    if args.heatmap:
+        _write_heatmap(model, good[0][1], texts[-1], args)
     if failed:
         _error(f"{failed} of {len(args.images)} images could not be read")
         return 1
     return 0
+
+
+def _write_heatmap(model, image, caption: str, args: argparse.Namespace) -> None:
+    """Where the model looked for ``caption``, drawn over the image (at least 256 px) as ``--heatmap``."""
+    from .attention_map import attention_map, overlay
+
+    found = attention_map(model, image, caption, prompt=args.prompt or "", method=args.heatmap_method)
+    overlay(image, found.grid, min_side=256).save(args.heatmap)
+    print(f"blip2: {args.heatmap}: where it looked ({found.method})", file=sys.stderr)
 
 
 def raise_input(message: str):
@@ -211,6 +224,18 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help='one JSON line per image: {"image": ..., "text": ...}')
+    p.add_argument(
+        "--heatmap",
+        metavar="PNG",
+        default=None,
+        help="also draw where the model looked over the image (one image) into this file",
+    )
+    p.add_argument(
+        "--heatmap-method",
+        choices=["auto", "attention", "gradcam"],
+        default="auto",
+        help="Q-Former cross-attention (auto for generation models) or Grad-CAM of the caption",
+    )
     p.set_defaults(func=_caption)
 
     p = subparsers.add_parser("ask", parents=[common, gen], help="answer questions about an image")
