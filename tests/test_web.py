@@ -7,6 +7,7 @@ results equal ``blip2 search``'s. Needs ``chromium`` (tests/setup.sh installs it
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from PIL import Image
 
 import blip2
+from blip2.serve.errors import QueueFull
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "examples" / "scene1.png"
@@ -39,6 +41,18 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 WAIT_MS = 60_000
+# hands the page a file as a drop on its drop zone or as a paste, the way a browser does
+HAND_OVER = """([event, name, b64]) => {
+  const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+  const data = new DataTransfer();
+  data.items.add(new File([bytes], name, { type: "image/png" }));
+  const init = { bubbles: true, cancelable: true };
+  if (event === "drop") {
+    document.getElementById("drop").dispatchEvent(new DragEvent("drop", { ...init, dataTransfer: data }));
+  } else {
+    document.dispatchEvent(new ClipboardEvent("paste", { ...init, clipboardData: data }));
+  }
+}"""
 
 
 def _missing(why: str):
@@ -104,13 +118,13 @@ def text_of(page, selector: str) -> str:
     return page.locator(selector).inner_text().strip()
 
 
-def screenshot(page, tmp_path: Path, name: str) -> Path:
-    """Saved under the test's folder (and to $BLIP2_WEB_SCREENSHOT_DIR, for the README, when set)."""
+def screenshot(page, tmp_path: Path, name: str, readme: bool = False) -> Path:
+    """Saved under the test's folder (and, for the README's, to $BLIP2_WEB_SCREENSHOT_DIR when set)."""
     path = tmp_path / name
     page.screenshot(path=str(path))
     with Image.open(path) as shot:
         assert shot.size[0] >= 800 and np.asarray(shot.convert("L")).std() > 5  # a page, not a blank
-    if os.environ.get("BLIP2_WEB_SCREENSHOT_DIR"):
+    if readme and os.environ.get("BLIP2_WEB_SCREENSHOT_DIR"):
         shutil.copy(path, Path(os.environ["BLIP2_WEB_SCREENSHOT_DIR"]) / name)
     return path
 
@@ -178,7 +192,7 @@ def test_caption_chat_heatmap_and_errors(browser, demo, tmp_path):
         page.wait_for_function("document.getElementById('heat').naturalWidth > 0", timeout=WAIT_MS)
         assert page.locator("#heat").is_visible() and page.locator("#heat-toggle").is_checked()
         assert "cross-attention" in text_of(page, "#heat-about")
-        screenshot(page, tmp_path, "web.png")
+        screenshot(page, tmp_path, "web.png", readme=True)
         page.uncheck("#heat-toggle")
         assert page.locator("#heat").is_hidden()
 
@@ -197,7 +211,31 @@ def test_caption_chat_heatmap_and_errors(browser, demo, tmp_path):
             == demo.ask(image, question, num_beams=3).strip()
         )
 
+        # a picture dropped on the page, then one pasted (Ctrl+V)
+        for event, path in (
+            ("drop", ROOT / "examples" / "scene2.png"),
+            ("paste", ROOT / "examples" / "scene3.png"),
+        ):
+            page.evaluate(HAND_OVER, [event, path.name, base64.b64encode(path.read_bytes()).decode()])
+            page.wait_for_function(
+                f"document.getElementById('preview-name').textContent.startsWith('{path.name}')",
+                timeout=WAIT_MS,
+            )
+            assert page.locator("#conversation li").count() == 0  # a new picture, a new conversation
+
         # errors: one line each, the page still there
+        page.route(
+            "**/v1/chat/completions",
+            lambda route: route.fulfill(
+                status=503, json=QueueFull(3, 1).body(), headers={"Retry-After": "1"}
+            ),
+        )
+        page.fill("#message", question)
+        page.press("#message", "Enter")
+        page.locator("#error").wait_for(state="visible", timeout=WAIT_MS)
+        assert text_of(page, "#error") == "the server is busy (3 requests waiting); retry in 1 s"
+        assert page.locator("#conversation li").count() == 0 and page.input_value("#message") == question
+        page.unroute("**/v1/chat/completions")
         page.set_input_files("#file", str(not_image))
         page.locator("#error").wait_for(state="visible", timeout=WAIT_MS)
         assert "notes.png: not an image" in text_of(page, "#error")
@@ -256,7 +294,7 @@ def test_search_view(browser, tmp_path):
         page.locator("#hits li").first.locator(".look").click()
         page.wait_for_function("document.querySelector('#hits img.heat').naturalWidth > 0", timeout=WAIT_MS)
         assert page.locator("#hits img.heat").first.is_visible()
-        screenshot(page, tmp_path, "web-search.png")
+        screenshot(page, tmp_path, "web-search.png", readme=True)
 
         # a click on a hit: images like it, itself first
         first = reranked[0].path

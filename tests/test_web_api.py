@@ -211,3 +211,24 @@ def test_image_only_index_and_mismatch(demo, itm_index, tmp_path):
         create_app(demo, ServeConfig(model_name=MODEL, api_key=KEY, index=str(itm_index[1].folder)))
     with pytest.raises(InputError, match="not a blip2 index"):
         create_app(demo, ServeConfig(index=str(tmp_path)))
+
+
+def test_open_flag_opens_the_page_once_the_port_is_up(monkeypatch):
+    """``blip2 serve --open``: the browser is pointed at the page only once the server takes connections."""
+    import socket
+    import threading
+    import webbrowser
+
+    from blip2.serve.cli import _open_when_up
+
+    opened = threading.Event()
+    urls = []
+    monkeypatch.setattr(webbrowser, "open", lambda url: (urls.append(url), opened.set()))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        _open_when_up("0.0.0.0", port, wait_s=20)
+        assert not opened.wait(0.6)  # nothing listens yet
+        s.listen()
+        assert opened.wait(10)
+    assert urls == [f"http://127.0.0.1:{port}/"]

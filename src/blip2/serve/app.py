@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/chat/completions`` (streaming as server-sent events), ``GET /v1/models``,
 ``POST /v1/caption`` (an uploaded image), ``POST /v1/embeddings`` (retrieval checkpoints),
-``GET /health``, ``GET /metrics`` (Prometheus).
+``GET /health``, ``GET /metrics`` (Prometheus); the web page's routes come from :mod:`blip2.serve.web`.
 
 Handlers only parse, check and decode (images are decoded in the thread pool, off the event loop);
 the model runs on the batcher's one worker thread. Every error is OpenAI-format JSON with its status.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -27,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..attention_map import attention_map, heat_layer, question_prompt
-from ..errors import ImageError, InputError
+from ..errors import Blip2Error, ImageError, InputError
 from ..images import load_image
 from .batcher import Job
 from .errors import APIError
@@ -36,6 +37,8 @@ from .protocol import ImageURL, decode_image, image_bytes, parse
 if TYPE_CHECKING:
     from ..index import Index
     from .app import Server
+
+log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 PAGE_FILES = {
@@ -99,7 +102,10 @@ def one_by_one(compute):
                 continue
             try:
                 job.finish(compute(job.payload))
-            except Exception as e:  # the job fails alone; the app turns it into a JSON error
+            except (Blip2Error, APIError) as e:  # the user's to mend: the app answers with its message
+                job.fail(e)
+            except Exception as e:  # ours: logged, answered as a 500; the other jobs go on
+                log.error("a %s request failed", job.kind, exc_info=e)
                 job.fail(e)
 
     return handle
