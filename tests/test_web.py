@@ -1,5 +1,6 @@
 """The web page in a real browser: headless Chromium (Debian's, driven by Playwright) against ``blip2 serve``
-running in its own process with the demo model. What the page shows is held against the Python API:
+running in its own process with the demo model (the search view: test_serve's in-process server over
+demo-itm and an index of the examples). What the page shows is held against the Python API:
 the caption equals ``blip2 caption``'s, streamed replies equal ``blip2 ask``'s and the chat's, search
 results equal ``blip2 search``'s. Needs ``chromium`` (tests/setup.sh installs it) and ``playwright``
 (the dev extra); in CI (``CI`` set) their absence is a failure, elsewhere a skip.
@@ -25,6 +26,7 @@ from PIL import Image
 
 import blip2
 from blip2.serve.errors import QueueFull
+from test_serve import running
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENE = ROOT / "examples" / "scene1.png"
@@ -210,6 +212,16 @@ def test_caption_chat_heatmap_and_errors(browser, demo, tmp_path):
             text_of(page, "#conversation li.assistant .text")
             == demo.ask(image, question, num_beams=3).strip()
         )
+        # sampling at a temperature, and a token budget, reach the request
+        page.select_option("#decoding", "sample")
+        page.fill("#temperature", "0.9")
+        page.fill("#max-tokens", "3")
+        page.fill("#message", follow_up)
+        page.press("#message", "Enter")
+        page.locator("#conversation li.assistant >> nth=1").locator(".look").wait_for(timeout=WAIT_MS)
+        sent = json.loads(chats[-1].post_data)
+        assert sent["temperature"] == 0.9 and sent["max_tokens"] == 3 and "num_beams" not in sent
+        assert len(sent["messages"]) == 3  # the first exchange, then the new question
 
         # a picture dropped on the page, then one pasted (Ctrl+V)
         for event, path in (
@@ -262,9 +274,10 @@ def test_search_view(browser, tmp_path):
     index = Index.open(index_dir)
     query = "a large green circle in the centre"
 
-    with serving("--model", "demo-itm", "--index", str(index_dir)) as url:
+    # in this process (torch is imported already): only the first test pays for a server's start-up
+    with running(itm, model_name="demo-itm", api_key=None, index=str(index_dir)) as (port, _, _):
         page = browser.new_page()
-        page.goto(url)
+        page.goto(f"http://127.0.0.1:{port}/")
         page.locator("#search").wait_for(state="visible", timeout=WAIT_MS)
         assert page.locator("#talk").is_hidden()  # a retrieval model does not talk
 
