@@ -198,3 +198,13 @@ def test_caption_heatmap_command(tmp_path, capsys):
 
     assert main(["caption", str(image), str(image), "--model", "demo", "--heatmap", str(out)]) == 1
     assert "--heatmap draws one image's map" in capsys.readouterr().err
+
+
+def test_int8_model_falls_back_to_attention():
+    """int8 layers have no backward: auto gives the attention map, an explicit Grad-CAM a clear error."""
+    pipe = blip2.load("demo-itm", quantize="int8")
+    image = Path(__file__).resolve().parent.parent / "examples" / "scene1.png"
+    found = attention_map(pipe, image, "a small red triangle")
+    assert found.method == "attention" and found.grid.sum() == pytest.approx(1, abs=1e-5)
+    with pytest.raises(InputError, match="Grad-CAM needs gradients"):
+        attention_map(pipe, image, "a small red triangle", method="gradcam")

@@ -13,12 +13,14 @@ Two maps, both ``(gh, gw)``, non-negative and summing to 1 (the class token is l
   the same way. The score is the ITM match logit of the image and a text (retrieval checkpoints), or
   the log-likelihood of a text after a prompt (generation checkpoints: the caption or answer they gave).
 
-``method="auto"`` takes Grad-CAM for a retrieval checkpoint given a text, the attention map otherwise.
+``method="auto"`` takes Grad-CAM for a retrieval checkpoint given a text (unless the model cannot be
+differentiated, as with int8 layers), the attention map otherwise.
 :func:`overlay` and :func:`heat_layer` draw a map over the picture with Pillow.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -56,7 +58,8 @@ def attention_map(
     if method not in METHODS:
         raise InputError(f"method must be one of {', '.join(METHODS)}, not {method!r}")
     retrieval = pipe.config.retrieval
-    if method == "auto":
+    auto = method == "auto"  # Grad-CAM where it applies, falling back to attention (e.g. int8 layers)
+    if auto:
         method = "gradcam" if (retrieval and text) else "attention"
     if method == "gradcam" and not (text and text.strip()):
         raise InputError("a Grad-CAM map needs the text it is about (the caption, answer or query)")
@@ -69,13 +72,21 @@ def attention_map(
     )
     with torch.no_grad():
         vision = model.image_features(pixels).vision  # (1, N, D_vision)
-    if method == "attention":
-        with torch.no_grad(), model.qformer.keep_cross_attention() as kept:
-            model.query_features(vision)
-        maps = torch.stack(kept)  # (L, 1, H, Q, N)
-    else:
-        maps = _gradcam(pipe, vision, text or "", prompt)
-    return AttentionMap(_to_grid(maps, grid), method)
+    if method == "gradcam":
+        try:
+            return AttentionMap(_to_grid(_gradcam(pipe, vision, text or "", prompt), grid), "gradcam")
+        except _NoGradient as e:
+            if not auto:
+                raise InputError(
+                    f"Grad-CAM needs gradients this model cannot give ({e}); use method='attention'"
+                ) from None
+    with torch.no_grad(), model.qformer.keep_cross_attention() as kept:
+        model.query_features(vision)
+    return AttentionMap(_to_grid(torch.stack(kept), grid), "attention")  # (L, 1, H, Q, N) -> grid
+
+
+class _NoGradient(Exception):
+    """The score cannot be differentiated with respect to the attention weights (e.g. int8 layers)."""
 
 
 def question_prompt(question: str) -> str:
@@ -93,11 +104,11 @@ def _gradcam(pipe: Pipeline, vision: torch.Tensor, text: str, prompt: str) -> to
             else _text_score(pipe, vision, text, prompt)
         )
         try:
-            grads = torch.autograd.grad(score, kept)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns before it fails on layers with no backward
+                grads = torch.autograd.grad(score, kept)
         except RuntimeError as e:  # e.g. int8 layers, which have no backward
-            raise InputError(
-                f"Grad-CAM needs gradients this model cannot give ({e}); use method='attention'"
-            ) from None
+            raise _NoGradient(str(e).split(". ")[0]) from None
     return torch.stack([w.detach() * g.clamp(min=0) for w, g in zip(kept, grads, strict=True)])
 
 
