@@ -33,9 +33,7 @@ class QFormerAttention(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.dropout = 0.0  # on the attention weights (training only; see QFormer.set_dropout)
         self.hidden_dropout = 0.0  # on the output projection, before the residual
-        self.kept: list[torch.Tensor] | None = (
-            None  # where to append the weights (QFormer.keep_cross_attention)
-        )
+        self.kept: list[torch.Tensor] | None = None  # weights go here (QFormer.keep_cross_attention)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = split_heads(self.q(x), self.num_heads)  # (B, H, T, D/H)
