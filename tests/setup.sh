@@ -19,3 +19,4 @@ need() {
 
 need java default-jre-headless  # pycocoevalcap (blip2 eval caption): PTB tokenizer and METEOR
 pip install torch==2.13.0 -e ".[dev]"
+need chromium chromium  # tests/test_web.py drives the web page in headless Chromium (through Playwright)

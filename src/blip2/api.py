@@ -190,7 +190,7 @@ class Pipeline:
         for group in by_length.values():
             ids = torch.tensor([instructions[i] for i in group], dtype=torch.long, device=self.device)
             feats = torch.stack([vision[pixel_keys[i]] for i in group])
-            for i, prefix in zip(group, model.features_from_vision(feats, ids).prefix, strict=True):
+            for i, prefix in zip(group, model.query_features(feats, ids).prefix, strict=True):
                 out[i] = prefix
         return [out[i] for i in rows]
 

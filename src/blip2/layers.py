@@ -177,6 +177,15 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The softmax weights (B, H, T, S) that :func:`attention` applies to the values, written out for
+    callers that need them (SDPA keeps none); ``weights @ v`` is then the attention output."""
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1)
+
+
 def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
     """A (B, S) 0/1 key mask -> boolean (B, 1, 1, S) for bidirectional attention."""
     return key_mask.bool()[:, None, None, :]
