@@ -167,8 +167,15 @@ def test_demo_itm_gradcam_picks_the_named_object(demo_scenes):
     assert np.mean(wins) >= 0.7  # 0.81-0.91 on five seeds; a map blind to the text would score ~0.5
 
 
-def test_question_prompt_is_asks():
-    assert question_prompt(" what colour is it? ") == "Question: what colour is it? Answer:"
+def test_question_prompt_is_asks(opt_ckpt, tmp_path_factory):
+    from factory_instruct import build_instruct_checkpoint
+
+    assert (
+        question_prompt(blip2.load(opt_ckpt), " what colour is it? ")
+        == "Question: what colour is it? Answer:"
+    )
+    instruct = blip2.load(build_instruct_checkpoint(tmp_path_factory.mktemp("ib"), lm="t5", seed=2))
+    assert question_prompt(instruct, " what colour is it? ") == "what colour is it?"
 
 
 def test_caption_heatmap_command(tmp_path, capsys):

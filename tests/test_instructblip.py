@@ -286,3 +286,19 @@ def test_stage2_instruction_tuning(name, request, tmp_path):
     assert ours.ask(images[0], "what is it?", max_new_tokens=6) == _reference_text(
         ref, proc, images[0], "what is it?", max_new_tokens=6
     )
+
+
+def test_attention_map(llama_ckpt):
+    """Where it looked: the Q-Former's cross-attention, read with the instruction (it changes the map)."""
+    from blip2.attention_map import attention_map
+
+    m = blip2.load(llama_ckpt)
+    image = make_images(1, seed=4)[0]
+    a = attention_map(m, image, prompt="what colour is the cube?")
+    b = attention_map(m, image, prompt="Describe the image.")
+    assert a.grid.shape == b.grid.shape == (4, 4)
+    assert abs(float(a.grid.sum()) - 1) < 1e-5 and not torch.allclose(
+        torch.as_tensor(a.grid), torch.as_tensor(b.grid)
+    )
+    c = attention_map(m, image, "a red cube", prompt="what is it?", method="gradcam")
+    assert c.method == "gradcam" and c.grid.shape == (4, 4)

@@ -79,7 +79,7 @@ def test_attention(demo_port, demo, scene):
     }
     status, _, body = post_json(demo_port, "/v1/attention", request)
     assert status == 200 and body["method"] == "gradcam"
-    expected = attention_map(demo, scene, answer, prompt=question_prompt(question), method="gradcam")
+    expected = attention_map(demo, scene, answer, prompt=question_prompt(demo, question), method="gradcam")
     np.testing.assert_allclose(body["grid"], expected.grid, atol=2e-6)
 
 

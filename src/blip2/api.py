@@ -98,9 +98,12 @@ class Pipeline:
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
         """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only
         (InstructBLIP: the instruction ``A short image description:``, its paper's captioning prompt)."""
-        if prompt is None and self.config.instruction_aware:
-            prompt = INSTRUCT_CAPTION_PROMPT
-        return self.generate(images, prompt, **gen)
+        return self.generate(images, self.caption_prompt if prompt is None else prompt, **gen)
+
+    @property
+    def caption_prompt(self) -> str:
+        """What ``caption`` continues by default: nothing (BLIP-2), ``A short image description:`` (InstructBLIP)."""
+        return INSTRUCT_CAPTION_PROMPT if self.config.instruction_aware else ""
 
     @property
     def question_template(self) -> str:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .chat import QUESTION_TEMPLATE
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -71,7 +70,7 @@ def attention_map(
         pixels.shape[3] // pipe.config.vision.patch_size,
     )
     with torch.no_grad():
-        vision = model.image_features(pixels).vision  # (1, N, D_vision)
+        vision = model.vision(pixels)  # (1, N, D_vision)
     if method == "gradcam":
         try:
             return AttentionMap(_to_grid(_gradcam(pipe, vision, text or "", prompt), grid), "gradcam")
@@ -81,17 +80,25 @@ def attention_map(
                     f"Grad-CAM needs gradients this model cannot give ({e}); use method='attention'"
                 ) from None
     with torch.no_grad(), model.qformer.keep_cross_attention() as kept:
-        model.query_features(vision)
+        model.query_features(vision, *_instruction(pipe, prompt))
     return AttentionMap(_to_grid(torch.stack(kept), grid), "attention")  # (L, 1, H, Q, N) -> grid
+
+
+def _instruction(pipe: Pipeline, prompt: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """InstructBLIP's Q-Former reads the prompt too: its ids and mask (nothing for BLIP-2)."""
+    if not pipe.config.instruction_aware:
+        return None, None
+    ids, mask = pipe.processor.qformer_ids([prompt])
+    return ids.to(pipe.device), mask.to(pipe.device)
 
 
 class _NoGradient(Exception):
     """The score cannot be differentiated with respect to the attention weights (e.g. int8 layers)."""
 
 
-def question_prompt(question: str) -> str:
+def question_prompt(pipe: Pipeline, question: str) -> str:
     """The prompt an answer to ``question`` continues (as :meth:`blip2.Pipeline.ask` builds it)."""
-    return QUESTION_TEMPLATE.format(question.strip())
+    return pipe.question_template.format(question.strip())
 
 
 def _gradcam(pipe: Pipeline, vision: torch.Tensor, text: str, prompt: str) -> torch.Tensor:
@@ -124,9 +131,9 @@ def _text_score(pipe: Pipeline, vision: torch.Tensor, text: str, prompt: str) ->
     """The mean log-likelihood of ``text``'s tokens continuing ``prompt`` for this image."""
     model = pipe.model
     tokenizer = pipe.processor.tokenizer
-    prefix = model.query_features(vision).prefix  # (1, Q, D_lm); the prompt carries no <image> slots,
-    # so the model puts the prefix in front, where the slots would hold it
-    if pipe.config.text.kind == "opt":
+    prefix = model.query_features(vision, *_instruction(pipe, prompt)).prefix  # (1, Q, D_lm); the prompt
+    # carries no <image> slots, so the model puts the prefix in front, where the slots would hold it
+    if pipe.config.is_decoder_only:
         head = len(tokenizer.encode([prompt])[0])  # BOS and the prompt
         ids = torch.tensor(tokenizer.encode([prompt + text]), device=pipe.device)  # (1, T)
         labels = ids.masked_fill(torch.arange(ids.shape[1], device=pipe.device) < head, -100)

@@ -337,7 +337,7 @@ class Server:
         pixels = self.pipe.processor.image_processor(image)[0]
         q = self.pipe.config.num_query_tokens
         for skip in range(len(chat.history) + 1):
-            prompt = chat.text(skip, self.pipe.question_template)
+            prompt = chat.text(skip, self.pipe.question_template) or self.pipe.caption_prompt
             tokens = len(self.pipe.processor.tokenizer.encode([prompt])[0])
             length = q + tokens
             if self.context_limit is None or length < self.context_limit:

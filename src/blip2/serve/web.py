@@ -159,7 +159,11 @@ class PageRoutes:
         for field in ("text", "question", "prompt"):
             self._check_text(getattr(req, field), field)
         image = await run_in_threadpool(self._picture, req.image_url, req.index_path)
-        prompt = question_prompt(req.question) if req.question else (req.prompt or "")
+        prompt = (
+            question_prompt(self.pipe, req.question)
+            if req.question
+            else (req.prompt or self.pipe.caption_prompt)
+        )
         result = await self.server.run_job("attention", (image, req.text, prompt, req.method), request)
         return Response(status_code=499) if result is None else result
 
