@@ -282,7 +282,8 @@ class Pipeline:
         return input_ids, mask, cfg, keep
 
     def _stream_text(self, steps) -> Iterator[str]:
-        """Token steps of one row -> text pieces, held back while a character is incomplete."""
+        """Token steps of one row -> text pieces, held back while the text is not settled (a character
+        cut between tokens)."""
         tokens: list[int] = []
         sent = ""
         for row in steps:
@@ -290,8 +291,8 @@ class Pipeline:
             if token is None:
                 break
             tokens.append(token)
-            text = self.processor.decode(tokens)
-            if text.endswith("\ufffd"):
+            text = self.processor.decode_settled(tokens)
+            if text is None:
                 continue
             if len(text) > len(sent) and text.startswith(sent):
                 yield text[len(sent) :]

@@ -522,8 +522,8 @@ class Server:
                         if token is None or i not in open_rows:
                             continue
                         tokens[i].append(token)
-                        text = decode(tokens[i])
-                        if text.endswith("\ufffd"):
+                        text = self.pipe.processor.decode_settled(tokens[i])
+                        if text is None:
                             continue  # an incomplete character: wait for its other bytes
                         piece = scanners[i].feed(text)
                         if piece:
