@@ -512,19 +512,7 @@ def generate_ids(
     are equal in all rows they are prefilled once, and with ``prefill_cache`` reused across calls
     (see :class:`OPTRunner`).
     """
-    return list(
-        _run(
-            lm,
-            embeds,
-            mask,
-            cfg,
-            prompt_ids,
-            prompt_mask,
-            stream=False,
-            prefill_cache=prefill_cache,
-            shared=shared,
-        )
-    )[0]
+    return next(_run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, False, prefill_cache, shared))
 
 
 def stream_ids(
@@ -542,14 +530,14 @@ def stream_ids(
 
 
 def _run(
-    lm,
-    embeds,
-    mask,
-    cfg,
-    prompt_ids,
-    prompt_mask,
+    lm: OPT | T5,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GenerationConfig,
+    prompt_ids: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
     stream: bool,
-    prefill_cache=None,
+    prefill_cache: PrefillCache | None = None,
     shared: int = 0,
     forced: list[list[int]] | None = None,
 ):
