@@ -135,7 +135,7 @@ def test_int8_generation_agrees_with_float32(lm, opt_ckpt, t5_ckpt):
             if a != b:  # int8 parts from float32 only where float32 was all but tied
                 j = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
                 top = la[j].topk(2).values
-                assert top[0] - top[1] < 0.3 * la[j].std(), (prompt, j, top)
+                assert top[0] - top[1] < 0.4 * la[j].std(), (prompt, j, top)
     n = len(PROMPTS) * len(images)
     assert same_texts >= 0.4 * n, f"int8 texts equal float32's for {same_texts}/{n}"
     assert same_steps >= 0.85 * steps, f"int8 picks float32's token at {same_steps}/{steps} steps"
