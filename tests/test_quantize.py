@@ -80,9 +80,62 @@ def test_quantize_model_counts_and_rejects_unknown_mode(opt_ckpt):
         blip2.load(opt_ckpt, quantize="int4")
 
 
-def test_int8_generation_runs(opt_ckpt):
-    m = blip2.load(opt_ckpt, quantize="int8")
-    if not hasattr(m, "caption"):
-        pytest.skip("generation API not available")
-    out = m.caption(make_images(2), max_new_tokens=5)
-    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+PROMPTS = [
+    "a photo of",
+    "Question: how many dogs are there? Answer:",
+    "",
+    "the red",
+    "a",
+    "Question: where is the cat? Answer:",
+    "There are two green cubes and a",
+    "the",
+]
+
+
+def _logits_along(m, image, prompt: str, ids: list[int], lm: str) -> torch.Tensor:
+    """(len(ids), V) next-token logits at each step of the given continuation (teacher forcing)."""
+    enc = m.processor(images=[image], text=[prompt])
+    with torch.inference_mode():
+        if lm == "t5":
+            start = m.model.cfg.text.decoder_start_token_id
+            return m.model(**enc, decoder_input_ids=torch.tensor([[start, *ids]])).logits[0, : len(ids)]
+        k = enc["input_ids"].shape[1]
+        full = torch.cat([enc["input_ids"], torch.tensor([ids], dtype=torch.long)], dim=1)
+        out = m.model(**dict(enc, input_ids=full, attention_mask=torch.ones_like(full))).logits
+    return out[0, k - 1 : k - 1 + len(ids)]
+
+
+@pytest.mark.parametrize("lm", ["opt", "t5"])
+def test_int8_generation_agrees_with_float32(lm, opt_ckpt, t5_ckpt):
+    """int8 greedy texts held to float32's on 8 images x 8 prompts.
+
+    Random test weights give next-token distributions full of near ties (the median gap between the
+    two best logits is ~0.3 logit std), so int8's rounding flips some of them and the texts part from
+    there. Measured on these checkpoints: texts identical 44/64 (OPT) and 34/64 (T5); along float32's
+    text int8 picks the same token at 95% / 92% of steps, with logit cosine >= 0.992; every text parts
+    at a step where float32's two best logits are within 0.24 std. The thresholds below leave room for
+    other CPUs' rounding, and still fail for any real fault (chance agreement is ~1/400 a token).
+    """
+    path = opt_ckpt if lm == "opt" else t5_ckpt
+    ref, m = blip2.load(path), blip2.load(path, quantize="int8")
+    images = make_images(8, 28, seed=21)
+    same_texts = steps = same_steps = 0
+    for prompt in PROMPTS:
+        want = ref.generate_ids(images, prompt, max_new_tokens=8)
+        got = m.generate_ids(images, prompt, max_new_tokens=8)
+        for image, a, b in zip(images, want, got, strict=True):
+            la = _logits_along(ref, image, prompt, a, lm)
+            lb = _logits_along(m, image, prompt, a, lm)
+            assert la.argmax(-1).tolist() == a  # the forward pass is the float32 generation's
+            cos = F.cosine_similarity(la, lb, dim=-1)
+            assert cos.min() >= 0.98 and cos.mean() >= 0.99, (prompt, cos)
+            steps += len(a)
+            same_steps += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            same_texts += a == b
+            if a != b:  # int8 parts from float32 only where float32 was all but tied
+                j = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+                top = la[j].topk(2).values
+                assert top[0] - top[1] < 0.4 * la[j].std(), (prompt, j, top)
+    n = len(PROMPTS) * len(images)
+    assert same_texts >= 0.4 * n, f"int8 texts equal float32's for {same_texts}/{n}"
+    assert same_steps >= 0.85 * steps, f"int8 picks float32's token at {same_steps}/{steps} steps"

@@ -19,7 +19,7 @@ from .chat import (
 )
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
-from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
+from .generate import GenerationConfig, PrefillCache, check_forced, generate_ids, stream_ids
 from .layers import Linear
 from .model import Blip2
 from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
@@ -88,12 +88,19 @@ class Pipeline:
         """Yield the continuation of ``prompt`` for one image piece by piece, as it is produced."""
         yield from self._stream_text(self.generate_steps(image, prompt, **gen))
 
-    def generate_steps(self, images, prompts, **gen) -> Iterator[list[int | None]]:
+    def generate_steps(
+        self, images, prompts, forced: list[list[int]] | None = None, **gen
+    ) -> Iterator[list[int | None]]:
         """As :meth:`generate_ids`, step by step: each row's new token per step (None once the row is
         done). A batch streams as one (the server batches streaming requests with it). Beam search
-        yields its finished result, one token per step, at the end. Bad input raises here, at the call."""
+        yields its finished result, one token per step, at the end. Bad input raises here, at the call.
+
+        ``forced``: per row, token ids taken as its first new tokens instead of choosing them (they are
+        yielded too). A run cut short resumes this way: greedy then goes on as the uncut run did.
+        Greedy or sampling only."""
         lm, embeds, mask, ids, ids_mask, cfg, _ = self._prepare(images, prompts, gen)
-        return _steps(lm, embeds, mask, cfg, ids, ids_mask)
+        check_forced(forced, embeds.shape[0], cfg, lm.lm_head.out_features)
+        return _steps(lm, embeds, mask, cfg, ids, ids_mask, forced)
 
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
         """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only
@@ -404,9 +411,9 @@ def _load_processor(folder: Path, cfg: Blip2Config):
 
 
 @torch.inference_mode()
-def _steps(lm, embeds, mask, cfg, ids, ids_mask) -> Iterator[list[int | None]]:
+def _steps(lm, embeds, mask, cfg, ids, ids_mask, forced=None) -> Iterator[list[int | None]]:
     # The decorator (unlike a `with` inside) leaves inference mode between steps: the caller's is untouched.
-    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask)
+    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask, forced)
 
 
 def _generation_defaults(folder: Path, cfg: Blip2Config) -> GenerationConfig:

@@ -359,18 +359,49 @@ def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator |
 # ============================================================================ greedy / sampling
 
 
+def check_forced(forced: list[list[int]] | None, batch: int, cfg: GenerationConfig, vocab: int) -> None:
+    """Forced tokens (see :func:`token_steps`) must be one list per row, of ids within the vocabulary."""
+    if not forced:
+        return
+    if cfg.num_beams > 1:
+        raise InputError("forced tokens need greedy or sampled decoding, not beam search")
+    if len(forced) != batch:
+        raise InputError(f"forced tokens for {len(forced)} rows, the batch has {batch}")
+    if any(len(row) > cfg.max_new_tokens for row in forced):
+        raise InputError(f"more forced tokens than max_new_tokens={cfg.max_new_tokens}")
+    if any(not 0 <= t < vocab for row in forced for t in row):
+        raise InputError(f"a forced token id lies outside the vocabulary (0..{vocab - 1})")
+
+
+def _forced_table(forced: list[list[int]], batch: int, device: torch.device):
+    """Rows' forced tokens -> ((B, F) ids, right-padded with 0; (B,) how many each row has)."""
+    width = max((len(row) for row in forced), default=0)
+    table = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for i, row in enumerate(forced):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return table, torch.tensor([len(row) for row in forced], device=device)
+
+
 def token_steps(
-    runner, cfg: GenerationConfig, seen: torch.Tensor | None, batch: int, device: torch.device
+    runner,
+    cfg: GenerationConfig,
+    seen: torch.Tensor | None,
+    batch: int,
+    device: torch.device,
+    forced: list[list[int]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding: yields the (B,) new tokens of each step.
 
     A row that produced EOS keeps receiving the pad token (never yielded as text) until every row is
-    done or ``max_new_tokens`` is reached.
+    done or ``max_new_tokens`` is reached. ``forced``: per row, tokens taken as its first new tokens
+    instead of the chosen ones (they go through the same steps, so what follows them is what a run
+    that had chosen them would give).
     """
     eos = torch.tensor(cfg.eos_token_id, dtype=torch.long, device=device)
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id or (0,))[0]
     gen = _generator(cfg, device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
+    table, counts = _forced_table(forced, batch, device) if forced else (None, None)
     logits = runner.prefill()
     for step in range(cfg.max_new_tokens):
         scores = process(logits.float(), cfg, seen, eos, step)
@@ -378,6 +409,8 @@ def token_steps(
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
         else:
             tokens = scores.argmax(-1)
+        if table is not None and step < table.shape[1]:
+            tokens = torch.where(step < counts, table[:, step], tokens)
         tokens = tokens.masked_fill(done, pad)
         yield tokens
         done |= torch.isin(tokens, eos)
@@ -513,19 +546,7 @@ def generate_ids(
     are equal in all rows they are prefilled once, and with ``prefill_cache`` reused across calls
     (see :class:`OPTRunner`).
     """
-    return list(
-        _run(
-            lm,
-            embeds,
-            mask,
-            cfg,
-            prompt_ids,
-            prompt_mask,
-            stream=False,
-            prefill_cache=prefill_cache,
-            shared=shared,
-        )
-    )[0]
+    return next(_run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, False, prefill_cache, shared))
 
 
 def stream_ids(
@@ -535,13 +556,25 @@ def stream_ids(
     cfg: GenerationConfig,
     prompt_ids: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
+    forced: list[list[int]] | None = None,
 ) -> Iterator[list[int | None]]:
     """Per step, each row's new token (None once the row is done). Beam search yields its whole
-    result at the end, one token per step."""
-    yield from _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True)
+    result at the end, one token per step. ``forced``: see :func:`token_steps` (not with beams)."""
+    yield from _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True, forced=forced)
 
 
-def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_cache=None, shared: int = 0):
+def _run(
+    lm: OPT | T5,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GenerationConfig,
+    prompt_ids: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
+    stream: bool,
+    prefill_cache: PrefillCache | None = None,
+    shared: int = 0,
+    forced: list[list[int]] | None = None,
+):
     batch, device = embeds.shape[0], embeds.device
     vocab = lm.lm_head.out_features
     seen = None
@@ -554,6 +587,7 @@ def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_c
             seen = seen_tokens(prompt_ids.to(device), pm.to(device), vocab)
         else:
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    check_forced(forced, batch, cfg, vocab)
     runner = make_runner(lm, embeds, mask, cfg.max_new_tokens, prefill_cache, shared)
     eos = set(cfg.eos_token_id)
 
@@ -568,7 +602,7 @@ def _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream: bool, prefill_c
 
     out: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
-    for tokens in token_steps(runner, cfg, seen, batch, device):
+    for tokens in token_steps(runner, cfg, seen, batch, device, forced):
         row_tokens: list[int | None] = []
         for i, t in enumerate(tokens.tolist()):
             if finished[i]:
