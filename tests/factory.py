@@ -380,6 +380,23 @@ def reference_t5_config(**shape):
     )
 
 
+def reference_image_processor(image_size: int):
+    """The reference's BLIP image processor (bicubic resize, CLIP normalisation) for square images."""
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=3,  # PIL bicubic
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
 def build_checkpoint(
     out_dir: Path,
     *,
@@ -421,7 +438,6 @@ def build_checkpoint(
         Blip2Processor,
         Blip2QFormerConfig,
         Blip2VisionConfig,
-        BlipImageProcessor,
     )
 
     if retrieval:
@@ -437,17 +453,7 @@ def build_checkpoint(
 
     sentences = make_sentences()
     tokenizer = {"opt": _opt_tokenizer, "t5": _t5_tokenizer, None: _bert_tokenizer}[lm](sentences)
-    image_processor = BlipImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=3,  # PIL bicubic
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
-    )
+    image_processor = reference_image_processor(image_size)
     generation = not retrieval
     processor = Blip2Processor(
         image_processor=image_processor,

@@ -244,3 +244,23 @@ def normal_init_(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def decoder_mask(
+    inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: list | None, start: int
+) -> torch.Tensor:
+    """A decoder call's (B, start+T) 0/1 mask over every position so far: all ones when not given.
+    Positions before ``start`` must be in ``cache``."""
+    b, t, _ = inputs_embeds.shape
+    if cache is None and start:
+        raise ValueError("start > 0 needs a cache holding the earlier positions")
+    if attention_mask is None:
+        attention_mask = torch.ones(b, start + t, dtype=torch.long, device=inputs_embeds.device)
+    return attention_mask
+
+
+def run_layer(owner: nn.Module, layer: nn.Module, *args) -> torch.Tensor:
+    """``layer(*args)``, recomputed in the backward pass when ``owner`` trains with gradient checkpointing."""
+    if getattr(owner, "gradient_checkpointing", False) and owner.training:
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
