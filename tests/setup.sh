@@ -17,4 +17,5 @@ need() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@"
 }
 
+need gcc gcc libc6-dev # blip2.native compiles its linear kernel (tests/test_native.py, test_batch_invariance.py)
 pip install torch==2.13.0 -e ".[dev]"
