@@ -20,7 +20,6 @@ from .chat import (
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .generate import GenerationConfig, PrefillCache, check_forced, generate_ids, stream_ids
-from .layers import Linear
 from .model import Blip2
 from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
@@ -366,10 +365,11 @@ def load(
     ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
     language model (CPU only; see ``blip2.quantize``).
     ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
-    instead of the native few-row kernel and oneDNN's: OPT's logits then equal the reference's bit
-    for bit (T5's to ~1e-6), at up to ~4x the time per decode step of several rows. The default
-    differs by float32 rounding only (see ``layers.Linear``); it can flip a greedy choice only where
-    two tokens tie to that rounding.
+    and decode steps' attention through PyTorch's fused kernel, instead of the native kernel and
+    plain batched products: OPT's logits then equal the reference's bit for bit (T5's to ~1e-6), at
+    up to ~4x the time per decode step of several rows. The default differs by float32 rounding
+    only (see ``layers.Linear``), and gives a row the same bits alone or in any batch; it can flip a
+    greedy choice only where two tokens tie to that rounding.
     """
     t0 = time.perf_counter()
     if quantize not in (None, "int8"):
@@ -381,7 +381,7 @@ def load(
     model, cfg = build_model(folder, dtype)
     if exact:
         for module in model.modules():
-            if isinstance(module, Linear):
+            if hasattr(module, "fast_kernels"):  # the linear layers, and attention's decode steps
                 module.fast_kernels = False
     if quantize:
         from .quantize import quantize_model_

@@ -61,6 +61,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LlamaAttention(nn.Module):
+    fast_kernels: bool = True  # False (exact=True): decode steps keep PyTorch's fused attention kernel
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         d, dh = cfg.hidden_size, cfg.head_dim
@@ -86,7 +88,7 @@ class LlamaAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: each K/V head serves H/G heads
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return self.out(merge_heads(attention(q, k, v, mask)))
+        return self.out(merge_heads(attention(q, k, v, mask, row_invariant=self.fast_kernels)))
 
 
 class LlamaBlock(nn.Module):

@@ -28,6 +28,8 @@ POSITION_OFFSET = 2  # OPT reserves the first two rows of its position table
 
 
 class OPTAttention(nn.Module):
+    fast_kernels: bool = True  # False (exact=True): decode steps keep PyTorch's fused attention kernel
+
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -45,7 +47,7 @@ class OPTAttention(nn.Module):
         v = split_heads(self.v(x), self.num_heads)
         if cache is not None:
             k, v = cache.write(k, v, start)  # (B, H, S, D/H)
-        return self.out(merge_heads(attention(q, k, v, mask, scale=1.0)))
+        return self.out(merge_heads(attention(q, k, v, mask, scale=1.0, row_invariant=self.fast_kernels)))
 
 
 class OPTBlock(nn.Module):
