@@ -16,7 +16,7 @@ from .errors import CheckpointError, InputError
 from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
 from .layers import Linear
 from .model import Blip2
-from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
+from .weights import empty_modules, load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def build_model(folder: Path, dtype: torch.dtype | str | None = None) -> tuple[B
     cfg = Blip2Config.from_file(folder / "config.json")
     dtype = resolve_dtype(dtype)
     files = weight_files(folder)
-    with torch.device("meta"):
+    with empty_modules():
         model = Blip2(cfg)
     tensors = read_tensors(files)
     load_into(model, tensors, cfg, dtype)

@@ -15,11 +15,12 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import Blip2Config
 from .errors import CheckpointError
@@ -352,6 +353,28 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: Blip2Config) -> dict[s
 
 
 # ---- putting them into the model --------------------------------------------------------------
+
+
+class _SkipInit(TorchFunctionMode):
+    """Turns ``torch.nn.init`` calls into no-ops while a model is built to be filled from a checkpoint.
+
+    Random initialisation is work thrown away, and on the meta device ``normal_`` (``nn.Embedding``'s
+    init) goes through PyTorch's Python reference kernels, whose first use imports ``torch._dynamo``
+    (~1 s). A function mode is scoped to this thread and this ``with`` block: no global is patched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def empty_modules() -> Iterator[None]:
+    """Build modules on the meta device without initialising them: shapes only, filled by ``load_into``."""
+    with torch.device("meta"), _SkipInit():
+        yield
+
 
 FLOAT32_PREFIXES = ("qformer.", "queries")  # kept in float32 whatever the model's dtype
 
