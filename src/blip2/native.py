@@ -67,13 +67,13 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(source: bytes, compiler: str) -> Path:
-    """The shared object for ``source``, compiled unless already in the cache.
+def _build(source: bytes, compiler: str, flags: list[str] = FLAGS, stem: str = "skinny_linear") -> Path:
+    """The shared object for ``source``, compiled with ``flags`` unless already in the cache.
 
     A cache folder that cannot be written (a read-only home) gives way to the temporary folder.
     """
-    key = hashlib.sha256(source + compiler.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    name = f"skinny_linear-{key}.so"
+    key = hashlib.sha256(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    name = f"{stem}-{key}.so"
     folders = [cache_dir() / "native", Path(tempfile.gettempdir()) / f"blip2-{os.getuid()}"]
     for folder in folders:
         if (folder / name).exists() and _private(folder):
@@ -84,7 +84,7 @@ def _build(source: bytes, compiler: str) -> Path:
         except OSError:
             continue
         if os.access(folder, os.W_OK) and _private(folder):
-            return _compile(source, compiler, folder / name)
+            return _compile(source, compiler, flags, folder / name)
     raise OSError(f"no private writable folder for the native kernel among {', '.join(map(str, folders))}")
 
 
@@ -94,14 +94,14 @@ def _private(folder: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _compile(source: bytes, compiler: str, target: Path) -> Path:
+def _compile(source: bytes, compiler: str, flags: list[str], target: Path) -> Path:
     source_file = target.with_suffix(f".{os.getpid()}.c")
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     source_file.write_bytes(source)
     t0 = time.perf_counter()
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(source_file), "-o", str(partial)],
+            [compiler, *flags, str(source_file), "-o", str(partial)],
             check=True,
             capture_output=True,
             timeout=120,
@@ -206,3 +206,37 @@ def skinny_linear(
     if status != 0:
         raise ValueError(f"skinny_linear: in_features must be a multiple of 8, got {in_features}")
     return y
+
+
+# ---- the low-bit kernels (csrc/lowbit_linear.c; used by blip2.quantize) ------------------------------
+
+LOWBIT_SOURCE = "lowbit_linear.c"
+# instruction sets are chosen per function in the source; no contraction but the written FMAs
+LOWBIT_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def lowbit_library() -> ctypes.CDLL | None:
+    """The compiled ``lowbit_linear.c`` with its functions typed, or None where it cannot be had (logged
+    once). ``blip2.quantize.kernels`` checks its results before using it."""
+    reason = _unsupported_reason()
+    if reason is None and (compiler := _compiler()) is None:
+        reason = "no C compiler (cc, gcc or clang; or $CC)"
+    if reason is None:
+        try:
+            source = (resources.files("blip2") / "csrc" / LOWBIT_SOURCE).read_bytes()
+            library = ctypes.CDLL(str(_build(source, compiler, LOWBIT_FLAGS, "lowbit_linear")))
+            p, n = ctypes.c_void_p, ctypes.c_long
+            library.blip2_lowbit_cpu_kinds.argtypes = []
+            library.blip2_lowbit_cpu_kinds.restype = ctypes.c_int
+            library.blip2_int8_linear.argtypes = [ctypes.c_int, p, n, n, n, p, p, p, n, p, ctypes.c_int]
+            library.blip2_int8_linear.restype = ctypes.c_int
+            library.blip2_int4_linear.argtypes = [ctypes.c_int, p, n, n, n, n, p, p, p, p, n, p, ctypes.c_int]
+            library.blip2_int4_linear.restype = ctypes.c_int
+            return library
+        except subprocess.CalledProcessError as e:
+            reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+    log.info("low-bit layers use PyTorch's kernels: %s", reason)
+    return None

@@ -15,7 +15,7 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import torch
@@ -141,7 +141,8 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], origins: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's files; ``origins``, if given, gets each tensor's file."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         part = read_safetensors(f) if f.suffix == ".safetensors" else read_bin(f)
@@ -149,6 +150,8 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         if dup:
             raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} also appears in another shard")
         tensors.update(part)
+        if origins is not None:
+            origins.update(dict.fromkeys(part, f))
     return tensors
 
 
@@ -313,8 +316,23 @@ _COMPILED = [(re.compile(p), r) for p, r in RULES]
 ALIASED = {"language_model.embed_tokens.weight"}
 
 
+# Tensors of a low-bit layer (blip2.quantize) in a quantized checkpoint: named as the layer's ``weight``
+# with this last part instead.
+PACKED_NAMES = ("qweight", "scale", "scales", "mins")
+
+
 def our_name(hub_name: str, cfg: Blip2Config) -> str | None:
     """Map one hub tensor name to ours; None for tensors we deliberately skip. KeyError if unknown."""
+    layer, _, last = hub_name.rpartition(".")
+    if last in PACKED_NAMES:
+        weight = _our_name(f"{layer}.weight", cfg)
+        if weight is None or not weight.endswith(".weight"):
+            raise KeyError(hub_name)
+        return weight.removesuffix("weight") + last
+    return _our_name(hub_name, cfg)
+
+
+def _our_name(hub_name: str, cfg: Blip2Config) -> str | None:
     for pattern, repl in _COMPILED:
         m = pattern.fullmatch(hub_name)
         if m is None:
@@ -392,9 +410,16 @@ def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def load_into(
-    model: nn.Module, tensors: dict[str, torch.Tensor], cfg: Blip2Config, dtype: torch.dtype
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    cfg: Blip2Config,
+    dtype: torch.dtype,
+    packed: Collection[str] = (),
 ) -> None:
-    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree)."""
+    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree).
+
+    ``packed`` (our names: low-bit layers' tensors) keep the model's dtype exactly: never converted.
+    """
     mapped = map_state_dict(tensors, cfg)
     expected = model.state_dict()
     lm_head = "language_model.lm_head.weight"
@@ -428,7 +453,9 @@ def load_into(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(t.shape)} in the checkpoint, the config implies {tuple(ref.shape)}"
             )
-        want = target_dtype(name, dtype)
+        want = ref.dtype if name in packed else target_dtype(name, dtype)
+        if name in packed and t.dtype != want:
+            raise CheckpointError(f"tensor {name!r} is {t.dtype} in the checkpoint, its packing is {want}")
         if t.dtype != want:
             key = id(t)
             if key not in converted:
@@ -587,17 +614,30 @@ def save_checkpoint(
     was loaded from): ``model.safetensors`` with every tensor under its hub name, and the config, tokenizer,
     processor and generation-config files copied. ``trained`` (our names; default: parameters that require
     grad) are taken from the model, everything else from the source files, byte for byte."""
+    src = Path(src_folder)
+    cfg = Blip2Config.from_file(src / "config.json")
+    if trained is None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+    return write_checkpoint(state, src, out_folder)
+
+
+def write_checkpoint(
+    state: dict[str, torch.Tensor],
+    src_folder: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    config: dict | None = None,
+) -> Path:
+    """Write hub-named ``state`` as ``out_folder/model.safetensors`` with the side files of ``src_folder``
+    (config, tokenizer, processor, generation config) copied; ``config``, if given, is written as
+    ``config.json`` instead of the source's."""
     import shutil
 
     from safetensors.torch import save_file
 
     src, out = Path(src_folder), Path(out_folder)
     if src.resolve() == out.resolve():
-        raise CheckpointError(f"{out}: write the trained checkpoint to a new folder, not over its source")
-    cfg = Blip2Config.from_file(src / "config.json")
-    if trained is None:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+        raise CheckpointError(f"{out}: write the new checkpoint to a new folder, not over its source")
     # safetensors wants contiguous CPU tensors that share no memory
     seen: set[int] = set()
     flat: dict[str, torch.Tensor] = {}
@@ -618,6 +658,8 @@ def save_checkpoint(
         for f in src.glob(pattern):
             if f.is_file() and not f.name.endswith(".index.json"):
                 shutil.copyfile(f, out / f.name)
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
