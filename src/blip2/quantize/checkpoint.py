@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import Blip2Config
 from ..errors import CheckpointError
-from ..weights import hub_name, our_name, read_tensors, weight_files, write_checkpoint
+from ..weights import PACKED_NAMES, hub_name, our_name, read_tensors, weight_files, write_checkpoint
 from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .kernels import INT4_CHUNK, INT8_BLOCK
@@ -92,7 +92,9 @@ def save(model: nn.Module, src_folder: str | os.PathLike, out_folder: str | os.P
             state[hub] = tensor
     for name, layer in layers.items():
         # a tied lm_head the source left out is written under its own hub name
-        prefix = names.setdefault(name, hub_name(f"{name}.weight", cfg).removesuffix(".weight"))
+        if name not in names:
+            names[name] = hub_name(f"{name}.weight", cfg).removesuffix(".weight")
+        prefix = names[name]
         for leaf, tensor in layer.state_dict().items():
             state[f"{prefix}.{leaf}"] = tensor
     config = json.loads((src / "config.json").read_text())
@@ -168,17 +170,24 @@ class SavedQuantization:
             except KeyError:
                 continue  # reported by load_into
             layer, _, leaf = (ours or "").rpartition(".")
-            want = expected.get(ours) if isinstance(_get(model, layer), Int8Linear | Int4Linear) else None
-            if leaf in ("qweight", "scale", "scales", "mins") and want is None:
+            module = _get(model, layer)
+            where = f"{origins.get(hub, self.where)}: tensor {hub!r}"
+            if not isinstance(module, Int8Linear | Int4Linear):
+                if leaf in PACKED_NAMES:
+                    raise CheckpointError(
+                        f"{where} is packed, but the quantization entry does not list its layer"
+                    )
+                continue
+            want = expected.get(ours)
+            if want is None:
                 raise CheckpointError(
-                    f"{origins.get(hub, self.where)}: tensor {hub!r} is packed, but the quantization entry "
-                    "does not list its layer"
+                    f"{where} is no part of what config.json says, {_describe_layer(module)} "
+                    f"(which stores {', '.join(module.state_dict())})"
                 )
-            if want is not None and (tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape)):
-                kind = _describe_layer(_get(model, layer))
+            if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
                 raise CheckpointError(
-                    f"{origins.get(hub, self.where)}: tensor {hub!r} is {tensor.dtype} {tuple(tensor.shape)}; "
-                    f"config.json says {kind}, which stores {want.dtype} {tuple(want.shape)}"
+                    f"{where} is {tensor.dtype} {tuple(tensor.shape)}; config.json says "
+                    f"{_describe_layer(module)}, which stores {want.dtype} {tuple(want.shape)}"
                 )
 
 
