@@ -93,9 +93,10 @@ def _layers(in_features: int, out_features: int, bias: bool, group: int):
 def test_native_matches_pytorch_arithmetic(kind, rows, in_features, out_features, group, bias):
     _, l8, l4 = _layers(in_features, out_features, bias, group)
     x = torch.randn(rows, in_features)
-    got8 = kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, in_features, kind)
-    want8 = kernels.int8_reference(x, l8.qweight, l8.scale, l8.bias)
-    torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5)
+    for block in (128, None):
+        got8 = kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, in_features, block, kind)
+        want8 = kernels.int8_reference(x, l8.qweight, l8.scale, l8.bias, block)
+        torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5)
     got4 = kernels.int4_linear(x, l4.qweight, l4.scales, l4.mins, l4.bias, in_features, group, kind)
     want4 = kernels.int4_reference(x, l4.qweight, l4.scales, l4.mins, l4.bias, group)
     torch.testing.assert_close(got4, want4, rtol=1e-5, atol=1e-5)
@@ -112,7 +113,8 @@ def test_native_row_alone_equals_row_in_batch(kind, threads):
     torch.set_num_threads(threads)
     try:
         runs = {
-            "int8": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, kind),
+            "int8": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, 128, kind),
+            "int8 by row": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, None, kind),
             "int4": lambda x: kernels.int4_linear(x, l4.qweight, l4.scales, l4.mins, l4.bias, 384, 128, kind),
         }
         for name, run in runs.items():
@@ -128,12 +130,15 @@ def test_native_refuses_what_the_packing_does_not_allow():
     _, l8, l4 = _layers(256, 8, True, 128)
     kind = NATIVE_KINDS[0]
     with pytest.raises(ValueError, match="features"):
-        kernels.int8_linear(torch.randn(2, 200), l8.qweight, l8.scale, l8.bias, 256, kind)
+        kernels.int8_linear(torch.randn(2, 200), l8.qweight, l8.scale, l8.bias, 256, 128, kind)
     with pytest.raises(ValueError, match="scales"):
         kernels.int4_linear(
             torch.randn(2, 256), l4.qweight, l4.scales[:, :1].float(), l4.mins, None, 256, 128, kind
         )
-    assert kernels.int8_linear(torch.randn(0, 256), l8.qweight, l8.scale, None, 256, kind).shape == (0, 8)
+    assert kernels.int8_linear(torch.randn(0, 256), l8.qweight, l8.scale, None, 256, 128, kind).shape == (
+        0,
+        8,
+    )
 
 
 @pytest.mark.parametrize("kernel", ["native", "fbgemm", "dequant"])
@@ -217,6 +222,13 @@ def test_plan_and_counts(opt_ckpt):
     assert {bits for name, bits in layers.items() if not name.startswith("language_model.")} == {"int8"}
     assert set(plan(m.model, "int8").values()) == {"int8"}
     assert quantize_model_(m.model, "int4") == n_linear
+    # one activation scale per row where arithmetic bounds the time, per 128 inputs in the language model
+    blocks = {
+        name.split(".")[0]: mod.activation_block
+        for name, mod in m.model.named_modules()
+        if isinstance(mod, Int8Linear)
+    }
+    assert blocks == {"vision": None, "qformer": None}
 
 
 def test_load_rejects_bad_combinations(opt_ckpt):

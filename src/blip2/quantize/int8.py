@@ -51,26 +51,41 @@ class Int8Linear(nn.Module):
     """A drop-in ``nn.Linear`` for inference with int8 weights and float input/output.
 
     ``qweight`` (out, in padded to 128) int8, ``scale`` (out,) float32, ``bias`` float32 or None: the
-    tensors a quantized checkpoint stores. ``kernel`` forces one of ``INT8_KERNELS`` (tests); by default
-    the first that runs here.
+    tensors a quantized checkpoint stores. ``activation_block``: inputs per activation scale in the
+    native kernel, 128 or None (one scale per row: no per-block work, for layers bound by arithmetic).
+    ``kernel`` forces one of ``INT8_KERNELS`` (tests); by default the first that runs here.
     """
 
-    block = kernels.INT8_BLOCK
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        kernel: str | None = None,
+        activation_block: int | None = kernels.INT8_BLOCK,
+    ):
         super().__init__()
         if kernel is not None and kernel not in INT8_KERNELS:
             raise ValueError(f"kernel must be one of {INT8_KERNELS}, not {kernel!r}")
+        if activation_block not in (None, kernels.INT8_BLOCK):
+            raise ValueError(
+                f"activation_block must be {kernels.INT8_BLOCK} or None, not {activation_block!r}"
+            )
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
-        padded = kernels.padded_width(in_features, self.block)
+        self.activation_block = activation_block
+        padded = kernels.padded_width(in_features, kernels.INT8_BLOCK)
         self.register_buffer("qweight", torch.empty(out_features, padded, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32) if bias else None)
         self._fbgemm = None  # fbgemm's packed copy, made on first use
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str | None = None) -> Int8Linear:
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
+    def from_linear(
+        cls, linear: nn.Linear, kernel: str | None = None, activation_block: int | None = kernels.INT8_BLOCK
+    ) -> Int8Linear:
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None, kernel, activation_block
+        )
         padded = layer.qweight.shape[1]
         layer.qweight, layer.scale = quantize_weight(linear.weight, padded)
         if linear.bias is not None:
@@ -97,12 +112,13 @@ class Int8Linear(nn.Module):
         kernel = self._kernel()
         if kernel == "native":
             y = kernels.int8_linear(
-                x, self.qweight, self.scale, self.bias, self.in_features, kernels.require_native()
-            )
+                x, self.qweight, self.scale, self.bias, self.in_features, self.activation_block,
+                kernels.require_native(),
+            )  # fmt: skip
         elif kernel == "fbgemm":
             y = torch.ops.quantized.linear_dynamic(x, self._fbgemm_packed(), True)
         else:
-            y = kernels.int8_reference(x, self.qweight, self.scale, self.bias)
+            y = kernels.int8_reference(x, self.qweight, self.scale, self.bias, self.activation_block)
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
     def _fbgemm_packed(self):

@@ -20,7 +20,7 @@ from .. import native
 
 log = logging.getLogger(__name__)
 
-INT8_BLOCK = 128  # inputs per activation scale for int8 weights
+INT8_BLOCK = 128  # int8 weights are padded to it; their activation blocks are multiples of it
 INT4_CHUNK = 128  # inputs per 64 packed bytes; an int4 group is a multiple of it
 KINDS = {"avx2": 1, "avx512": 2}  # the kernel's instruction sets (bits of blip2_lowbit_cpu_kinds)
 
@@ -67,9 +67,9 @@ def int4_weight(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor)
     return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, -1)
 
 
-def int8_reference(x, qweight, scale, bias) -> torch.Tensor:
+def int8_reference(x, qweight, scale, bias, block: int | None = INT8_BLOCK) -> torch.Tensor:
     padded = qweight.shape[1]
-    return F.linear(_dequantized_activations(x, INT8_BLOCK, padded), int8_weight(qweight, scale), bias)
+    return F.linear(_dequantized_activations(x, block or padded, padded), int8_weight(qweight, scale), bias)
 
 
 def int4_reference(x, qweight, scales, mins, bias, group: int) -> torch.Tensor:
@@ -94,8 +94,9 @@ def _check(x: torch.Tensor, tensors: dict[str, tuple[torch.Tensor | None, torch.
             )
 
 
-def int8_linear(x, qweight, scale, bias, in_features: int, kind: int) -> torch.Tensor:
-    """(R, in_features) float32 @ int8 (N, padded) weights -> (R, N) float32, on the native kernel."""
+def int8_linear(x, qweight, scale, bias, in_features: int, block: int | None, kind: int) -> torch.Tensor:
+    """(R, in_features) float32 @ int8 (N, padded) weights -> (R, N) float32, on the native kernel;
+    ``block`` inputs per activation scale (None: one per row)."""
     out_features, padded = qweight.shape
     _check(x, {"qweight": (qweight, torch.int8, (out_features, padded)),
                "scale": (scale, torch.float32, (out_features,)),
@@ -104,7 +105,7 @@ def int8_linear(x, qweight, scale, bias, in_features: int, kind: int) -> torch.T
         raise ValueError(f"input has {x.shape[1]} features, the layer takes {in_features}")
     y = torch.empty(x.shape[0], out_features)
     status = native.lowbit_library().blip2_int8_linear(
-        kind, x.data_ptr(), x.shape[0], in_features, padded, qweight.data_ptr(), scale.data_ptr(),
+        kind, x.data_ptr(), x.shape[0], in_features, padded, block or padded, qweight.data_ptr(), scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _raise_on(status)
@@ -151,8 +152,12 @@ def _self_check(kind: int) -> bool:
         q8, scale = quantize_weight(weight, padded_width(in_features, INT8_BLOCK))
         q4, scales, mins = pack_int4(weight, INT4_CHUNK)
         cases = [
-            (functools.partial(int8_linear, qweight=q8, scale=scale, bias=bias, in_features=in_features, kind=kind),
+            (functools.partial(int8_linear, qweight=q8, scale=scale, bias=bias, in_features=in_features,
+                               block=INT8_BLOCK, kind=kind),
              int8_reference(x, q8, scale, bias)),
+            (functools.partial(int8_linear, qweight=q8, scale=scale, bias=bias, in_features=in_features,
+                               block=None, kind=kind),
+             int8_reference(x, q8, scale, bias, None)),
             (functools.partial(int4_linear, qweight=q4, scales=scales, mins=mins, bias=bias,
                                in_features=in_features, group=INT4_CHUNK, kind=kind),
              int4_reference(x, q4, scales, mins, bias, INT4_CHUNK)),
