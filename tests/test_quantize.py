@@ -38,17 +38,30 @@ def test_quantize_weight_round_trip():
     assert padded.shape == (64, 128) and torch.equal(padded[:, :96], q) and not padded[:, 96:].any()
 
 
+def test_int8_blocked_layout():
+    q = torch.randint(-127, 128, (37, 200), dtype=torch.int8)
+    packed = kernels.block_int8(q, 256)
+    assert packed.shape == (3, 64, 64)
+    # vector v of block B holds q[16B + i, 4v + b] at byte 4i + b; padding is zero
+    assert packed[1, 10, 4 * 5 + 2] == q[16 + 5, 40 + 2]
+    assert packed[2, 0, 4 * 5] == 0 and packed[0, 55, 0] == 0  # output 37, input 220: padding
+    assert torch.equal(kernels.unblock_int8(packed)[:37, :200], q)
+
+
 @pytest.mark.parametrize("in_features,group", [(96, 128), (256, 128), (300, 256), (128, 128)])
 def test_pack_int4_round_trip(in_features, group):
     w = torch.randn(33, in_features) * 0.1
     w[0, :10] = 3.0  # a group with an outlier
     qweight, scales, mins = pack_int4(w, group)
     padded = -(-in_features // group) * group
-    assert qweight.shape == (33, padded // 2) and qweight.dtype == torch.uint8
-    assert scales.shape == mins.shape == (33, padded // group) and scales.dtype == torch.float16
-    q = kernels.unpack_int4(qweight)
-    assert q.max() <= 15
-    deq = kernels.int4_weight(qweight, scales, mins)[:, :in_features]
+    assert qweight.shape == (3, padded // 8, 64) and qweight.dtype == torch.uint8
+    assert scales.shape == mins.shape == (3, padded // group, 16) and scales.dtype == torch.float16
+    q = kernels.unblock_int4(qweight)
+    assert q.shape == (48, padded) and q.max() <= 15 and not q[33:].any()
+    # byte 4i + b of vector v of block B: q[16B + i, 8v + b] (low nibble), q[16B + i, 8v + 4 + b] (high)
+    byte = int(qweight[1, 3, 4 * 2 + 1])
+    assert (byte & 15, byte >> 4) == (int(q[18, 25]), int(q[18, 29]))
+    deq = kernels.int4_weight(qweight, scales, mins, 33)[:, :in_features]
     # against plain min-max rounding, group by group: never more squared error, never far off
     padded_w = F.pad(w, (0, padded - in_features)).view(33, -1, group)
     real = (torch.arange(padded) < in_features).view(-1, group)
@@ -65,8 +78,6 @@ def test_pack_int4_round_trip(in_features, group):
             <= 0.2 * (high - low).repeat_interleave(group, 1).squeeze(-1)[:, :in_features].view(33, -1)
         ).all()
     )
-    # nibble layout: byte i of a 64-byte chunk holds input i (low) and input 64 + i (high)
-    assert torch.equal(q[:, 64:128], qweight[:, :64] >> 4) and torch.equal(q[:, :64], qweight[:, :64] & 15)
 
 
 def test_pack_int4_rejects_bad_group_sizes():
@@ -93,12 +104,13 @@ def _layers(in_features: int, out_features: int, bias: bool, group: int):
 def test_native_matches_pytorch_arithmetic(kind, rows, in_features, out_features, group, bias):
     _, l8, l4 = _layers(in_features, out_features, bias, group)
     x = torch.randn(rows, in_features)
-    for block in (128, None):
-        got8 = kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, in_features, block, kind)
-        want8 = kernels.int8_reference(x, l8.qweight, l8.scale, l8.bias, block)
-        torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5)
-    got4 = kernels.int4_linear(x, l4.qweight, l4.scales, l4.mins, l4.bias, in_features, group, kind)
-    want4 = kernels.int4_reference(x, l4.qweight, l4.scales, l4.mins, l4.bias, group)
+    got8 = kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, in_features, kind)
+    want8 = kernels.int8_reference(x, l8.qweight, l8.scale, l8.bias)
+    torch.testing.assert_close(got8, want8, rtol=1e-5, atol=1e-5)
+    got4 = kernels.int4_linear(
+        x, l4.qweight, l4.scales, l4.mins, l4.bias, in_features, out_features, group, kind
+    )
+    want4 = kernels.int4_reference(x, l4.qweight, l4.scales, l4.mins, l4.bias, out_features)
     torch.testing.assert_close(got4, want4, rtol=1e-5, atol=1e-5)
 
 
@@ -113,9 +125,10 @@ def test_native_row_alone_equals_row_in_batch(kind, threads):
     torch.set_num_threads(threads)
     try:
         runs = {
-            "int8": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, 128, kind),
-            "int8 by row": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, None, kind),
-            "int4": lambda x: kernels.int4_linear(x, l4.qweight, l4.scales, l4.mins, l4.bias, 384, 128, kind),
+            "int8": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, kind),
+            "int4": lambda x: kernels.int4_linear(
+                x, l4.qweight, l4.scales, l4.mins, l4.bias, 384, 37, 128, kind
+            ),
         }
         for name, run in runs.items():
             batch = run(x)
@@ -130,12 +143,12 @@ def test_native_refuses_what_the_packing_does_not_allow():
     _, l8, l4 = _layers(256, 8, True, 128)
     kind = NATIVE_KINDS[0]
     with pytest.raises(ValueError, match="features"):
-        kernels.int8_linear(torch.randn(2, 200), l8.qweight, l8.scale, l8.bias, 256, 128, kind)
+        kernels.int8_linear(torch.randn(2, 200), l8.qweight, l8.scale, l8.bias, 256, kind)
     with pytest.raises(ValueError, match="scales"):
         kernels.int4_linear(
-            torch.randn(2, 256), l4.qweight, l4.scales[:, :1].float(), l4.mins, None, 256, 128, kind
+            torch.randn(2, 256), l4.qweight, l4.scales.float(), l4.mins, None, 256, 8, 128, kind
         )
-    assert kernels.int8_linear(torch.randn(0, 256), l8.qweight, l8.scale, None, 256, 128, kind).shape == (
+    assert kernels.int8_linear(torch.randn(0, 256), l8.qweight, l8.scale, None, 256, kind).shape == (
         0,
         8,
     )
@@ -222,13 +235,6 @@ def test_plan_and_counts(opt_ckpt):
     assert {bits for name, bits in layers.items() if not name.startswith("language_model.")} == {"int8"}
     assert set(plan(m.model, "int8").values()) == {"int8"}
     assert quantize_model_(m.model, "int4") == n_linear
-    # one activation scale per row where arithmetic bounds the time, per 128 inputs in the language model
-    blocks = {
-        name.split(".")[0]: mod.activation_block
-        for name, mod in m.model.named_modules()
-        if isinstance(mod, Int8Linear)
-    }
-    assert blocks == {"vision": None, "qformer": None}
 
 
 def test_load_rejects_bad_combinations(opt_ckpt):

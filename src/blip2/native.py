@@ -229,7 +229,7 @@ def lowbit_library() -> ctypes.CDLL | None:
             p, n = ctypes.c_void_p, ctypes.c_long
             library.blip2_lowbit_cpu_kinds.argtypes = []
             library.blip2_lowbit_cpu_kinds.restype = ctypes.c_int
-            library.blip2_int8_linear.argtypes = [ctypes.c_int, p, n, n, n, n, p, p, p, n, p, ctypes.c_int]
+            library.blip2_int8_linear.argtypes = [ctypes.c_int, p, n, n, n, p, p, p, n, p, ctypes.c_int]
             library.blip2_int8_linear.restype = ctypes.c_int
             library.blip2_int4_linear.argtypes = [ctypes.c_int, p, n, n, n, n, p, p, p, p, n, p, ctypes.c_int]
             library.blip2_int4_linear.restype = ctypes.c_int

@@ -1,23 +1,27 @@
 /* Weight-only low-bit linear layers for CPU inference: y = x W^T + b, x and y float32.
  *
- * Weights (row-major, one row per output feature, the input padded with zeros to `padded` columns):
- *   int8: w[n, k] = q[n, k] * scale[n]                      q int8 in [-127, 127], scale float32,
- *         the input padded to a multiple of 128
- *   int4: w[n, k] = q[n, k] * scale[n, g] + min[n, g]       q in [0, 15], g = k / group, float16
- *         packed two to a byte in chunks of 128 inputs (64 bytes): byte i of a chunk holds input i
- *         in its low nibble and input 64 + i in its high nibble.
- * Activations are quantized per row and per block (for int8 a multiple of 128 inputs the caller
- * chooses, up to the whole row; for int4 the group) to int8 with a scale of max|x| / 127, and multiplied in integers: VNNI `vpdpbusd` (AVX-512) or
- * `vpmaddubsw` + `vpmaddwd` (AVX2). Each block's integer dot product is exact; it is scaled into a
- * float accumulator per block, so the result is the dot product of the dequantized activations and
- * weights up to float32 rounding.
+ * Weights are stored in blocks of 16 outputs (rows of W), the outputs padded with zero rows to a
+ * multiple of 16 and the inputs with zeros to `padded` (a multiple of 128). Within a block, each
+ * 64-byte vector holds a few inputs of all 16 outputs: 4 bytes per output ("lane"), so that one
+ * `vpdpbusd` multiplies 4 inputs of one row of x (broadcast) with 16 outputs at once.
+ *   int8: vector v of block B holds w[16B + i][4v + b] at byte 4i + b;
+ *         w = q * scale[n], q in [-127, 127], scale float32 (one per output).
+ *   int4: vector v of block B holds, at byte 4i + b, w[16B + i][8v + b] in the low nibble and
+ *         w[16B + i][8v + 4 + b] in the high one; w = q * scale + min, q in [0, 15], scale and min
+ *         float16 per output and group of `group` inputs (a multiple of 128), stored per block:
+ *         [block][group][16 outputs].
+ * The input is quantized per row and per block of 128 inputs (int8) or per group (int4) to int8
+ * with a scale of max|x| / 127 (rounded half to even), and multiplied in integers: AVX-512 VNNI
+ * `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`. Each block's integer dot product is exact; it is
+ * scaled into a float accumulator per block, so the result is the product of the dequantized input
+ * and weights up to float32 rounding.
  *
  * A row's result depends on that row alone: every (row, output) pair goes through the same
- * sequence of operations whatever the number of rows, the tile it falls in, or the thread count.
+ * operations whatever the number of rows, the tile it falls in, or the thread count.
  *
  * Built by blip2.native with `cc -O3 -ffp-contract=off -fopenmp -shared -fPIC` (no fused
- * multiply-adds but the written ones: every tile instance rounds alike); the instruction sets are chosen per
- * function (target attributes) and the caller picks the kind the CPU has (blip2_lowbit_cpu_kinds).
+ * multiply-adds but the written ones: every tile instance rounds alike); the instruction sets are
+ * chosen per function (target attributes) and the caller picks the kind the CPU has.
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -30,7 +34,7 @@
 #define INLINE static inline __attribute__((always_inline))
 
 enum { KIND_AVX2 = 1, KIND_AVX512 = 2 };
-enum { INT8_BLOCK = 128, INT4_CHUNK = 128, ROW_CHUNK = 64 };
+enum { LANES = 16, INT8_BLOCK = 128, INT4_CHUNK = 128, ROW_CHUNK = 64 };
 
 /* Bit 0: the AVX2 kernels can run here; bit 1: the AVX-512 (VNNI) kernels can. */
 int blip2_lowbit_cpu_kinds(void)
@@ -48,9 +52,10 @@ int blip2_lowbit_cpu_kinds(void)
 /* ---- activations ------------------------------------------------------------------------------ */
 
 typedef struct {
-    int8_t *q;      /* (rows, padded) */
-    float *scale;   /* (rows, blocks) */
-    int32_t *sum;   /* (rows, blocks): sum of q over the block */
+    int8_t *q;     /* (rows, padded) */
+    float *scale;  /* (rows, blocks) */
+    int32_t *sum;  /* (rows, blocks): sum of q over the block */
+    long padded, blocks;
 } Activations;
 
 /* One row: blocks of `block` inputs (a multiple of 8) to int8, past `in_features` zeros. */
@@ -93,8 +98,7 @@ AVX2 static void quantize_row(const float *x, long in_features, long padded, lon
         for (int i = 0; i < 8; i++)
             total += sums[i];
         for (long k = full; k < k1; k++) {
-            __m128 v = _mm_set_ss(x[k] * inv);
-            int iv = _mm_cvtss_si32(v); /* nearest even, as the vector path */
+            int iv = _mm_cvtss_si32(_mm_set_ss(x[k] * inv)); /* nearest even, as the vector path */
             iv = iv < -127 ? -127 : (iv > 127 ? 127 : iv);
             q[k] = (int8_t)iv;
             total += iv;
@@ -108,16 +112,17 @@ AVX2 static void quantize_row(const float *x, long in_features, long padded, lon
 static int quantize_activations(const float *x, long rows, long in_features, long padded, long block,
                                 Activations *a, int threads)
 {
-    long blocks = padded / block;
+    a->padded = padded;
+    a->blocks = padded / block;
     a->q = aligned_alloc(64, (size_t)((rows * padded + 63) / 64 * 64));
-    a->scale = malloc(sizeof(float) * (size_t)(rows * blocks));
-    a->sum = malloc(sizeof(int32_t) * (size_t)(rows * blocks));
+    a->scale = malloc(sizeof(float) * (size_t)(rows * a->blocks));
+    a->sum = malloc(sizeof(int32_t) * (size_t)(rows * a->blocks));
     if (!a->q || !a->scale || !a->sum)
         return -1;
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows > 8)
     for (long r = 0; r < rows; r++)
-        quantize_row(x + r * in_features, in_features, padded, block, a->q + r * padded, a->scale + r * blocks,
-                     a->sum + r * blocks);
+        quantize_row(x + r * in_features, in_features, padded, block, a->q + r * padded, a->scale + r * a->blocks,
+                     a->sum + r * a->blocks);
     return 0;
 }
 
@@ -128,334 +133,338 @@ static void free_activations(Activations *a)
     free(a->sum);
 }
 
-/* ---- horizontal sums (a fixed order: the same for every tile) --------------------------------------- */
-
-AVX2 INLINE float hsum8(__m256 v)
+/* 4 quantized inputs of a row, as one 32-bit word (to broadcast to every lane) */
+INLINE int32_t four(const int8_t *q)
 {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+    int32_t v;
+    memcpy(&v, q, 4);
+    return v;
 }
-
-AVX512 INLINE float hsum16(__m512 v)
-{
-    __m256 s = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    __m128 t = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    t = _mm_add_ps(t, _mm_movehl_ps(t, t));
-    t = _mm_add_ss(t, _mm_movehdup_ps(t));
-    return _mm_cvtss_f32(t);
-}
-
-/* int4's minimum term of one (row, output): sum over groups of min[n, g] * scale[r, g] * sum[r, g]. */
-AVX2 INLINE float min_term(const uint16_t *mins, const float *scale, const int32_t *sum, long groups)
-{
-    float z = 0.0f;
-    for (long g = 0; g < groups; g++)
-        z = __builtin_fmaf(_cvtsh_ss(mins[g]), scale[g] * (float)sum[g], z);
-    return z;
-}
-
-/* ---- int8 ------------------------------------------------------------------------------------------ */
 
 typedef struct {
-    const int8_t *w;
-    const float *wscale, *bias;
-    long padded, block, out_features;
-    float *y;
-} Int8Args;
+    const void *w;           /* packed blocks */
+    const float *wscale;     /* int8: (out_features,) */
+    const uint16_t *scales;  /* int4: (blocks, groups, 16) */
+    const uint16_t *mins;
+    const float *bias;       /* (out_features,) or NULL */
+    long out_features, group;
+    float *y;                /* (rows, out_features) */
+} Layer;
 
-/* AVX-512 VNNI: vpdpbusd takes unsigned bytes on one side; the weights are flipped to w + 128
- * (xor 0x80) and each block's accumulator starts at -128 * sum(x) in one lane, so it ends exact. */
-AVX512 INLINE void int8_tile_avx512(const Activations *a, const Int8Args *p, long r0, int rt, long n0, int nt,
-                                    const int RT, const int NT)
+/* ---- AVX-512 VNNI ------------------------------------------------------------------------------------ */
+
+/* Stores 16 outputs of a row (fewer at the end of the layer), with the bias. */
+AVX512 INLINE void store16(const Layer *p, long row, long n0, __m512 v)
 {
-    const long padded = p->padded, block = p->block, blocks = padded / block;
+    long valid = p->out_features - n0;
+    __mmask16 m = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    if (p->bias)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p->bias + n0));
+    _mm512_mask_storeu_ps(p->y + row * p->out_features + n0, m, v);
+}
+
+/* int8: vpdpbusd takes unsigned bytes on one side; the weights are flipped to w + 128 (xor 0x80) and
+ * each block's accumulators start at -128 * sum(x), so they end exact. */
+AVX512 INLINE void int8_tile_avx512(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                    const int RT, const int NB)
+{
+    const long padded = a->padded, vectors = padded / 4, per_block = INT8_BLOCK / 4;
+    const int8_t *w = p->w;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512 facc[4][2];
     for (int r = 0; r < RT; r++)
-        for (int j = 0; j < NT; j++)
+        for (int j = 0; j < NB; j++)
             facc[r][j] = _mm512_setzero_ps();
-    for (long b = 0; b < blocks; b++) {
+    for (long b = 0; b < a->blocks; b++) {
         __m512i acc[4][2];
         for (int r = 0; r < RT; r++) {
             long row = r0 + (r < rt ? r : 0);
-            __m512i start = _mm512_castsi128_si512(_mm_cvtsi32_si128(-128 * a->sum[row * blocks + b]));
-            start = _mm512_maskz_mov_epi32(1, start);
-            for (int j = 0; j < NT; j++)
+            __m512i start = _mm512_set1_epi32(-128 * a->sum[row * a->blocks + b]);
+            for (int j = 0; j < NB; j++)
                 acc[r][j] = start;
         }
-        for (long k = b * block; k < (b + 1) * block; k += 64) {
-            __m512i w[2];
-            for (int j = 0; j < NT; j++) {
-                long n = n0 + (j < nt ? j : 0);
-                w[j] = _mm512_xor_si512(_mm512_loadu_si512(p->w + n * padded + k), flip);
-                /* the next tile's rows at this offset: a row is a page or less, and the hardware
-                 * prefetcher starts over at every page (decode steps read ~2x faster with this) */
-                _mm_prefetch((const char *)(p->w + (n + NT) * padded + k), _MM_HINT_T0);
+        for (long v = b * per_block; v < (b + 1) * per_block; v++) {
+            __m512i wv[2];
+            for (int j = 0; j < NB; j++) {
+                long blk = b0 + (j < nb ? j : 0);
+                wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (blk * vectors + v) * 64), flip);
+                /* the next tile's blocks at this offset: the hardware prefetcher starts over at every
+                 * page (decode steps read ~2x faster with this) */
+                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_T0);
             }
             for (int r = 0; r < RT; r++) {
                 long row = r0 + (r < rt ? r : 0);
-                __m512i x = _mm512_loadu_si512(a->q + row * padded + k);
-                for (int j = 0; j < NT; j++)
-                    acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], w[j], x);
+                __m512i x = _mm512_set1_epi32(four(a->q + row * padded + 4 * v));
+                for (int j = 0; j < NB; j++)
+                    acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wv[j], x);
             }
         }
         for (int r = 0; r < RT; r++) {
             long row = r0 + (r < rt ? r : 0);
-            __m512 s = _mm512_set1_ps(a->scale[row * blocks + b]);
-            for (int j = 0; j < NT; j++)
+            __m512 s = _mm512_set1_ps(a->scale[row * a->blocks + b]);
+            for (int j = 0; j < NB; j++)
                 facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), s, facc[r][j]);
         }
     }
-    for (int r = 0; r < rt && r < RT; r++)
-        for (int j = 0; j < nt && j < NT; j++) {
-            long n = n0 + j;
-            float v = hsum16(facc[r][j]) * p->wscale[n];
-            p->y[(r0 + r) * p->out_features + n] = p->bias ? v + p->bias[n] : v;
-        }
-}
-
-/* AVX2: vpmaddubsw takes unsigned bytes on one side; |w| against x with w's sign (pairs stay below
- * 2 * 127 * 127, no saturation). */
-AVX2 INLINE void int8_tile_avx2(const Activations *a, const Int8Args *p, long r0, int rt, long n0, int nt,
-                                const int RT, const int NT)
-{
-    const long padded = p->padded, block = p->block, blocks = padded / block;
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256 facc[2][2];
-    for (int r = 0; r < RT; r++)
-        for (int j = 0; j < NT; j++)
-            facc[r][j] = _mm256_setzero_ps();
-    for (long b = 0; b < blocks; b++) {
-        __m256i acc[2][2];
-        for (int r = 0; r < RT; r++)
-            for (int j = 0; j < NT; j++)
-                acc[r][j] = _mm256_setzero_si256();
-        for (long k = b * block; k < (b + 1) * block; k += 32) {
-            __m256i w[2], wabs[2];
-            for (int j = 0; j < NT; j++) {
-                long n = n0 + (j < nt ? j : 0);
-                w[j] = _mm256_loadu_si256((const __m256i *)(p->w + n * padded + k));
-                wabs[j] = _mm256_abs_epi8(w[j]);
-                if (k % 64 == 0)
-                    _mm_prefetch((const char *)(p->w + (n + NT) * padded + k), _MM_HINT_T0);
-            }
-            for (int r = 0; r < RT; r++) {
-                long row = r0 + (r < rt ? r : 0);
-                __m256i x = _mm256_loadu_si256((const __m256i *)(a->q + row * padded + k));
-                for (int j = 0; j < NT; j++) {
-                    __m256i pairs = _mm256_maddubs_epi16(wabs[j], _mm256_sign_epi8(x, w[j]));
-                    acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, ones));
-                }
-            }
-        }
-        for (int r = 0; r < RT; r++) {
-            long row = r0 + (r < rt ? r : 0);
-            __m256 s = _mm256_set1_ps(a->scale[row * blocks + b]);
-            for (int j = 0; j < NT; j++)
-                facc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][j]), s, facc[r][j]);
-        }
+    for (int j = 0; j < nb && j < NB; j++) {
+        long n0 = (b0 + j) * LANES, valid = p->out_features - n0;
+        __mmask16 m = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+        __m512 ws = _mm512_maskz_loadu_ps(m, p->wscale + n0);
+        for (int r = 0; r < rt && r < RT; r++)
+            store16(p, r0 + r, n0, _mm512_mul_ps(facc[r][j], ws));
     }
-    for (int r = 0; r < rt && r < RT; r++)
-        for (int j = 0; j < nt && j < NT; j++) {
-            long n = n0 + j;
-            float v = hsum8(facc[r][j]) * p->wscale[n];
-            p->y[(r0 + r) * p->out_features + n] = p->bias ? v + p->bias[n] : v;
-        }
 }
 
-/* Tiles of RT rows x NT outputs; a smaller edge tile runs the same code with its rows and outputs
- * repeated (their results are not stored), so every stored value took the same operations. */
-AVX512 static void int8_tile_avx512_4x2(const Activations *a, const Int8Args *p, long r0, int rt, long n0, int nt)
+/* int4: two vpdpbusd per vector (low nibbles: inputs 8v..8v+3, high: 8v+4..8v+7); per group, the
+ * integer dot products scaled by the input's and the weights' scales, and the minimum's term added. */
+AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                    const int RT, const int NB)
 {
-    int8_tile_avx512(a, p, r0, rt, n0, nt, 4, 2);
-}
-
-AVX512 static void int8_tile_avx512_1x2(const Activations *a, const Int8Args *p, long r0, int rt, long n0, int nt)
-{
-    int8_tile_avx512(a, p, r0, rt, n0, nt, 1, 2);
-}
-
-AVX2 static void int8_tile_avx2_2x2(const Activations *a, const Int8Args *p, long r0, int rt, long n0, int nt)
-{
-    int8_tile_avx2(a, p, r0, rt, n0, nt, 2, 2);
-}
-
-AVX2 static void int8_tile_avx2_1x2(const Activations *a, const Int8Args *p, long r0, int rt, long n0, int nt)
-{
-    int8_tile_avx2(a, p, r0, rt, n0, nt, 1, 2);
-}
-
-/* ---- int4 ------------------------------------------------------------------------------------------ */
-
-typedef struct {
-    const uint8_t *w;
-    const uint16_t *scales, *mins;
-    const float *bias;
-    long padded, group, out_features;
-    float *y;
-} Int4Args;
-
-AVX512 INLINE void int4_tile_avx512(const Activations *a, const Int4Args *p, long r0, int rt, long n0, int nt,
-                                    const int RT, const int NT)
-{
-    const long padded = p->padded, groups = padded / p->group, row_bytes = padded / 2;
+    const long padded = a->padded, vectors = padded / 8, groups = a->blocks, per_group = p->group / 8;
+    const uint8_t *w = p->w;
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 facc[4][2];
     for (int r = 0; r < RT; r++)
-        for (int j = 0; j < NT; j++)
+        for (int j = 0; j < NB; j++)
             facc[r][j] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
         __m512i acc[4][2];
         for (int r = 0; r < RT; r++)
-            for (int j = 0; j < NT; j++)
+            for (int j = 0; j < NB; j++)
                 acc[r][j] = _mm512_setzero_si512();
-        for (long k = g * p->group; k < (g + 1) * p->group; k += INT4_CHUNK) {
+        for (long v = g * per_group; v < (g + 1) * per_group; v++) {
             __m512i wlo[2], whi[2];
-            for (int j = 0; j < NT; j++) {
-                long n = n0 + (j < nt ? j : 0);
-                __m512i v = _mm512_loadu_si512(p->w + n * row_bytes + k / 2);
-                _mm_prefetch((const char *)(p->w + (n + NT) * row_bytes + k / 2), _MM_HINT_T0);
-                wlo[j] = _mm512_and_si512(v, low);
-                whi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            for (int j = 0; j < NB; j++) {
+                long blk = b0 + (j < nb ? j : 0);
+                __m512i packed = _mm512_loadu_si512(w + (blk * vectors + v) * 64);
+                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_T0);
+                wlo[j] = _mm512_and_si512(packed, low);
+                whi[j] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
             }
             for (int r = 0; r < RT; r++) {
                 long row = r0 + (r < rt ? r : 0);
-                const int8_t *xq = a->q + row * padded + k;
-                __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 64);
-                for (int j = 0; j < NT; j++)
+                const int8_t *xq = a->q + row * padded + 8 * v;
+                __m512i xlo = _mm512_set1_epi32(four(xq)), xhi = _mm512_set1_epi32(four(xq + 4));
+                for (int j = 0; j < NB; j++)
                     acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], wlo[j], xlo), whi[j], xhi);
             }
         }
-        __m512 ws[2];
-        for (int j = 0; j < NT; j++) {
-            long n = n0 + (j < nt ? j : 0);
-            ws[j] = _mm512_set1_ps(_cvtsh_ss(p->scales[n * groups + g]));
+        __m512 sv[2], mv[2];
+        for (int j = 0; j < NB; j++) {
+            long blk = b0 + (j < nb ? j : 0);
+            sv[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p->scales + (blk * groups + g) * LANES)));
+            mv[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p->mins + (blk * groups + g) * LANES)));
         }
         for (int r = 0; r < RT; r++) {
             long row = r0 + (r < rt ? r : 0);
-            __m512 xs = _mm512_set1_ps(a->scale[row * groups + g]);
-            for (int j = 0; j < NT; j++)
-                facc[r][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), xs), ws[j], facc[r][j]);
+            float xs = a->scale[row * groups + g];
+            __m512 vxs = _mm512_set1_ps(xs), vsum = _mm512_set1_ps(xs * (float)a->sum[row * groups + g]);
+            for (int j = 0; j < NB; j++) {
+                __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), vxs);
+                facc[r][j] = _mm512_fmadd_ps(mv[j], vsum, _mm512_fmadd_ps(dot, sv[j], facc[r][j]));
+            }
         }
     }
-    for (int r = 0; r < rt && r < RT; r++)
-        for (int j = 0; j < nt && j < NT; j++) {
-            long n = n0 + j, row = r0 + r;
-            float v = hsum16(facc[r][j]) +
-                      min_term(p->mins + n * groups, a->scale + row * groups, a->sum + row * groups, groups);
-            p->y[row * p->out_features + n] = p->bias ? v + p->bias[n] : v;
-        }
+    for (int j = 0; j < nb && j < NB; j++)
+        for (int r = 0; r < rt && r < RT; r++)
+            store16(p, r0 + r, (b0 + j) * LANES, facc[r][j]);
 }
 
-/* AVX2: 32 bytes of a 64-byte chunk hold inputs k..k+31 (low nibbles) and k+64..k+95 (high). */
-AVX2 INLINE void int4_tile_avx2(const Activations *a, const Int4Args *p, long r0, int rt, long n0, int nt,
-                                const int RT, const int NT)
+/* ---- AVX2: the same blocks, each 64-byte vector as two halves of 8 outputs ---------------------------- */
+
+AVX2 INLINE void store8(const Layer *p, long row, long n0, __m256 v)
 {
-    const long padded = p->padded, groups = padded / p->group, row_bytes = padded / 2;
-    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    long valid = p->out_features - n0;
+    if (valid >= 8) {
+        if (p->bias)
+            v = _mm256_add_ps(v, _mm256_loadu_ps(p->bias + n0));
+        _mm256_storeu_ps(p->y + row * p->out_features + n0, v);
+        return;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (long i = 0; i < valid; i++)
+        p->y[row * p->out_features + n0 + i] = p->bias ? lanes[i] + p->bias[n0 + i] : lanes[i];
+}
+
+/* int8: vpmaddubsw takes unsigned bytes on one side: |w| against x with w's sign (pairs stay below
+ * 2 * 127 * 127: no saturation). */
+AVX2 INLINE void int8_tile_avx2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                const int RT)
+{
+    const long padded = a->padded, vectors = padded / 4, per_block = INT8_BLOCK / 4;
+    const int8_t *w = p->w;
+    const __m256i ones = _mm256_set1_epi16(1);
     __m256 facc[2][2];
     for (int r = 0; r < RT; r++)
-        for (int j = 0; j < NT; j++)
-            facc[r][j] = _mm256_setzero_ps();
-    for (long g = 0; g < groups; g++) {
+        facc[r][0] = facc[r][1] = _mm256_setzero_ps();
+    (void)nb;
+    for (long b = 0; b < a->blocks; b++) {
         __m256i acc[2][2];
         for (int r = 0; r < RT; r++)
-            for (int j = 0; j < NT; j++)
-                acc[r][j] = _mm256_setzero_si256();
-        for (long k = g * p->group; k < (g + 1) * p->group; k += INT4_CHUNK) {
-            for (int half = 0; half < 2; half++) {
-                long kk = k + 32 * half;
-                __m256i wlo[2], whi[2];
-                for (int j = 0; j < NT; j++) {
-                    long n = n0 + (j < nt ? j : 0);
-                    __m256i v = _mm256_loadu_si256((const __m256i *)(p->w + n * row_bytes + kk / 2 + 16 * half));
-                    if (half == 0)
-                        _mm_prefetch((const char *)(p->w + (n + NT) * row_bytes + kk / 2), _MM_HINT_T0);
-                    wlo[j] = _mm256_and_si256(v, low);
-                    whi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                }
-                for (int r = 0; r < RT; r++) {
-                    long row = r0 + (r < rt ? r : 0);
-                    const int8_t *xq = a->q + row * padded + kk;
-                    __m256i xlo = _mm256_loadu_si256((const __m256i *)xq);
-                    __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq + 64));
-                    for (int j = 0; j < NT; j++) {
-                        __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wlo[j], xlo),
-                                                         _mm256_maddubs_epi16(whi[j], xhi));
-                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, ones));
-                    }
+            acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (long v = b * per_block; v < (b + 1) * per_block; v++) {
+            const int8_t *vec = w + (b0 * vectors + v) * 64;
+            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_T0);
+            __m256i wv[2], wabs[2];
+            for (int h = 0; h < 2; h++) {
+                wv[h] = _mm256_loadu_si256((const __m256i *)(vec + 32 * h));
+                wabs[h] = _mm256_abs_epi8(wv[h]);
+            }
+            for (int r = 0; r < RT; r++) {
+                long row = r0 + (r < rt ? r : 0);
+                __m256i x = _mm256_set1_epi32(four(a->q + row * padded + 4 * v));
+                for (int h = 0; h < 2; h++) {
+                    __m256i pairs = _mm256_maddubs_epi16(wabs[h], _mm256_sign_epi8(x, wv[h]));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
                 }
             }
         }
-        __m256 ws[2];
-        for (int j = 0; j < NT; j++) {
-            long n = n0 + (j < nt ? j : 0);
-            ws[j] = _mm256_set1_ps(_cvtsh_ss(p->scales[n * groups + g]));
+        for (int r = 0; r < RT; r++) {
+            long row = r0 + (r < rt ? r : 0);
+            __m256 s = _mm256_set1_ps(a->scale[row * a->blocks + b]);
+            for (int h = 0; h < 2; h++)
+                facc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), s, facc[r][h]);
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        long n0 = b0 * LANES + 8 * h, valid = p->out_features - n0;
+        if (valid <= 0)
+            break;
+        float scale[8] = {0};
+        memcpy(scale, p->wscale + n0, sizeof(float) * (size_t)(valid < 8 ? valid : 8));
+        __m256 ws = _mm256_loadu_ps(scale);
+        for (int r = 0; r < rt && r < RT; r++)
+            store8(p, r0 + r, n0, _mm256_mul_ps(facc[r][h], ws));
+    }
+}
+
+AVX2 INLINE void int4_tile_avx2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                const int RT)
+{
+    const long padded = a->padded, vectors = padded / 8, groups = a->blocks, per_group = p->group / 8;
+    const uint8_t *w = p->w;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 facc[2][2];
+    for (int r = 0; r < RT; r++)
+        facc[r][0] = facc[r][1] = _mm256_setzero_ps();
+    (void)nb;
+    for (long g = 0; g < groups; g++) {
+        __m256i acc[2][2];
+        for (int r = 0; r < RT; r++)
+            acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (long v = g * per_group; v < (g + 1) * per_group; v++) {
+            const uint8_t *vec = w + (b0 * vectors + v) * 64;
+            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_T0);
+            __m256i wlo[2], whi[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(vec + 32 * h));
+                wlo[h] = _mm256_and_si256(packed, low);
+                whi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            }
+            for (int r = 0; r < RT; r++) {
+                long row = r0 + (r < rt ? r : 0);
+                const int8_t *xq = a->q + row * padded + 8 * v;
+                __m256i xlo = _mm256_set1_epi32(four(xq)), xhi = _mm256_set1_epi32(four(xq + 4));
+                for (int h = 0; h < 2; h++) {
+                    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wlo[h], xlo), _mm256_maddubs_epi16(whi[h], xhi));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        __m256 sv[2], mv[2];
+        for (int h = 0; h < 2; h++) {
+            long at = (b0 * groups + g) * LANES + 8 * h;
+            sv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->scales + at)));
+            mv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->mins + at)));
         }
         for (int r = 0; r < RT; r++) {
             long row = r0 + (r < rt ? r : 0);
-            __m256 xs = _mm256_set1_ps(a->scale[row * groups + g]);
-            for (int j = 0; j < NT; j++)
-                facc[r][j] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][j]), xs), ws[j], facc[r][j]);
+            float xs = a->scale[row * groups + g];
+            __m256 vxs = _mm256_set1_ps(xs), vsum = _mm256_set1_ps(xs * (float)a->sum[row * groups + g]);
+            for (int h = 0; h < 2; h++) {
+                __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), vxs);
+                facc[r][h] = _mm256_fmadd_ps(mv[h], vsum, _mm256_fmadd_ps(dot, sv[h], facc[r][h]));
+            }
         }
     }
-    for (int r = 0; r < rt && r < RT; r++)
-        for (int j = 0; j < nt && j < NT; j++) {
-            long n = n0 + j, row = r0 + r;
-            float v = hsum8(facc[r][j]) +
-                      min_term(p->mins + n * groups, a->scale + row * groups, a->sum + row * groups, groups);
-            p->y[row * p->out_features + n] = p->bias ? v + p->bias[n] : v;
-        }
+    for (int h = 0; h < 2; h++) {
+        long n0 = b0 * LANES + 8 * h;
+        if (n0 >= p->out_features)
+            break;
+        for (int r = 0; r < rt && r < RT; r++)
+            store8(p, r0 + r, n0, facc[r][h]);
+    }
 }
 
-AVX512 static void int4_tile_avx512_4x2(const Activations *a, const Int4Args *p, long r0, int rt, long n0, int nt)
+/* Tiles of RT rows x NB blocks of 16 outputs; a smaller edge tile runs the same code with its rows and
+ * blocks repeated (their results are not stored), so every stored value took the same operations. */
+typedef void (*TileFn)(const Activations *, const Layer *, long, int, long, int);
+
+AVX512 static void int8_avx512_4x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int4_tile_avx512(a, p, r0, rt, n0, nt, 4, 2);
+    int8_tile_avx512(a, p, r0, rt, b0, nb, 4, 2);
 }
 
-AVX512 static void int4_tile_avx512_1x2(const Activations *a, const Int4Args *p, long r0, int rt, long n0, int nt)
+AVX512 static void int8_avx512_1x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int4_tile_avx512(a, p, r0, rt, n0, nt, 1, 2);
+    int8_tile_avx512(a, p, r0, rt, b0, nb, 1, 2);
 }
 
-AVX2 static void int4_tile_avx2_2x2(const Activations *a, const Int4Args *p, long r0, int rt, long n0, int nt)
+AVX512 static void int4_avx512_4x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int4_tile_avx2(a, p, r0, rt, n0, nt, 2, 2);
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 4, 2);
 }
 
-AVX2 static void int4_tile_avx2_1x2(const Activations *a, const Int4Args *p, long r0, int rt, long n0, int nt)
+AVX512 static void int4_avx512_1x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int4_tile_avx2(a, p, r0, rt, n0, nt, 1, 2);
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 2);
+}
+
+AVX2 static void int8_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int8_tile_avx2(a, p, r0, rt, b0, nb, 2);
+}
+
+AVX2 static void int8_avx2_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int8_tile_avx2(a, p, r0, rt, b0, nb, 1);
+}
+
+AVX2 static void int4_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx2(a, p, r0, rt, b0, nb, 2);
+}
+
+AVX2 static void int4_avx2_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx2(a, p, r0, rt, b0, nb, 1);
 }
 
 /* ---- the loop over tiles ------------------------------------------------------------------------- */
 
-typedef void (*TileFn)(const Activations *, const void *, long, int, long, int);
-
-/* Outputs are split among threads in pairs; each thread walks its outputs once per chunk of
- * ROW_CHUNK rows (whose activations stay in cache). A single row takes the one-row tile: the
- * same operations as a row of the wide tile, without the repeated rows. */
-static void run_tiles(const Activations *a, const void *p, long rows, long out_features, TileFn wide, int wide_rows,
+/* Blocks of outputs are split among threads; each thread walks its blocks once per chunk of
+ * ROW_CHUNK rows (whose activations stay in cache), `wide_rows` rows at a time, then one at a time. */
+static void run_tiles(const Activations *a, const Layer *p, long rows, TileFn wide, int wide_rows, int wide_blocks,
                       TileFn single, int threads)
 {
-    const long pairs = (out_features + 1) / 2;
+    const long blocks = (p->out_features + LANES - 1) / LANES;
+    const long steps = (blocks + wide_blocks - 1) / wide_blocks;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), nth = omp_get_num_threads();
-        long first = pairs * t / nth * 2, last = pairs * (t + 1) / nth * 2;
-        if (last > out_features)
-            last = out_features;
+        long first = steps * t / nth * wide_blocks, last = steps * (t + 1) / nth * wide_blocks;
+        if (last > blocks)
+            last = blocks;
         for (long c = 0; c < rows; c += ROW_CHUNK) {
             long c_end = c + ROW_CHUNK < rows ? c + ROW_CHUNK : rows;
-            for (long n = first; n < last; n += 2) {
-                int nt = last - n < 2 ? (int)(last - n) : 2;
+            for (long b = first; b < last; b += wide_blocks) {
+                int nb = last - b < wide_blocks ? (int)(last - b) : wide_blocks;
                 long r = c;
                 for (; r + wide_rows <= c_end; r += wide_rows)
-                    wide(a, p, r, wide_rows, n, nt);
+                    wide(a, p, r, wide_rows, b, nb);
                 for (; r < c_end; r++)
-                    single(a, p, r, 1, n, nt);
+                    single(a, p, r, 1, b, nb);
             }
         }
     }
@@ -463,25 +472,23 @@ static void run_tiles(const Activations *a, const void *p, long rows, long out_f
 
 /* y (rows, out_features) = x (rows, in_features) W^T + bias. kind: KIND_AVX2 or KIND_AVX512.
  * Returns 0, or -1 for sizes the layout does not allow, -2 when memory runs out. */
-int blip2_int8_linear(int kind, const float *x, long rows, long in_features, long padded, long block,
-                      const int8_t *w, const float *wscale, const float *bias, long out_features, float *y,
-                      int threads)
+int blip2_int8_linear(int kind, const float *x, long rows, long in_features, long padded, const int8_t *w,
+                      const float *wscale, const float *bias, long out_features, float *y, int threads)
 {
-    if (rows < 0 || in_features <= 0 || padded < in_features || padded % INT8_BLOCK || block <= 0 ||
-        block % INT8_BLOCK || padded % block || out_features <= 0)
+    if (rows < 0 || in_features <= 0 || padded < in_features || padded % INT8_BLOCK || out_features <= 0)
         return -1;
     if (rows == 0)
         return 0;
     Activations a = {0};
-    if (quantize_activations(x, rows, in_features, padded, block, &a, threads)) {
+    if (quantize_activations(x, rows, in_features, padded, INT8_BLOCK, &a, threads)) {
         free_activations(&a);
         return -2;
     }
-    Int8Args p = {w, wscale, bias, padded, block, out_features, y};
+    Layer p = {w, wscale, NULL, NULL, bias, out_features, 0, y};
     if (kind == KIND_AVX512)
-        run_tiles(&a, &p, rows, out_features, (TileFn)int8_tile_avx512_4x2, 4, (TileFn)int8_tile_avx512_1x2, threads);
+        run_tiles(&a, &p, rows, int8_avx512_4x2, 4, 2, int8_avx512_1x2, threads);
     else
-        run_tiles(&a, &p, rows, out_features, (TileFn)int8_tile_avx2_2x2, 2, (TileFn)int8_tile_avx2_1x2, threads);
+        run_tiles(&a, &p, rows, int8_avx2_2x1, 2, 1, int8_avx2_1x1, threads);
     free_activations(&a);
     return 0;
 }
@@ -500,11 +507,11 @@ int blip2_int4_linear(int kind, const float *x, long rows, long in_features, lon
         free_activations(&a);
         return -2;
     }
-    Int4Args p = {w, scales, mins, bias, padded, group, out_features, y};
+    Layer p = {w, NULL, scales, mins, bias, out_features, group, y};
     if (kind == KIND_AVX512)
-        run_tiles(&a, &p, rows, out_features, (TileFn)int4_tile_avx512_4x2, 4, (TileFn)int4_tile_avx512_1x2, threads);
+        run_tiles(&a, &p, rows, int4_avx512_4x2, 4, 2, int4_avx512_1x2, threads);
     else
-        run_tiles(&a, &p, rows, out_features, (TileFn)int4_tile_avx2_2x2, 2, (TileFn)int4_tile_avx2_1x2, threads);
+        run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
     free_activations(&a);
     return 0;
 }

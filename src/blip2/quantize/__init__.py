@@ -8,13 +8,13 @@ arithmetic, not by reading weights; see ``model.INT4_PARTS``). The projection an
 stay float. ``blip2 quantize SRC DST --bits 8|4`` writes a checkpoint that holds the packed tensors
 (``checkpoint``), which ``blip2.load`` maps into memory without quantizing anything.
 
-Kernels (``kernels``, ``csrc/lowbit_linear.c``): the input is quantized to int8 per row and block and
-multiplied in integers (AVX-512 VNNI or AVX2), reading each stored weight once; measurements in
-``bench/README.md``.
+Kernels (``kernels``, ``csrc/lowbit_linear.c``): weights are stored in blocks of 16 outputs; the input
+is quantized to int8 per row and block of 128 inputs (int8) or group (int4) and multiplied in integers
+(AVX-512 VNNI or AVX2), each stored weight read once; measurements in ``bench/README.md``.
 """
 
 from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, pack_int4
-from .int8 import Int8Linear, fbgemm_available, quantize_weight
+from .int8 import Int8Linear, fbgemm_available, pack_int8, quantize_weight
 from .model import METHODS, QUANTIZED_PARTS, QuantizedLinear, check_method, plan, quantize_model_
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "check_method",
     "fbgemm_available",
     "pack_int4",
+    "pack_int8",
     "plan",
     "quantize_model_",
     "quantize_weight",

@@ -154,7 +154,7 @@ class SavedQuantization:
                         f"{self.where}: the quantization entry lists {name!r}, which is no linear layer of this model"
                     )
                 ours = ours.removesuffix(".weight")
-                quantized = empty_quantized(ours, layer, bits, self.group_size)
+                quantized = empty_quantized(layer, bits, self.group_size)
                 replace(model, ours, quantized)
                 packed.update(f"{ours}.{leaf}" for leaf in quantized.state_dict())
         return packed

@@ -1,10 +1,10 @@
 """int4 weights, group-wise: ``w = q * scale + min`` with ``q`` in [0, 15] and a float16 ``scale`` and
 ``min`` per output feature and group of ``group_size`` inputs (128 by default; a multiple of 128).
 
-Packing (what a quantized checkpoint stores): ``qweight`` (out, padded / 2) uint8, the inputs padded
-with zeros to whole groups; each 128 inputs take 64 bytes, byte ``i`` holding input ``i`` in its low
-nibble and input ``64 + i`` in its high nibble (so a 64-byte load unpacks with a mask and a shift);
-``scales`` and ``mins`` (out, padded / group_size) float16; ``bias`` float32 or absent.
+Packing (what a quantized checkpoint stores; ``kernels.block_int4``): ``qweight`` (ceil(out / 16),
+padded / 8, 64) uint8, the inputs padded with zeros to whole groups, each 64-byte vector holding 8
+inputs of 16 outputs as nibbles; ``scales`` and ``mins`` (ceil(out / 16), padded / group_size, 16)
+float16; ``bias`` (out,) float32 or absent.
 
 A decode step reads each weight once: 4.25 bits per weight at group 128 against int8's 8, so the
 language model's decode, bound by reading weights, takes about half the time (bench/README.md).
@@ -86,19 +86,18 @@ def pack_int4(
     padded = kernels.padded_width(in_features, check_group_size(group_size))
     groups = padded // group_size
     real = (torch.arange(padded) < in_features).view(groups, group_size)
-    qweight = torch.empty(out_features, padded // 2, dtype=torch.uint8)
+    q = torch.empty(out_features, padded, dtype=torch.uint8)
     scales = torch.empty(out_features, groups, dtype=torch.float16)
     mins = torch.empty(out_features, groups, dtype=torch.float16)
     for i in range(0, out_features, chunk):
         w = F.pad(weight.detach()[i : i + chunk].float(), (0, padded - in_features))
         rows = w.shape[0]
-        q, scale, minimum = _fit(w.view(rows, groups, group_size), real)
+        q_rows, scale, minimum = _fit(w.view(rows, groups, group_size), real)
         if not (torch.isfinite(scale).all() and torch.isfinite(minimum).all()):
             raise ValueError("weights too large for int4's float16 scales")
-        q = q.to(torch.uint8).view(rows, padded // kernels.INT4_CHUNK, 2, kernels.INT4_CHUNK // 2)
-        qweight[i : i + rows] = (q[:, :, 0] | (q[:, :, 1] << 4)).view(rows, padded // 2)
+        q[i : i + rows] = q_rows.view(rows, padded)
         scales[i : i + rows], mins[i : i + rows] = scale, minimum
-    return qweight, scales, mins
+    return kernels.block_int4(q, padded), kernels.block_groups(scales), kernels.block_groups(mins)
 
 
 class Int4Linear(nn.Module):
@@ -122,9 +121,10 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
         self.group_size = check_group_size(group_size)
         padded = kernels.padded_width(in_features, group_size)
-        self.register_buffer("qweight", torch.empty(out_features, padded // 2, dtype=torch.uint8))
-        self.register_buffer("scales", torch.empty(out_features, padded // group_size, dtype=torch.float16))
-        self.register_buffer("mins", torch.empty(out_features, padded // group_size, dtype=torch.float16))
+        blocks, groups = kernels.blocks_of(out_features), padded // group_size
+        self.register_buffer("qweight", torch.empty(blocks, padded // 8, 64, dtype=torch.uint8))
+        self.register_buffer("scales", torch.empty(blocks, groups, kernels.LANES, dtype=torch.float16))
+        self.register_buffer("mins", torch.empty(blocks, groups, kernels.LANES, dtype=torch.float16))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32) if bias else None)
 
     @classmethod
@@ -139,7 +139,9 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The (out, in) float32 weight the packing stands for."""
-        return kernels.int4_weight(self.qweight, self.scales, self.mins)[:, : self.in_features]
+        return kernels.int4_weight(self.qweight, self.scales, self.mins, self.out_features)[
+            :, : self.in_features
+        ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, shape = x.dtype, x.shape
@@ -147,11 +149,11 @@ class Int4Linear(nn.Module):
         native = self.kernel == "native" or (self.kernel is None and kernels.native_kind() is not None)
         if native:
             y = kernels.int4_linear(
-                x, self.qweight, self.scales, self.mins, self.bias, self.in_features, self.group_size,
-                kernels.require_native(),
+                x, self.qweight, self.scales, self.mins, self.bias, self.in_features, self.out_features,
+                self.group_size, kernels.require_native(),
             )  # fmt: skip
         else:
-            y = kernels.int4_reference(x, self.qweight, self.scales, self.mins, self.bias, self.group_size)
+            y = kernels.int4_reference(x, self.qweight, self.scales, self.mins, self.bias, self.out_features)
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
     def extra_repr(self) -> str:

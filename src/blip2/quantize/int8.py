@@ -1,5 +1,8 @@
 """int8 weights: one symmetric float32 scale per output feature (``w = q * scale``, ``q`` in [-127, 127]).
 
+Stored blocked (``kernels.block_int8``: ``qweight`` (ceil(out / 16), in padded to 128 / 4, 64) int8),
+with ``scale`` (out,) float32 and ``bias`` (out,) float32 or absent: what a quantized checkpoint holds.
+
 Kernels, in order of preference: the native kernel (``kernels.int8_linear``: reads the stored weight
 as it lies, memory-mapped or not, and quantizes each input row per block of 128); fbgemm's dynamic
 int8 linear (where there is no native kernel: it needs its own packed copy of the weight, made on
@@ -38,6 +41,14 @@ def quantize_weight(
     return q, scale
 
 
+@torch.no_grad()
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float weight -> blocked ``qweight`` and ``scale`` (see the module docstring)."""
+    padded = kernels.padded_width(weight.shape[1], kernels.INT8_BLOCK)
+    q, scale = quantize_weight(weight, padded)
+    return kernels.block_int8(q, padded), scale
+
+
 def fbgemm_available() -> bool:
     try:
         return hasattr(torch.ops.quantized, "linear_dynamic") and any(
@@ -50,54 +61,35 @@ def fbgemm_available() -> bool:
 class Int8Linear(nn.Module):
     """A drop-in ``nn.Linear`` for inference with int8 weights and float input/output.
 
-    ``qweight`` (out, in padded to 128) int8, ``scale`` (out,) float32, ``bias`` float32 or None: the
-    tensors a quantized checkpoint stores. ``activation_block``: inputs per activation scale in the
-    native kernel, 128 or None (one scale per row: no per-block work, for layers bound by arithmetic).
     ``kernel`` forces one of ``INT8_KERNELS`` (tests); by default the first that runs here.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        kernel: str | None = None,
-        activation_block: int | None = kernels.INT8_BLOCK,
-    ):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str | None = None):
         super().__init__()
         if kernel is not None and kernel not in INT8_KERNELS:
             raise ValueError(f"kernel must be one of {INT8_KERNELS}, not {kernel!r}")
-        if activation_block not in (None, kernels.INT8_BLOCK):
-            raise ValueError(
-                f"activation_block must be {kernels.INT8_BLOCK} or None, not {activation_block!r}"
-            )
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
-        self.activation_block = activation_block
         padded = kernels.padded_width(in_features, kernels.INT8_BLOCK)
-        self.register_buffer("qweight", torch.empty(out_features, padded, dtype=torch.int8))
+        blocks = kernels.blocks_of(out_features)
+        self.register_buffer("qweight", torch.empty(blocks, padded // 4, 64, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
         self.register_buffer("bias", torch.empty(out_features, dtype=torch.float32) if bias else None)
         self._fbgemm = None  # fbgemm's packed copy, made on first use
 
     @classmethod
-    def from_linear(
-        cls, linear: nn.Linear, kernel: str | None = None, activation_block: int | None = kernels.INT8_BLOCK
-    ) -> Int8Linear:
-        layer = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, kernel, activation_block
-        )
-        padded = layer.qweight.shape[1]
-        layer.qweight, layer.scale = quantize_weight(linear.weight, padded)
+    def from_linear(cls, linear: nn.Linear, kernel: str | None = None) -> Int8Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
+        layer.qweight, layer.scale = pack_int8(linear.weight)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().float().clone()
         return layer
 
     def int8_weight(self) -> torch.Tensor:
-        """The (out, in) int8 weight, without padding."""
-        return self.qweight[:, : self.in_features]
+        """The (out, in) int8 weight."""
+        return kernels.unblock_int8(self.qweight)[: self.out_features, : self.in_features]
 
     def dequantized(self) -> torch.Tensor:
-        return kernels.int8_weight(self.int8_weight(), self.scale)
+        return kernels.int8_weight(self.qweight, self.scale)[:, : self.in_features]
 
     def _kernel(self) -> str:
         if self.kernel is not None:
@@ -111,14 +103,12 @@ class Int8Linear(nn.Module):
         x = x.reshape(-1, self.in_features).float().contiguous()
         kernel = self._kernel()
         if kernel == "native":
-            y = kernels.int8_linear(
-                x, self.qweight, self.scale, self.bias, self.in_features, self.activation_block,
-                kernels.require_native(),
-            )  # fmt: skip
+            kind = kernels.require_native()
+            y = kernels.int8_linear(x, self.qweight, self.scale, self.bias, self.in_features, kind)
         elif kernel == "fbgemm":
             y = torch.ops.quantized.linear_dynamic(x, self._fbgemm_packed(), True)
         else:
-            y = kernels.int8_reference(x, self.qweight, self.scale, self.bias, self.activation_block)
+            y = kernels.int8_reference(x, self.qweight, self.scale, self.bias)
         return y.view(*shape[:-1], self.out_features).to(dtype)
 
     def _fbgemm_packed(self):

@@ -1,10 +1,14 @@
-"""The low-bit matmuls: the native kernel (``csrc/lowbit_linear.c``) where it runs, else the same
-arithmetic in PyTorch (slowly: it dequantizes the weight on every call).
+"""The low-bit layouts and matmuls: the native kernel (``csrc/lowbit_linear.c``) where it runs, else the
+same arithmetic in PyTorch (slowly: it unpacks and dequantizes the weight on every call).
 
-Both quantize each row of the input per block of inputs (``INT8_BLOCK`` for int8 weights, the group
-for int4) to int8 with a scale of ``max|x| / 127`` (rounding half to even), and return the product of
-those dequantized activations with the dequantized weights, up to float32 rounding. A row's result
-does not depend on the other rows (tested: batched = alone).
+Layouts (what a quantized checkpoint stores; the C file's header says the same): outputs in blocks of
+16 (padded with zero rows), inputs padded with zeros to whole blocks of 128 (int8) or groups (int4);
+each 64-byte vector holds 4 (int8) or 8 (int4) inputs of the block's 16 outputs, 4 bytes per output.
+
+Both matmuls quantize each row of the input per block of inputs (128 for int8 weights, the group for
+int4) to int8 with a scale of ``max|x| / 127`` (rounding half to even), and return the product of those
+dequantized activations with the dequantized weights, up to float32 rounding. A row's result does not
+depend on the other rows (tested: batched = alone).
 """
 
 from __future__ import annotations
@@ -20,14 +24,81 @@ from .. import native
 
 log = logging.getLogger(__name__)
 
-INT8_BLOCK = 128  # int8 weights are padded to it; their activation blocks are multiples of it
-INT4_CHUNK = 128  # inputs per 64 packed bytes; an int4 group is a multiple of it
+LANES = 16  # outputs per block
+INT8_BLOCK = 128  # int8: inputs per activation scale; inputs are padded to it
+INT4_CHUNK = 128  # int4: a group is a multiple of it
 KINDS = {"avx2": 1, "avx512": 2}  # the kernel's instruction sets (bits of blip2_lowbit_cpu_kinds)
 
 
 def padded_width(in_features: int, block: int) -> int:
     """``in_features`` rounded up to whole blocks: packed weights are padded with zeros to it."""
     return -(-in_features // block) * block
+
+
+def blocks_of(out_features: int) -> int:
+    return -(-out_features // LANES)
+
+
+# ---- layouts ------------------------------------------------------------------------------------------
+
+
+def _pad(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    return F.pad(t, (0, cols - t.shape[1], 0, rows - t.shape[0]))
+
+
+def block_int8(q: torch.Tensor, padded: int) -> torch.Tensor:
+    """(N, K) int8 -> (blocks, padded / 4, 64): vector v of block B holds q[16B + i, 4v + b] at 4i + b."""
+    blocks = blocks_of(q.shape[0])
+    q = _pad(q, blocks * LANES, padded).view(blocks, LANES, padded // 4, 4)
+    return q.permute(0, 2, 1, 3).reshape(blocks, padded // 4, 64).contiguous()
+
+
+def unblock_int8(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``block_int8``: (blocks * 16, padded) int8."""
+    blocks, vectors, _ = packed.shape
+    return packed.view(blocks, vectors, LANES, 4).permute(0, 2, 1, 3).reshape(blocks * LANES, vectors * 4)
+
+
+def block_int4(q: torch.Tensor, padded: int) -> torch.Tensor:
+    """(N, K) values in [0, 15] -> (blocks, padded / 8, 64) uint8: byte 4i + b of vector v of block B holds
+    q[16B + i, 8v + b] in its low nibble and q[16B + i, 8v + 4 + b] in its high one."""
+    blocks = blocks_of(q.shape[0])
+    q = _pad(q.to(torch.uint8), blocks * LANES, padded).view(blocks, LANES, padded // 8, 2, 4)
+    q = q.permute(0, 2, 1, 4, 3)  # (blocks, vectors, 16, 4, 2): low / high nibble last
+    return (q[..., 0] | (q[..., 1] << 4)).reshape(blocks, padded // 8, 64).contiguous()
+
+
+def unblock_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``block_int4``: (blocks * 16, padded) uint8 values in [0, 15]."""
+    blocks, vectors, _ = packed.shape
+    nibbles = packed.view(blocks, vectors, LANES, 4)
+    q = torch.stack([nibbles & 0x0F, nibbles >> 4], dim=-1)  # (blocks, vectors, 16, 4, 2)
+    return q.permute(0, 2, 1, 4, 3).reshape(blocks * LANES, vectors * 8)
+
+
+def block_groups(t: torch.Tensor) -> torch.Tensor:
+    """(N, groups) per-group values -> (blocks, groups, 16), zero for padding outputs."""
+    blocks = blocks_of(t.shape[0])
+    return _pad(t, blocks * LANES, t.shape[1]).view(blocks, LANES, -1).permute(0, 2, 1).contiguous()
+
+
+def unblock_groups(t: torch.Tensor) -> torch.Tensor:
+    return t.permute(0, 2, 1).reshape(-1, t.shape[1])
+
+
+def int8_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The dequantized (N, padded) float32 weight."""
+    return unblock_int8(qweight)[: scale.shape[0]].float() * scale[:, None]
+
+
+def int4_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """The dequantized (N, padded) float32 weight."""
+    groups = scales.shape[1]
+    q = unblock_int4(qweight)[:out_features].float().view(out_features, groups, -1)
+    scale, low = (unblock_groups(t)[:out_features].float()[..., None] for t in (scales, mins))
+    return (q * scale + low).view(out_features, -1)
 
 
 # ---- the same arithmetic in PyTorch -------------------------------------------------------------------
@@ -49,41 +120,28 @@ def _dequantized_activations(x: torch.Tensor, block: int, padded: int) -> torch.
     return (q.view(x.shape[0], -1, block) * scale[..., None]).view(x.shape[0], padded)
 
 
-def int8_weight(qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return qweight.float() * scale[:, None]
+def int8_reference(x, qweight, scale, bias) -> torch.Tensor:
+    padded = qweight.shape[1] * 4
+    return F.linear(_dequantized_activations(x, INT8_BLOCK, padded), int8_weight(qweight, scale), bias)
 
 
-def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
-    """(N, padded / 2) packed bytes -> (N, padded) values in [0, 15] (uint8)."""
-    n = qweight.shape[0]
-    chunks = qweight.view(n, -1, INT4_CHUNK // 2)
-    return torch.stack([chunks & 0x0F, chunks >> 4], dim=2).view(n, -1)
-
-
-def int4_weight(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """The dequantized (N, padded) float32 weight."""
-    n, groups = scales.shape
-    q = unpack_int4(qweight).view(n, groups, -1).float()
-    return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, -1)
-
-
-def int8_reference(x, qweight, scale, bias, block: int | None = INT8_BLOCK) -> torch.Tensor:
-    padded = qweight.shape[1]
-    return F.linear(_dequantized_activations(x, block or padded, padded), int8_weight(qweight, scale), bias)
-
-
-def int4_reference(x, qweight, scales, mins, bias, group: int) -> torch.Tensor:
-    padded = qweight.shape[1] * 2
-    return F.linear(_dequantized_activations(x, group, padded), int4_weight(qweight, scales, mins), bias)
+def int4_reference(x, qweight, scales, mins, bias, out_features: int) -> torch.Tensor:
+    padded, groups = qweight.shape[1] * 8, scales.shape[1]
+    weight = int4_weight(qweight, scales, mins, out_features)
+    return F.linear(_dequantized_activations(x, padded // groups, padded), weight, bias)
 
 
 # ---- the native kernel ------------------------------------------------------------------------------
 
 
-def _check(x: torch.Tensor, tensors: dict[str, tuple[torch.Tensor | None, torch.dtype, tuple]]) -> None:
+def _check(
+    x: torch.Tensor, in_features: int, tensors: dict[str, tuple[torch.Tensor | None, torch.dtype, tuple]]
+):
     """The kernel is handed raw pointers: every tensor must be a contiguous CPU tensor of its shape."""
     if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or not x.is_cpu:
         raise ValueError("low-bit kernels take a contiguous 2-D float32 CPU input")
+    if x.shape[1] != in_features:
+        raise ValueError(f"input has {x.shape[1]} features, the layer takes {in_features}")
     for name, (t, dtype, shape) in tensors.items():
         if t is None:
             continue
@@ -94,37 +152,33 @@ def _check(x: torch.Tensor, tensors: dict[str, tuple[torch.Tensor | None, torch.
             )
 
 
-def int8_linear(x, qweight, scale, bias, in_features: int, block: int | None, kind: int) -> torch.Tensor:
-    """(R, in_features) float32 @ int8 (N, padded) weights -> (R, N) float32, on the native kernel;
-    ``block`` inputs per activation scale (None: one per row)."""
-    out_features, padded = qweight.shape
-    _check(x, {"qweight": (qweight, torch.int8, (out_features, padded)),
-               "scale": (scale, torch.float32, (out_features,)),
-               "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
-    if x.shape[1] != in_features:
-        raise ValueError(f"input has {x.shape[1]} features, the layer takes {in_features}")
+def int8_linear(x, qweight, scale, bias, in_features: int, kind: int) -> torch.Tensor:
+    """(R, in_features) float32 @ blocked int8 weights -> (R, N) float32, on the native kernel."""
+    out_features = scale.shape[0]
+    padded = padded_width(in_features, INT8_BLOCK)
+    _check(x, in_features, {"qweight": (qweight, torch.int8, (blocks_of(out_features), padded // 4, 64)),
+                            "scale": (scale, torch.float32, (out_features,)),
+                            "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
     y = torch.empty(x.shape[0], out_features)
     status = native.lowbit_library().blip2_int8_linear(
-        kind, x.data_ptr(), x.shape[0], in_features, padded, block or padded, qweight.data_ptr(), scale.data_ptr(),
+        kind, x.data_ptr(), x.shape[0], in_features, padded, qweight.data_ptr(), scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     _raise_on(status)
     return y
 
 
-def int4_linear(x, qweight, scales, mins, bias, in_features: int, group: int, kind: int) -> torch.Tensor:
-    """(R, in_features) float32 @ int4 (N, padded / 2) packed weights -> (R, N) float32, native kernel."""
-    out_features, half = qweight.shape
-    groups = half * 2 // group
-    _check(x, {"qweight": (qweight, torch.uint8, (out_features, half)),
-               "scales": (scales, torch.float16, (out_features, groups)),
-               "mins": (mins, torch.float16, (out_features, groups)),
-               "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
-    if x.shape[1] != in_features:
-        raise ValueError(f"input has {x.shape[1]} features, the layer takes {in_features}")
+def int4_linear(x, qweight, scales, mins, bias, in_features: int, out_features: int, group: int, kind: int):
+    """(R, in_features) float32 @ blocked int4 weights -> (R, N) float32, on the native kernel."""
+    padded = padded_width(in_features, group)
+    blocks, groups = blocks_of(out_features), padded // group
+    _check(x, in_features, {"qweight": (qweight, torch.uint8, (blocks, padded // 8, 64)),
+                            "scales": (scales, torch.float16, (blocks, groups, LANES)),
+                            "mins": (mins, torch.float16, (blocks, groups, LANES)),
+                            "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
     y = torch.empty(x.shape[0], out_features)
     status = native.lowbit_library().blip2_int4_linear(
-        kind, x.data_ptr(), x.shape[0], in_features, half * 2, group, qweight.data_ptr(), scales.data_ptr(),
+        kind, x.data_ptr(), x.shape[0], in_features, padded, group, qweight.data_ptr(), scales.data_ptr(),
         mins.data_ptr(), None if bias is None else bias.data_ptr(), out_features, y.data_ptr(),
         torch.get_num_threads(),
     )  # fmt: skip
@@ -142,25 +196,21 @@ def _raise_on(status: int) -> None:
 def _self_check(kind: int) -> bool:
     """The built kernel against the PyTorch arithmetic, and a row alone against it in a batch."""
     from .int4 import pack_int4
-    from .int8 import quantize_weight
+    from .int8 import pack_int8
 
     generator = torch.Generator().manual_seed(0)
-    for rows, in_features, out_features in [(1, 40, 3), (6, 200, 5), (9, 300, 4)]:
+    for rows, in_features, out_features in [(1, 40, 3), (6, 200, 21), (9, 300, 37)]:
         x = torch.randn(rows, in_features, generator=generator)
         weight = torch.randn(out_features, in_features, generator=generator)
         bias = torch.randn(out_features, generator=generator)
-        q8, scale = quantize_weight(weight, padded_width(in_features, INT8_BLOCK))
+        q8, scale = pack_int8(weight)
         q4, scales, mins = pack_int4(weight, INT4_CHUNK)
         cases = [
-            (functools.partial(int8_linear, qweight=q8, scale=scale, bias=bias, in_features=in_features,
-                               block=INT8_BLOCK, kind=kind),
+            (functools.partial(int8_linear, qweight=q8, scale=scale, bias=bias, in_features=in_features, kind=kind),
              int8_reference(x, q8, scale, bias)),
-            (functools.partial(int8_linear, qweight=q8, scale=scale, bias=bias, in_features=in_features,
-                               block=None, kind=kind),
-             int8_reference(x, q8, scale, bias, None)),
             (functools.partial(int4_linear, qweight=q4, scales=scales, mins=mins, bias=bias,
-                               in_features=in_features, group=INT4_CHUNK, kind=kind),
-             int4_reference(x, q4, scales, mins, bias, INT4_CHUNK)),
+                               in_features=in_features, out_features=out_features, group=INT4_CHUNK, kind=kind),
+             int4_reference(x, q4, scales, mins, bias, out_features)),
         ]  # fmt: skip
         for run, expected in cases:
             got = run(x)

@@ -12,7 +12,6 @@ from ..layers import Linear
 from . import memory
 from .int4 import DEFAULT_GROUP_SIZE, Int4Linear
 from .int8 import Int8Linear
-from .kernels import INT8_BLOCK
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +20,6 @@ QUANTIZED_PARTS = ("vision", "qformer", "language_model")
 # int4 where a decode step reads the weights (bandwidth-bound: half the bytes, half the time); the image
 # encoder and the Q-Former are bound by arithmetic, where int8's integer kernel is as fast and closer
 INT4_PARTS = ("language_model",)
-# int8 layers of these parts quantize their input with one scale per row: the image encoder and the
-# Q-Former run hundreds of rows per call, bound by arithmetic, where per-block scales cost time. The
-# language model's keep a scale per 128 inputs (rows with a few large features, as OPT's have, lose
-# precision only in those blocks); its decode steps are bound by reading weights, so it costs nothing.
-ROW_SCALED_PARTS = ("vision", "qformer")
 QuantizedLinear = Int8Linear | Int4Linear
 
 
@@ -51,17 +45,12 @@ def plan(model: nn.Module, method: str) -> dict[str, str]:
     return out
 
 
-def activation_block(name: str) -> int | None:
-    """Inputs per activation scale of the int8 layer ``name`` (None: one per row)."""
-    return None if name.split(".")[0] in ROW_SCALED_PARTS else INT8_BLOCK
-
-
-def empty_quantized(name: str, linear: nn.Linear, bits: str, group_size: int) -> QuantizedLinear:
+def empty_quantized(linear: nn.Linear, bits: str, group_size: int) -> QuantizedLinear:
     """A quantized layer of ``linear``'s shape with uninitialised tensors (to be filled from a file)."""
     bias = linear.bias is not None
     if bits == "int4":
         return Int4Linear(linear.in_features, linear.out_features, bias, group_size)
-    return Int8Linear(linear.in_features, linear.out_features, bias, activation_block=activation_block(name))
+    return Int8Linear(linear.in_features, linear.out_features, bias)
 
 
 def replace(model: nn.Module, name: str, layer: nn.Module) -> None:
@@ -94,7 +83,7 @@ def quantize_model_(
         if bits == "int4":
             layer = Int4Linear.from_linear(linear, group_size)
         else:
-            layer = Int8Linear.from_linear(linear, activation_block=activation_block(name))
+            layer = Int8Linear.from_linear(linear)
         replace(model, name, layer)
         memory.release(linear.weight, mappings)
         memory.trim_heap()  # freed temporaries would otherwise pile up in the heap, layer after layer
