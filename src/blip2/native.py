@@ -83,13 +83,13 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(source: bytes, compiler: str, flags: list[str]) -> Path:
+def _build(source: bytes, compiler: str, flags: list[str] = FLAGS, stem: str = "skinny_linear") -> Path:
     """The shared object for ``source``, compiled with ``flags`` unless already in the cache.
 
     A cache folder that cannot be written (a read-only home) gives way to the temporary folder.
     """
     key = hashlib.sha256(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
-    name = f"skinny_linear-{key}.so"
+    name = f"{stem}-{key}.so"
     folders = [cache_dir() / "native", Path(tempfile.gettempdir()) / f"blip2-{os.getuid()}"]
     for folder in folders:
         if (folder / name).exists() and _private(folder):
@@ -231,3 +231,37 @@ def skinny_linear(
             f"skinny_linear: the kernel refused the sizes {tuple(x.shape)}, {tuple(weight.shape)}"
         )
     return y
+
+
+# ---- the low-bit kernels (csrc/lowbit_linear.c; used by blip2.quantize) ------------------------------
+
+LOWBIT_SOURCE = "lowbit_linear.c"
+# instruction sets are chosen per function in the source; no contraction but the written FMAs
+LOWBIT_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def lowbit_library() -> ctypes.CDLL | None:
+    """The compiled ``lowbit_linear.c`` with its functions typed, or None where it cannot be had (logged
+    once). ``blip2.quantize.kernels`` checks its results before using it."""
+    reason = _unsupported_reason()
+    if reason is None and (compiler := _compiler()) is None:
+        reason = "no C compiler (cc, gcc or clang; or $CC)"
+    if reason is None:
+        try:
+            source = (resources.files("blip2") / "csrc" / LOWBIT_SOURCE).read_bytes()
+            library = ctypes.CDLL(str(_build(source, compiler, LOWBIT_FLAGS, "lowbit_linear")))
+            p, n = ctypes.c_void_p, ctypes.c_long
+            library.blip2_lowbit_cpu_kinds.argtypes = []
+            library.blip2_lowbit_cpu_kinds.restype = ctypes.c_int
+            library.blip2_int8_linear.argtypes = [ctypes.c_int, p, n, n, n, p, p, p, n, p, ctypes.c_int]
+            library.blip2_int8_linear.restype = ctypes.c_int
+            library.blip2_int4_linear.argtypes = [ctypes.c_int, p, n, n, n, n, p, p, p, p, n, p, ctypes.c_int]
+            library.blip2_int4_linear.restype = ctypes.c_int
+            return library
+        except subprocess.CalledProcessError as e:
+            reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+    log.info("low-bit layers use PyTorch's kernels: %s", reason)
+    return None

@@ -16,12 +16,13 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import Blip2Config
 from .errors import CheckpointError
@@ -208,7 +209,8 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], origins: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's files; ``origins``, if given, gets each tensor's file."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         part = read_safetensors(f) if f.suffix == ".safetensors" else read_bin(f)
@@ -216,6 +218,8 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         if dup:
             raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} also appears in another shard")
         tensors.update(part)
+        if origins is not None:
+            origins.update(dict.fromkeys(part, f))
     return tensors
 
 
@@ -406,8 +410,23 @@ _COMPILED = [(re.compile(p), r) for p, r in RULES]
 ALIASED = {"language_model.embed_tokens.weight"}
 
 
+# Tensors of a low-bit layer (blip2.quantize) in a quantized checkpoint: named as the layer's ``weight``
+# with this last part instead.
+PACKED_NAMES = ("qweight", "scale", "scales", "mins")
+
+
 def our_name(hub_name: str, cfg: Blip2Config) -> str | None:
     """Map one hub tensor name to ours; None for tensors we deliberately skip. KeyError if unknown."""
+    layer, _, last = hub_name.rpartition(".")
+    if last in PACKED_NAMES:
+        weight = _our_name(f"{layer}.weight", cfg)
+        if weight is None or not weight.endswith(".weight"):
+            raise KeyError(hub_name)
+        return weight.removesuffix("weight") + last
+    return _our_name(hub_name, cfg)
+
+
+def _our_name(hub_name: str, cfg: Blip2Config) -> str | None:
     for pattern, repl in _COMPILED:
         m = pattern.fullmatch(hub_name)
         if m is None:
@@ -447,6 +466,28 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: Blip2Config) -> dict[s
 
 # ---- putting them into the model --------------------------------------------------------------
 
+
+class _SkipInit(TorchFunctionMode):
+    """Turns ``torch.nn.init`` calls into no-ops while a model is built to be filled from a checkpoint.
+
+    Random initialisation is work thrown away, and on the meta device ``normal_`` (``nn.Embedding``'s
+    init) goes through PyTorch's Python reference kernels, whose first use imports ``torch._dynamo``
+    (~1 s). A function mode is scoped to this thread and this ``with`` block: no global is patched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def empty_modules() -> Iterator[None]:
+    """Build modules on the meta device without initialising them: shapes only, filled by ``load_into``."""
+    with torch.device("meta"), _SkipInit():
+        yield
+
+
 FLOAT32_PREFIXES = ("qformer.", "queries")  # kept in float32 whatever the model's dtype
 
 
@@ -463,9 +504,16 @@ def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def load_into(
-    model: nn.Module, tensors: dict[str, torch.Tensor], cfg: Blip2Config, dtype: torch.dtype
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    cfg: Blip2Config,
+    dtype: torch.dtype,
+    packed: Collection[str] = (),
 ) -> None:
-    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree)."""
+    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree).
+
+    ``packed`` (our names: low-bit layers' tensors) keep the model's dtype exactly: never converted.
+    """
     mapped = map_state_dict(tensors, cfg)
     expected = model.state_dict()
     lm_head = "language_model.lm_head.weight"
@@ -499,7 +547,9 @@ def load_into(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(t.shape)} in the checkpoint, the config implies {tuple(ref.shape)}"
             )
-        want = target_dtype(name, dtype)
+        want = ref.dtype if name in packed else target_dtype(name, dtype)
+        if name in packed and t.dtype != want:
+            raise CheckpointError(f"tensor {name!r} is {t.dtype} in the checkpoint, its packing is {want}")
         if t.dtype != want:
             key = id(t)
             if key not in converted:
@@ -660,17 +710,30 @@ def save_checkpoint(
     was loaded from): ``model.safetensors`` with every tensor under its hub name, and the config, tokenizer,
     processor and generation-config files copied. ``trained`` (our names; default: parameters that require
     grad) are taken from the model, everything else from the source files, byte for byte."""
+    src = Path(src_folder)
+    cfg = Blip2Config.from_file(src / "config.json")
+    if trained is None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+    return write_checkpoint(state, src, out_folder)
+
+
+def write_checkpoint(
+    state: dict[str, torch.Tensor],
+    src_folder: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    config: dict | None = None,
+) -> Path:
+    """Write hub-named ``state`` as ``out_folder/model.safetensors`` with the side files of ``src_folder``
+    (config, tokenizer, processor, generation config) copied; ``config``, if given, is written as
+    ``config.json`` instead of the source's."""
     import shutil
 
     from safetensors.torch import save_file
 
     src, out = Path(src_folder), Path(out_folder)
     if src.resolve() == out.resolve():
-        raise CheckpointError(f"{out}: write the trained checkpoint to a new folder, not over its source")
-    cfg = Blip2Config.from_file(src / "config.json")
-    if trained is None:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+        raise CheckpointError(f"{out}: write the new checkpoint to a new folder, not over its source")
     # safetensors wants contiguous CPU tensors that share no memory
     seen: set[int] = set()
     flat: dict[str, torch.Tensor] = {}
@@ -694,6 +757,8 @@ def save_checkpoint(
     for name in CHECKPOINT_SIDE_FOLDERS:
         if (src / name).is_dir():
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
