@@ -244,7 +244,7 @@ LOWBIT_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 def lowbit_library() -> ctypes.CDLL | None:
     """The compiled ``lowbit_linear.c`` with its functions typed, or None where it cannot be had (logged
     once). ``blip2.quantize.kernels`` checks its results before using it."""
-    reason = _unsupported_reason()
+    reason = _unsupported_reason("avx2")  # it picks AVX-512 paths itself where the CPU has them
     if reason is None and (compiler := _compiler()) is None:
         reason = "no C compiler (cc, gcc or clang; or $CC)"
     if reason is None:
