@@ -21,7 +21,12 @@ from collections.abc import Sequence
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 
 # Modules that register more subcommands (``register(subparsers)``), e.g. retrieval, training, serving.
-COMMAND_MODULES: tuple[str, ...] = ("blip2.train.cli", "blip2.serve.cli", "blip2.retrieval_cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "blip2.train.cli",
+    "blip2.serve.cli",
+    "blip2.retrieval_cli",
+    "blip2.bulk.cli",
+)
 
 
 def model_options() -> argparse.ArgumentParser:
