@@ -3,6 +3,7 @@ crash, bad input, and `blip2 index --from`. The Ray engine is tested in test_bul
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -17,11 +18,14 @@ import pytest
 from PIL import Image
 
 import blip2
-from blip2.bulk import Task, read_output, run_bulk
+from blip2.bulk import Task, job, read_output, run_bulk
+from blip2.bulk.local import Decoders
 from blip2.bulk.read import dense_embeddings
 from blip2.bulk.sources import read_bytes, scan
+from blip2.bulk.tasks import ModelInfo
 from blip2.cli import main
 from blip2.errors import InputError
+from blip2.images import ImageProcessor
 from blip2.index import Index
 from factory import make_images
 
@@ -325,3 +329,35 @@ def test_webdataset_shard_rows(opt_ckpt, tmp_path, capsys):
     assert rows[3]["text"] is None and "not an image" in rows[3]["error"]
     want = _captions(capsys, opt_ckpt, files, *GEN)
     assert [r["text"] for r in rows[:3]] == [want[f] for f in files]
+
+
+@dataclasses.dataclass(frozen=True)
+class CrashOn33Wide(ImageProcessor):
+    """Ends its process on an image 33 pixels wide, as a crash inside the image library would."""
+
+    def preprocess(self, image):
+        if image.width == 33:
+            os._exit(3)
+        return super().preprocess(image)
+
+
+def test_a_file_that_kills_its_decoder_is_an_error_row(opt_ckpt, tmp_path, monkeypatch):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(make_images(5, seed=3)):
+        im.save(folder / f"img{i}.png")
+    make_images(1, size=33, seed=4)[0].save(folder / "img2x.png")  # between img2 and img3
+    describe = job.describe
+
+    def crashing(model):
+        info = describe(model)
+        fields = {f.name: getattr(info.image_processor, f.name) for f in dataclasses.fields(ImageProcessor)}
+        return ModelInfo(CrashOn33Wide(**fields), info.embedding)
+
+    monkeypatch.setattr(job, "describe", crashing)
+    task = Task.make("caption", max_new_tokens=3)
+    s = run_bulk(task, str(folder), tmp_path / "out", model=str(opt_ckpt), batch_size=2, progress=False)
+    assert (s.images, s.errors) == (6, 1)
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert [r["error"] for r in rows] == [None, None, None, Decoders.CRASHED, None, None]
+    assert all(isinstance(r["text"], str) for r in rows if r["error"] is None)

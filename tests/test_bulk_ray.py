@@ -107,3 +107,25 @@ def test_model_that_fails_to_load_on_a_worker(cluster, opt_ckpt, photos, tmp_pat
     with pytest.raises(CheckpointError, match="the model failed on a Ray worker"):
         run_bulk(CAPTION, str(photos), tmp_path / "out", model=str(broken), engine="ray", progress=False)
     assert (tmp_path / "out" / "_job.json").is_file()
+
+
+@pytest.mark.slow
+def test_ask_and_embed_on_ray_equal_the_local_engine(cluster, opt_ckpt, itm_ckpt, photos, tmp_path):
+    ask = Task.make("ask", questions=["what is it?", "which colour?"], max_new_tokens=4)
+    for task, model in ((ask, opt_ckpt), (Task.make("embed"), itm_ckpt)):
+        options = dict(model=str(model), batch_size=4, part_size=16, progress=False, exact=True)
+        run_bulk(task, str(photos), tmp_path / f"{task.verb}-local", **options)
+        run_bulk(task, str(photos), tmp_path / f"{task.verb}-ray", engine="ray", workers=2, **options)
+        assert read_output(tmp_path / f"{task.verb}-ray").equals(read_output(tmp_path / f"{task.verb}-local"))
+
+
+@pytest.mark.slow
+def test_without_an_address_a_local_runtime_is_started(opt_ckpt, photos, local_rows, tmp_path):
+    """The command alone (no --address): it starts a Ray runtime of its own, and stops it."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "blip2", "bulk", "caption", str(photos), "-o", str(out), "-m", str(opt_ckpt),
+               "--prompt", "the red", "--max-new-tokens", "5", "--part-size", "8", "--engine", "ray", "--workers", "2"]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "img/s" in proc.stderr and "102 images" in proc.stderr
+    assert read_output(out).equals(local_rows)

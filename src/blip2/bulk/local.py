@@ -14,6 +14,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -44,8 +45,7 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
               batch_size: int, decoders: int) -> None:  # fmt: skip
     """Process ``units`` of ``store`` into ``sink``; ``load()`` returns the Pipeline (called once)."""
     task = store.task
-    pool = ProcessPoolExecutor(decoders, mp_context=_context(), initializer=_init_worker,
-                               initargs=(processor,))  # fmt: skip
+    pool = Decoders(decoders, processor)
     try:
         jobs = _chunks(_items(store, units), DECODE_CHUNK)
         window: deque[tuple[list[Item], Future]] = deque()
@@ -56,14 +56,19 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                 job = next(jobs, None)
                 if job is None:
                     return
-                window.append((job, pool.submit(_decode_job, [it[3:] for it in job])))
+                window.append((job, pool.submit(job)))
 
         fill()  # the workers decode while the model loads
         pipe = load()
         batch: list[tuple[Item, np.ndarray]] = []
         while window:
             job, future = window.popleft()
-            results = future.result()
+            try:
+                results = future.result()
+            except BrokenProcessPool:  # a file killed its decoder: find it, and go on without it
+                pool.restart()
+                results = pool.one_by_one(job)
+                window = deque((j, pool.submit(j)) for j, _ in window)  # they died with the pool
             fill()
             for item, (pixels, error) in zip(job, results, strict=True):
                 if pixels is None:
@@ -76,7 +81,43 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
         if batch:
             run_batch(pipe, task, batch, sink)
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.close()
+
+
+class Decoders:
+    """The pool of decode processes. One that dies (a file crashed the image library) is replaced; the
+    file that did it becomes an error row instead of ending the job."""
+
+    CRASHED = "the image decoder crashed on this file (its process died)"
+
+    def __init__(self, n: int, processor: ImageProcessor):
+        self.n, self.processor = n, processor
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.n, mp_context=_context(), initializer=_init_worker,
+                                   initargs=(self.processor,))  # fmt: skip
+
+    def submit(self, job: list[Item]) -> Future:
+        return self.pool.submit(_decode_job, [item[3:] for item in job])
+
+    def restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._start()
+
+    def one_by_one(self, job: list[Item]) -> list[tuple[np.ndarray | None, str | None]]:
+        results = []
+        for item in job:
+            try:
+                results += self.submit([item]).result()
+            except BrokenProcessPool:
+                log.warning("%s: %s", item[2], self.CRASHED)
+                self.restart()
+                results.append((None, self.CRASHED))
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _context() -> multiprocessing.context.BaseContext:
