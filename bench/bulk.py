@@ -73,6 +73,63 @@ def steady_rate(out: Path, part_size: int) -> float:
     return (len(times) - 1) * part_size / (times[-1] - times[0])
 
 
+def micro(paths: list[str], model: str) -> None:
+    """What bounds a cluster: decode rate of one core, the driver's rate of taking rows in and writing
+    Parquet parts (captions and embeddings), the model's load time."""
+    import tempfile
+
+    import numpy as np
+
+    import blip2
+    from blip2.bulk.read import table_rows
+    from blip2.bulk.store import Sink, Store
+    from blip2.bulk.tasks import Task, decode, describe
+
+    info = describe(model)
+    for size in (224, 364):
+        proc = type(info.image_processor)(size=(size, size))
+        sample = paths[:128]
+        t0 = time.perf_counter()
+        for p in sample:
+            decode(p, -1, -1, None, proc)
+        dt = time.perf_counter() - t0
+        print(
+            f"decode {size}px: {len(sample) / dt:.1f} img/s on one core ({1000 * dt / len(sample):.1f} ms/img)"
+        )
+    t0 = time.perf_counter()
+    blip2.load(model)
+    print(f"model load: {time.perf_counter() - t0:.2f} s")
+    n = 4096
+    rng = np.random.default_rng(0)
+    words = np.array(
+        ["a", "the", "large", "small", "red", "blue", "circle", "square", "in", "on", "left", "top"]
+    )
+    captions = [" ".join(rng.choice(words, 12)) for _ in range(n)]
+    embeds = rng.standard_normal((n, 32, 256)).astype(np.float16) / 16
+    for task, values in ((Task.make("caption"), captions), (Task.make("embed"), list(embeds))):
+        rows = [(f"photos/{i:07d}.jpg", None, v, None) for i, v in enumerate(values)]
+        emb = {"kind": "itc", "num_queries": 32, "dim": 256} if task.verb == "embed" else None
+        with tempfile.TemporaryDirectory() as tmp:
+            import pyarrow as pa
+
+            from blip2.bulk.sources import INPUT_SCHEMA, Inputs
+
+            inputs = Inputs(pa.Table.from_pylist([{"key": r[0]} for r in rows], schema=INPUT_SCHEMA), "/")
+            job = {"task": task.spec(), "model": model, "dtype": None, "quantize": None, "exact": False,
+                   "source": "x", "part_size": 1024, "embedding": emb}  # fmt: skip
+            with Store.open(Path(tmp) / "out", job, lambda inputs=inputs: inputs) as store:
+                table = task.table(rows, store.embedding_shape)  # what an actor sends back
+                t0 = time.perf_counter()
+                with Sink(store, list(range(store.num_units))) as sink:
+                    for unit in range(store.num_units):
+                        part = table.slice(unit * 1024, 1024)
+                        for pos, row in enumerate(table_rows(task, part)):
+                            sink.add(unit, pos, 0, row)
+                dt = time.perf_counter() - t0
+                size = sum(p.stat().st_size for p in (Path(tmp) / "out").glob("part-*.parquet"))
+        print(f"driver, {task.verb}: {n / dt:.0f} rows/s taken in and written ({size / n:.0f} B/row on disk)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint (default: bench/checkpoints/SHAPE)")
@@ -84,6 +141,7 @@ def main() -> None:
     ap.add_argument("--ray", default="", help="comma-separated actor counts for --engine ray runs, e.g. 1,2")
     ap.add_argument("--skip-local", action="store_true")
     ap.add_argument("--work", default=str(ROOT / "bench" / "bulk_work"), help="images and outputs")
+    ap.add_argument("--micro", action="store_true", help="only the per-stage rates (decode, driver, load)")
     args = ap.parse_args()
 
     model = args.model
@@ -92,18 +150,26 @@ def main() -> None:
 
         folder = default_dir(args.shape)
         if not (folder / "config.json").exists():
-            subprocess.run([sys.executable, str(ROOT / "bench" / "make_checkpoint.py"), "--shape", args.shape], check=True)
+            subprocess.run(
+                [sys.executable, str(ROOT / "bench" / "make_checkpoint.py"), "--shape", args.shape],
+                check=True,
+            )
         model = str(folder)
     work = Path(args.work)
     paths = make_images(work / "images", args.images)
     listing = work / "images.txt"
     listing.write_text("\n".join(paths) + "\n")
+    if args.micro:
+        micro(paths, model)
+        return
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     n, b = len(paths), args.batch_size
     print(f"{n} images, batch {b}, {args.tokens} tokens, model {model}", flush=True)
 
     plain_out = work / "plain.json"
-    wall = run([sys.executable, "-c", PLAIN, str(listing), str(b), str(args.tokens), str(plain_out), model], env)
+    wall = run(
+        [sys.executable, "-c", PLAIN, str(listing), str(b), str(args.tokens), str(plain_out), model], env
+    )
     plain = json.loads(plain_out.read_text())
     results = {"plain": {"wall": wall, "rate": n / wall, "steady": n / plain["loop"], "load": plain["load"]}}
     print(f"plain  {wall:7.1f} s  {n / wall:6.2f} img/s  (load {plain['load']:.1f} s, loop {n / plain['loop']:.2f} img/s)",

@@ -80,9 +80,8 @@ def run_bulk(task: Task, source: str, output: str | os.PathLike, *, model: str, 
         todo = sum(store.unit_size(u) for u in units)
         bar = tqdm(total=total, initial=total - todo, unit="img", desc=f"bulk {task.verb}",
                    disable=not progress or not todo, file=sys.stderr, dynamic_ncols=True)  # fmt: skip
-        sink = Sink(store, units, bar)
         load_options = {"device": device, "dtype": dtype, "quantize": quantize, "exact": exact}
-        try:
+        with contextlib.closing(bar), Sink(store, units, bar) as sink:
             if units and engine == "local":
                 from .local import default_decoders, run_local
 
@@ -93,8 +92,6 @@ def run_bulk(task: Task, source: str, output: str | os.PathLike, *, model: str, 
 
                 run_ray(store, sink, units, info.image_processor, model_id, load_options,
                         batch_size=batch_size, workers=workers, worker_cpus=worker_cpus)  # fmt: skip
-        finally:
-            bar.close()
         if not sink.done:
             raise InputError(
                 f"{len(sink.waiting)} parts were not completed; run the same command again to finish"

@@ -29,11 +29,14 @@ def dense_embeddings(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     q = arr.type.list_size
     e = arr.type.value_type.list_size
-    inner = arr.values.slice(arr.offset * q, len(arr) * q)  # .values ignores the parent's offset
-    flat = inner.values.slice(inner.offset * e, len(inner) * e)
-    data = flat.to_numpy(zero_copy_only=False).reshape(len(arr), q, e)
+    n = len(arr)
+    inner = arr.values.slice(arr.offset * q, n * q)  # .values ignores the parent's offset
+    flat = inner.values.slice(inner.offset * e, n * q * e)
+    data = np.frombuffer(flat.buffers()[1], np.float16, n * q * e, flat.offset * 2).reshape(n, q, e)
     missing = arr.is_null().to_numpy(zero_copy_only=False)
-    return np.where(missing[:, None, None], np.float16(0), data), missing
+    if missing.any():  # what a null row's slots hold is up to the writer
+        data = np.where(missing[:, None, None], np.float16(0), data)
+    return data, missing
 
 
 def table_rows(task: Task, table: pa.Table) -> list[Row]:

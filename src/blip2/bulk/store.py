@@ -24,6 +24,8 @@ import logging
 import os
 import re
 import sys
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -166,20 +168,27 @@ class Store:
 
     def write_part(self, unit: int, rows: list[Row]) -> None:
         table = self.task.table(rows, self.embedding_shape)
-        _atomic(self.part_path(unit), lambda tmp: pq.write_table(table, tmp))
+        _atomic(self.part_path(unit), lambda tmp: pq.write_table(table, tmp, **_parquet_options(table)))
 
 
 class Sink:
     """Collects rows of the pending units from any engine, in any order, and writes each unit's part as
-    soon as its last row arrives. Rows already received are ignored (a retried task sends them again)."""
+    soon as its last row arrives. Rows already received are ignored (a retried task sends them again).
 
-    def __init__(self, store: Store, units: list[int], progress=None):
+    Parts are written by ``writers`` threads (Parquet encoding releases the GIL), so the engine keeps
+    feeding rows meanwhile: on a cluster every row passes through here. Use as a context manager: leaving
+    it waits for the writes in flight (and raises the first that failed)."""
+
+    def __init__(self, store: Store, units: list[int], progress=None, writers: int = 4):
         self.store = store
         self.per_image = store.task.rows_per_image
         self.waiting: dict[int, dict[tuple[int, int], Row]] = {u: {} for u in units}
         self.images = 0  # images whose rows are all in
         self.errors = 0  # of them, unreadable
         self.progress = progress
+        self._pool = ThreadPoolExecutor(writers, thread_name_prefix="blip2-bulk-write")
+        self._writes: deque[Future] = deque()
+        self._max_writes = 2 * writers  # rows of more finished units than that wait in memory: hold back
 
     @property
     def done(self) -> bool:
@@ -197,12 +206,24 @@ class Sink:
             if self.progress is not None:
                 self.progress.update(1)
         if len(got) == self.store.unit_size(unit) * self.per_image:
-            self.store.write_part(unit, [got[k] for k in sorted(got)])
             del self.waiting[unit]
+            while len(self._writes) >= self._max_writes:
+                self._writes.popleft().result()
+            self._writes.append(self._pool.submit(self.store.write_part, unit, [got[k] for k in sorted(got)]))
 
     def add_image(self, unit: int, pos: int, rows: list[Row]) -> None:
         for index, row in enumerate(rows):
             self.add(unit, pos, index, row)
+
+    def __enter__(self) -> Sink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            while self._writes:
+                self._writes.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 # ---- files ---------------------------------------------------------------------------------------
@@ -229,6 +250,16 @@ def read_job(folder: str | os.PathLike) -> dict[str, Any]:
 def part_files(folder: str | os.PathLike) -> list[Path]:
     """The part files of a bulk output folder, in unit order."""
     return sorted(Path(folder).glob("part-*.parquet"), key=lambda p: int(_PART.fullmatch(p.name).group(1)))
+
+
+def _parquet_options(table: pa.Table) -> dict[str, Any]:
+    """Embeddings are written plain: float16 noise gains ~7 % from dictionary and snappy encoding,
+    for 3x the time to write (where a cluster's rows all pass through the driver)."""
+    names = table.column_names
+    if "embedding" not in names:
+        return {}
+    return {"use_dictionary": [n for n in names if n != "embedding"],
+            "compression": {n: "none" if n == "embedding" else "snappy" for n in names}}  # fmt: skip
 
 
 def _refuse_strangers(folder: Path) -> None:
