@@ -81,9 +81,11 @@ def register(subparsers) -> None:
     tasks = p.add_subparsers(dest="verb", metavar="TASK", required=True)
     for verb, help_text in TASKS.items():
         parents = [model_options(), _job_options()] + ([generation_options()] if verb != "embed" else [])
-        q = tasks.add_parser(verb, parents=parents, help=help_text, description=help_text)
-        # device: a GPU when there is one (on a Ray cluster: when the cluster has GPUs)
-        q.set_defaults(func=_run, device=None)
+        description = (
+            f"{help_text.capitalize()}. Unlike other commands, --device defaults to a GPU when there is one."
+        )
+        q = tasks.add_parser(verb, parents=parents, help=help_text, description=description)
+        q.set_defaults(func=_run, device=None)  # None: a GPU if there is one (on Ray: if the cluster has any)
         if verb == "caption":
             q.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
         elif verb == "ask":

@@ -72,9 +72,8 @@ class Store:
         if not folder.is_dir():
             raise InputError(f"{folder}: the output must be a folder")
         if not (folder / JOB).is_file():
-            _refuse_strangers(
-                folder
-            )  # before the lock file is made: nothing is left in someone else's folder
+            # before the lock file is made: nothing is left behind in someone else's folder
+            _refuse_strangers(folder)
         lock_fd = _lock(folder)
         try:
             if (folder / JOB).is_file():
