@@ -99,6 +99,7 @@ def test_model_actor_killed_mid_job_loses_nothing(cluster, opt_ckpt, photos, loc
     assert read_output(out).equals(local_rows)
 
 
+@pytest.mark.slow
 def test_model_that_fails_to_load_on_a_worker(cluster, opt_ckpt, photos, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(opt_ckpt, broken)
