@@ -21,12 +21,13 @@ import blip2
 from blip2.bulk import Task, job, read_output, run_bulk
 from blip2.bulk.local import Decoders
 from blip2.bulk.read import dense_embeddings
-from blip2.bulk.sources import read_bytes, scan
+from blip2.bulk.sources import scan
 from blip2.bulk.tasks import ModelInfo
 from blip2.cli import main
 from blip2.errors import InputError
 from blip2.images import ImageProcessor
 from blip2.index import Index
+from blip2.shards import read_member
 from factory import make_images
 
 GEN = ["--max-new-tokens", "6"]
@@ -287,13 +288,14 @@ def test_sources(tmp_path):
     shard(tmp_path / "s0.tar", [("0001.jpg", jpg), ("0001.txt", b"caption"), ("0002.json", b"{}"),
                                 ("dir/0003.png", (folder / "a.png").read_bytes())])  # fmt: skip
     shard(tmp_path / "s1.tar", [("0004.cls", b"1"), ("0004.webp", (folder / "c.webp").read_bytes())])
+    assert scan(str(tmp_path / "s{0..1}.tar")).table.equals(scan(str(tmp_path / "s*.tar")).table)
     t = scan(str(tmp_path / "s*.tar"))
     assert t.base is None
     assert t.table.column("key").to_pylist() == ["0001", "0002", "dir/0003", "0004"]
     errors = t.table.column("error").to_pylist()
     assert errors[0] is None and "no jpg/jpeg/png/webp image" in errors[1]
     row = t.table.slice(0, 1).to_pylist()[0]
-    assert read_bytes(row["path"], row["offset"], row["size"]) == jpg
+    assert read_member(row["path"], row["offset"], row["size"]) == jpg
 
     for bad, message in [("nowhere", "no such file or folder"), ("empty", "no images found")]:
         (tmp_path / "empty").mkdir(exist_ok=True)

@@ -2,12 +2,13 @@
 
 SOURCE is one of
 - a folder: every file under it, recursively (hidden files and folders left out), sorted;
-- a glob (``photos/**/*.jpg``; ``**`` crosses folders), sorted; matches ending in ``.tar`` are shards;
+- a glob (``photos/**/*.jpg``; ``**`` crosses folders), sorted, or a WebDataset brace range
+  (``shards-{000..009}.tar``); matches ending in ``.tar`` are shards;
 - a list of image paths: ``.txt`` (one per line; blank lines and ``#`` comments skipped), ``.jsonl``
   (``{"image": path}`` per line) or ``.parquet`` (column ``image``), in the list's order; relative paths
   are read relative to the list's folder;
-- WebDataset ``.tar`` shards (one, or a glob of them): one input per sample (members sharing a key), its
-  image the ``jpg`` / ``jpeg`` / ``png`` / ``webp`` member;
+- WebDataset ``.tar`` shards (one, a glob or a brace range of them): one input per sample (members
+  sharing a key, see :mod:`blip2.shards`), its image the ``jpg`` / ``jpeg`` / ``png`` / ``webp`` member;
 - a single image file.
 
 An input is a row of :data:`INPUT_SCHEMA`: ``key`` (what the output calls it: the path as found, or the
@@ -28,6 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ..errors import InputError
+from ..shards import expand_braces, split_key
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -72,7 +74,7 @@ def scan(source: str, *, skip: Path | None = None) -> Inputs:
                 rows, base = _scan_shard(path), None
             else:
                 rows, base = [_file_row(source, path)], os.getcwd()
-        elif _GLOB_CHARS & set(source):
+        elif _GLOB_CHARS & set(source) or expand_braces(source) is not None:
             rows, base = _scan_glob(source)
         else:
             raise InputError(f"{source}: no such file or folder, and not a glob pattern")
@@ -81,16 +83,6 @@ def scan(source: str, *, skip: Path | None = None) -> Inputs:
     if not rows:
         raise InputError(f"{source}: no images found")
     return Inputs(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), base)
-
-
-def read_bytes(path: str, offset: int, size: int) -> bytes:
-    """The bytes of a shard member (``offset`` >= 0)."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"{path}: shard member cut short ({len(data)} of {size} bytes)")
-    return data
 
 
 # ---- folders, globs, single files --------------------------------------------------------------
@@ -126,7 +118,9 @@ def _scan_folder(source: str, root: Path, skip: Path | None) -> list[dict]:
 
 
 def _scan_glob(pattern: str) -> tuple[list[dict], str | None]:
-    matches = sorted(m for m in glob.glob(os.path.expanduser(pattern), recursive=True) if os.path.isfile(m))
+    patterns = expand_braces(pattern) or [pattern]  # shards-{000..009}.tar: in the range's order
+    matches = [m for p in patterns for m in sorted(glob.glob(os.path.expanduser(p), recursive=True))]
+    matches = [m for m in matches if os.path.isfile(m)]
     if not matches:
         raise InputError(f"{pattern}: no file matches")
     rows = []
@@ -200,12 +194,9 @@ def _scan_shard(path: Path) -> list[dict]:
             for member in tar:
                 if not member.isfile():
                     continue
-                folder, _, name = member.name.rpartition("/")
-                stem, dot, ext = name.partition(".")
-                if not dot or stem.startswith("."):
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                samples.setdefault(key, {})[ext.lower()] = member
+                key, ext = split_key(member.name)
+                if ext:
+                    samples.setdefault(key, {})[ext] = member
     except (OSError, tarfile.TarError) as e:
         raise InputError(f"{path}: not a readable (uncompressed) tar shard ({e})") from None
     rows = []

@@ -18,7 +18,7 @@ import pyarrow as pa
 import torch
 
 from ..errors import CheckpointError, InputError
-from .sources import read_bytes
+from ..shards import read_member
 
 if TYPE_CHECKING:
     from ..api import Pipeline
@@ -154,7 +154,7 @@ def decode(path: str, offset: int, size: int, error: str | None,
     if error is not None:
         return None, error
     try:
-        source: Any = path if offset < 0 else read_bytes(path, offset, size)
+        source: Any = path if offset < 0 else read_member(path, offset, size)
         return processor.preprocess(load_image(source)), None
     except Exception as e:  # noqa: BLE001 - any failure of one file is that file's error row, not the job's
         return None, one_line(e)
