@@ -363,3 +363,19 @@ def test_a_file_that_kills_its_decoder_is_an_error_row(opt_ckpt, tmp_path, monke
     rows = read_output(tmp_path / "out").to_pylist()
     assert [r["error"] for r in rows] == [None, None, None, Decoders.CRASHED, None, None]
     assert all(isinstance(r["text"], str) for r in rows if r["error"] is None)
+
+
+def test_load_options_reach_the_model(opt_ckpt, photos, tmp_path, monkeypatch):
+    seen = {}
+    load = blip2.load
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(blip2, "load", spy)
+    out = tmp_path / "out"
+    args = ["-m", str(opt_ckpt), "--quantize", "int8", "--device", "cpu", "--max-new-tokens", "3", "-q"]
+    assert main(["bulk", "caption", str(photos / "sub"), "-o", str(out), *args]) == 0
+    assert seen == {"device": "cpu", "dtype": None, "quantize": "int8", "exact": False}
+    assert json.loads((out / "_job.json").read_text())["quantize"] == "int8"
