@@ -199,7 +199,12 @@ def _inputs(m, n=2):
     [
         ("opt", "int8", 0.99, 0.98),
         ("t5", "int8", 0.99, 0.98),
-        ("opt", "int4", 0.97, 0.9),  # the sharpened test OPT (factory.sharpen_opt): 0.973, per position >= 0.918
+        (
+            "opt",
+            "int4",
+            0.97,
+            0.9,
+        ),  # the sharpened test OPT (factory.sharpen_opt): 0.973, per position >= 0.918
         ("t5", "int4", 0.93, 0.88),
     ],
 )

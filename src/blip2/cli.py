@@ -31,6 +31,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "blip2.retrieval_cli",
     "blip2.eval.cli",
     "blip2.quantize.cli",
+    "blip2.bulk.cli",
 )
 
 
