@@ -139,6 +139,7 @@ class Ours:
         """Every timed call pays for its images, as the reference's do."""
         self.m.prefix_cache.clear()
         self.m.prefill_cache.clear()
+        self.m.vision_cache.clear()  # InstructBLIP: the vision encoder's output per image
 
     def generate(self, images, prompts, n):
         self.clear()
@@ -168,15 +169,23 @@ def worker(args) -> None:
         runner = Ours(args.ckpt, quantize, exact=args.lib == "blip2-exact")
     load_s = time.perf_counter() - t0
     res: dict = {"lib": args.lib, "task": args.task, "load_s": load_s}
+    res.update(measure(runner, args, images))
+    res["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(res))
+
+
+def measure(runner, args, images, prompt: str = "") -> dict:
+    """Time ``args.task`` on a loaded runner; captions and decodes continue ``prompt``."""
+    res: dict = {}
     n, r, w, nb = args.tokens, args.repeat, args.warmup, args.batch
     if args.task == "vision":
         res["seconds"], _ = best_of(lambda: runner.vision(images[:1]), r, w)
     elif args.task == "caption":
-        res["seconds"], texts = best_of(lambda: runner.generate(images[:nb], [""] * nb, n), r, w)
+        res["seconds"], texts = best_of(lambda: runner.generate(images[:nb], [prompt] * nb, n), r, w)
         res["texts"] = texts
     elif args.task == "decode":
-        t1, _ = best_of(lambda: runner.generate(images[:1], [""], 1), r, w)
-        tn, texts = best_of(lambda: runner.generate(images[:1], [""], n), r, w)
+        t1, _ = best_of(lambda: runner.generate(images[:1], [prompt], 1), r, w)
+        tn, texts = best_of(lambda: runner.generate(images[:1], [prompt], n), r, w)
         res["seconds"] = tn
         res["tokens_per_s"] = (n - 1) / max(tn - t1, 1e-9)
         res["texts"] = texts
@@ -184,8 +193,7 @@ def worker(args) -> None:
         ask = runner.ask if args.task == "ask" else runner.ask_batched
         res["seconds"], texts = best_of(lambda: ask(images[0], QUESTIONS, args.answer_tokens), r, w)
         res["texts"] = texts
-    res["peak_rss_mb"] = peak_rss_mb()
-    print("RESULT " + json.dumps(res))
+    return res
 
 
 # ============================================================================ parent side
@@ -226,9 +234,10 @@ def work_model(ckpt: Path, tokens: int) -> dict:
     return {"vision_gflop": vision_flops / 1e9, "lm_weight_gb_fp32": lm_params * 4 / 1e9, "tokens": tokens}
 
 
-def spawn(lib: str, task: str, args) -> dict:
+def spawn(lib: str, task: str, args, script: str = __file__) -> dict:
+    """Run ``script --worker`` for one (library, task) with ``args``' settings; its RESULT line's dict."""
     cmd = [
-        sys.executable, __file__, "--worker", "--lib", lib, "--task", task, "--ckpt", str(args.ckpt),
+        sys.executable, script, "--worker", "--lib", lib, "--task", task, "--ckpt", str(args.ckpt),
         "--tokens", str(args.tokens), "--answer-tokens", str(args.answer_tokens),
         "--repeat", str(args.repeat), "--threads", str(args.threads),
         "--warmup", str(args.warmup), "--batch", str(args.batch),
