@@ -200,14 +200,19 @@ def test_cli_caption(llama_ckpt, tmp_path, capsys):
     assert line["text"] == blip2.load(llama_ckpt).caption(path, max_new_tokens=6)[0]
 
 
-def test_int8(llama_ckpt):
+@pytest.mark.parametrize("method,bound", [("int8", 0.99), ("int4", 0.95)])
+def test_low_bit(llama_ckpt, method, bound):
     m = blip2.load(llama_ckpt)
-    q = blip2.load(llama_ckpt, quantize="int8")
+    q = blip2.load(llama_ckpt, quantize=method)
     image = make_images(1, seed=6)[0]
     inputs = m.processor(images=[image], text=["a photo of"])
     with torch.no_grad():
         a, b = m.model(**inputs).logits, q.model(**inputs).logits
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > bound
+    assert q.ask(image, ["what is it?", "where is it?"], max_new_tokens=4) == [
+        q.ask(image, "what is it?", max_new_tokens=4),
+        q.ask(image, "where is it?", max_new_tokens=4),
+    ]
 
 
 def test_bad_checkpoints(llama_ckpt, tmp_path):
