@@ -200,7 +200,7 @@ def test_cli_caption(llama_ckpt, tmp_path, capsys):
     assert line["text"] == blip2.load(llama_ckpt).caption(path, max_new_tokens=6)[0]
 
 
-@pytest.mark.parametrize("method,bound", [("int8", 0.99), ("int4", 0.95)])
+@pytest.mark.parametrize("method,bound", [("int8", 0.99), ("int4", 0.98)])
 def test_low_bit(llama_ckpt, method, bound):
     m = blip2.load(llama_ckpt)
     q = blip2.load(llama_ckpt, quantize=method)
