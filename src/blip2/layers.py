@@ -208,7 +208,7 @@ def attention(
         and q.shape[-2] == 1
         and q.dtype == torch.float32
         and q.device.type == "cpu"
-        and not (dropout and torch.is_grad_enabled())
+        and dropout == 0.0
     ):
         return _one_query_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
