@@ -41,6 +41,9 @@ def run_bulk(task: Task, source: str, output: str | os.PathLike, *, model: str, 
     Ray Data decodes on CPU tasks and runs the model in ``workers`` actors (one GPU each where the cluster
     has GPUs); ``address`` joins a running cluster, else a local Ray runtime is started. ``device`` (default:
     a GPU when there is one) and ``dtype`` / ``quantize`` / ``exact`` go to :func:`blip2.load`.
+
+    The local engine's decode processes start as ``multiprocessing``'s do: a script that calls this must
+    do so under ``if __name__ == "__main__":``.
     """
     from tqdm import tqdm
 

@@ -11,6 +11,8 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -34,6 +36,7 @@ WORKER_NICE = 10
 _processor: ImageProcessor | None = None  # a decode worker's image processor (set by _init_worker)
 
 Item = tuple[int, int, str, str, int, int, Any]  # unit, position, key, path, offset, size, error
+Decoded = tuple[np.ndarray | None, str | None]  # pixels, or None and why
 
 
 def default_decoders() -> int:
@@ -46,6 +49,7 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
     """Process ``units`` of ``store`` into ``sink``; ``load()`` returns the Pipeline (called once)."""
     task = store.task
     pool = Decoders(decoders, processor)
+    tuner = None
     try:
         jobs = _chunks(_items(store, units), DECODE_CHUNK)
         window: deque[tuple[list[Item], Future]] = deque()
@@ -58,13 +62,21 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                     return
                 window.append((job, pool.submit(job)))
 
-        fill()  # the workers decode while the model loads
-        pipe = load()
+        # the workers start (the first one waits for the fork server's imports) and decode while the
+        # model loads here
+        starter = threading.Thread(target=fill, name="blip2-bulk-decode-start", daemon=True)
+        starter.start()
+        try:
+            pipe = load()
+        finally:
+            starter.join()
+        tuner = ThreadTuner(decoders)
         batch: list[tuple[Item, np.ndarray]] = []
         while window:
             job, future = window.popleft()
             try:
-                results = future.result()
+                results, seconds = future.result()
+                tuner.decoded(len(job), seconds)
             except BrokenProcessPool:  # a file killed its decoder: find it, and go on without it
                 pool.restart()
                 results = pool.one_by_one(job)
@@ -77,11 +89,65 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                 batch.append((item, pixels))
                 if len(batch) == batch_size:
                     run_batch(pipe, task, batch, sink)
+                    tuner.batch_done(len(batch))
                     batch = []
         if batch:
             run_batch(pipe, task, batch, sink)
     finally:
         pool.close()
+        if tuner is not None:
+            tuner.restore()
+
+
+class ThreadTuner:
+    """Picks the model's torch threads: every core, or the cores the decode processes leave.
+
+    A model that takes long per image next to decoding one wants every core, and the (niced) decoders
+    fill the gaps; one about as quick as decoding loses more to its threads waiting on cores the decoders
+    hold than it gains from them. When decoding an image takes under a tenth of the model's time for it,
+    every core it is; otherwise, after a warm-up batch, batches run with each setting in turn and the
+    faster is kept (time per full batch, waiting for decoded images included)."""
+
+    MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
+
+    def __init__(self, decoders: int, probes: int = 2):
+        self.initial = torch.get_num_threads()
+        self.lean = max(1, self.initial - decoders)
+        # interleaved, so that a busy spell of the machine weighs on both alike
+        self.plan = [] if self.lean == self.initial else [0] + [self.initial, self.lean] * probes
+        self.seconds = dict.fromkeys((self.initial, self.lean), 0.0)
+        self.decode_seconds, self.decode_images = 0.0, 0
+        self.last = time.perf_counter()
+
+    def decoded(self, images: int, seconds: float) -> None:
+        self.decode_images += images
+        self.decode_seconds += seconds
+
+    def batch_done(self, images: int) -> None:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        if not self.plan:
+            return
+        threads = self.plan.pop(0)
+        if threads:
+            self.seconds[threads] += elapsed
+        if threads == self.initial and self.decode_images:
+            decode = self.decode_seconds / self.decode_images
+            if decode < self.MINOR_DECODE * elapsed / images:
+                self.plan = []  # decoding is a minor share: no need to try fewer threads
+                self._choose(self.initial, f"decoding {1000 * decode:.1f} ms/image")
+                return
+        if self.plan:
+            torch.set_num_threads(self.plan[0] or self.initial)
+        else:
+            self._choose(min(self.seconds, key=self.seconds.get), f"seconds per probe: {self.seconds}")
+
+    def _choose(self, threads: int, why: str) -> None:
+        torch.set_num_threads(threads)
+        log.info("model threads: %d (%s)", threads, why)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.initial)
 
 
 class Decoders:
@@ -105,11 +171,11 @@ class Decoders:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = self._start()
 
-    def one_by_one(self, job: list[Item]) -> list[tuple[np.ndarray | None, str | None]]:
+    def one_by_one(self, job: list[Item]) -> list[Decoded]:
         results = []
         for item in job:
             try:
-                results += self.submit([item]).result()
+                results += self.submit([item]).result()[0]
             except BrokenProcessPool:
                 log.warning("%s: %s", item[2], self.CRASHED)
                 self.restart()
@@ -168,6 +234,9 @@ def _init_worker(processor: ImageProcessor) -> None:
         os.nice(WORKER_NICE)
 
 
-def _decode_job(records: list[tuple[str, int, int, Any]]) -> list[tuple[np.ndarray | None, str | None]]:
+def _decode_job(records: list[tuple[str, int, int, Any]]) -> tuple[list[Decoded], float]:
+    """The job's images decoded, and the seconds that took."""
     assert _processor is not None
-    return [decode(path, offset, size, error, _processor) for path, offset, size, error in records]
+    t0 = time.perf_counter()
+    results = [decode(path, offset, size, error, _processor) for path, offset, size, error in records]
+    return results, time.perf_counter() - t0
