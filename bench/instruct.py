@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from run import QUESTIONS, ROOT, Ours, Reference, measure, peak_rss_mb, spawn
+from run import QUESTIONS, Ours, Reference, measure, peak_rss_mb, save_results, spawn
 
 CAPTION_PROMPT = "A short image description:"  # what blip2's caption() gives an InstructBLIP
 TASKS = ("caption", "decode", "ask")
@@ -285,10 +285,7 @@ def main() -> None:
         f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     print(f"\n{head}\n\n{text}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"{args.ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"command": cmd, "head": head, "results": results, "table": text}, indent=2))
+    path = save_results(args.ckpt.name, {"command": cmd, "head": head, "results": results, "table": text})
     print(f"\nwrote {path}")
 
 
