@@ -2,7 +2,7 @@
 
     python bench/instruct.py      # instructblip-vicuna-1b (built if absent): reference, blip2, -int8, -int4
     python bench/make_checkpoint.py --shape instructblip-vicuna-7b
-    python bench/instruct.py --shape instructblip-vicuna-7b --libs blip2-int4 --batch 1
+    python bench/instruct.py --shape instructblip-vicuna-7b --libs blip2-int8,blip2-int4
 
 ``instructblip-vicuna-1b`` is the released instructblip-vicuna-7b (ViT-g, the instruction-aware BERT-base
 Q-Former) with 4 of Vicuna-7B's 32 decoder layers (1.07 B language-model parameters); ``-7b`` has all 32.
@@ -20,7 +20,10 @@ n/a). Tasks:
 
 blip2's image, prefix and prefill caches are cleared before every timed call. One warm-up call, then the
 best of ``--repeat``. Load time: the smallest of a library's task processes (page cache warm after the
-first). Texts are compared with the reference's. Results: a table on stdout and JSON in bench/results/.
+first). Texts are compared with the reference's. The machine may be shared: each process waits for it to
+be idle (``--wait-idle``), records the cores other processes used while it timed (``others_cpu``), and
+is run again (``--retries``) when that exceeds ``BUSY_CORES``. Results: a table on stdout and JSON in
+bench/results/.
 """
 
 from __future__ import annotations
