@@ -5,8 +5,10 @@
 
 Every (library, task) runs in its own fresh process, so load time and peak RSS (VmHWM, file-backed
 pages included) belong to that library alone. Libraries: the reference in float32, blip2 in
-float32, blip2 with ``quantize="int8"``; on request (``--libs``) ``blip2-exact``, float32 with
-``exact=True`` (the reference's matmul kernel). Tasks:
+float32, blip2 with ``quantize="int8"`` and ``"int4"`` (quantized at load); on request (``--libs``)
+``blip2-int8-saved`` / ``blip2-int4-saved`` (checkpoints written by ``blip2 quantize``, made next to
+the source on first use and loaded as they are) and ``blip2-exact``, float32 with ``exact=True`` (the
+reference's matmul kernel). Tasks:
 
 - ``load``: ``from_pretrained`` + processor / ``blip2.load``;
 - ``vision``: the image encoder on one image;
@@ -39,8 +41,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 MACHINE_GFLOPS = 67.0  # float32 matmul, 2 cores, measured
 MACHINE_GBS = 22.0  # memory read
 TASKS = ("load", "vision", "caption", "decode", "ask", "ask-batched")
-LIBS = ("reference", "blip2", "blip2-int8", "blip2-exact")
-DEFAULT_LIBS = LIBS[:3]
+LIBS = (
+    "reference",
+    "blip2",
+    "blip2-int8",
+    "blip2-int4",
+    "blip2-int8-saved",
+    "blip2-int4-saved",
+    "blip2-exact",
+)
+DEFAULT_LIBS = LIBS[:4]
+# bytes of language-model weights a decode step reads per weight (int4: 4 bits + float16 scale and
+# minimum per 128; the embedding is not read whole)
+WEIGHT_BYTES = {
+    "blip2-int8": 1.0,
+    "blip2-int4": 4.25 / 8,
+    "blip2-int8-saved": 1.0,
+    "blip2-int4-saved": 4.25 / 8,
+}
 QUESTIONS = [
     "what colour is the cube?",
     "how many dogs are there?",
@@ -142,12 +160,15 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     images = make_images(max(4, args.batch), size=224, seed=1)
     t0 = time.perf_counter()
-    runner = (
-        Reference(args.ckpt)
-        if args.lib == "reference"
-        else Ours(args.ckpt, "int8" if args.lib == "blip2-int8" else None, exact=args.lib == "blip2-exact")
-    )
-    res: dict = {"lib": args.lib, "task": args.task, "load_s": time.perf_counter() - t0}
+    if args.lib == "reference":
+        runner = Reference(args.ckpt)
+    elif args.lib.endswith("-saved"):
+        runner = Ours(saved_dir(args.ckpt, args.lib), None)
+    else:
+        quantize = args.lib.removeprefix("blip2-") if args.lib in ("blip2-int8", "blip2-int4") else None
+        runner = Ours(args.ckpt, quantize, exact=args.lib == "blip2-exact")
+    load_s = time.perf_counter() - t0
+    res: dict = {"lib": args.lib, "task": args.task, "load_s": load_s}
     res.update(measure(runner, args, images))
     res["peak_rss_mb"] = peak_rss_mb()
     print("RESULT " + json.dumps(res))
@@ -176,6 +197,23 @@ def measure(runner, args, images, prompt: str = "") -> dict:
 
 
 # ============================================================================ parent side
+
+
+def saved_dir(ckpt: Path, lib: str) -> Path:
+    """Where the ``blip2 quantize`` copy of ``ckpt`` for ``lib`` (blip2-int8-saved / -int4-saved) lies."""
+    return ckpt.parent / f"{ckpt.name}-{lib.removeprefix('blip2-').removesuffix('-saved')}"
+
+
+def ensure_saved(ckpt: Path, lib: str) -> None:
+    out = saved_dir(ckpt, lib)
+    if (out / "config.json").is_file():
+        return
+    bits = "4" if "int4" in lib else "8"
+    print(f"writing {out} (blip2 quantize --bits {bits}) ...", flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    subprocess.run(
+        [sys.executable, "-m", "blip2", "quantize", str(ckpt), str(out), "--bits", bits], check=True, env=env
+    )
 
 
 def work_model(ckpt: Path, tokens: int) -> dict:
@@ -249,7 +287,7 @@ def report(results: dict, work: dict, args) -> str:
     for lib in libs:
         vs = get(lib, "vision", "seconds")
         tps = get(lib, "decode", "tokens_per_s")
-        gb = work["lm_weight_gb_fp32"] / (4 if lib == "blip2-int8" else 1)
+        gb = work["lm_weight_gb_fp32"] / 4 * WEIGHT_BYTES.get(lib, 4.0)
         parts = []
         if vs:
             parts.append(
@@ -308,6 +346,9 @@ def main() -> None:
         print(f"building {args.ckpt} ...", flush=True)
         write("small", args.ckpt)
     work = work_model(args.ckpt, args.tokens)
+    for lib in args.libs.split(","):
+        if lib.endswith("-saved"):
+            ensure_saved(args.ckpt, lib)
     results: dict = {}
     t0 = time.perf_counter()
     for task in args.tasks.split(","):

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -98,6 +99,48 @@ def test_caption_bad_images_reported_good_ones_captioned(opt_ckpt, image_files, 
     assert "Traceback" not in out.err
 
 
+def test_caption_streams_batches_in_bounded_memory(opt_ckpt, image_files, tmp_path, capsys, monkeypatch):
+    import blip2.images as images
+    from blip2.api import Pipeline
+
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    paths = [*image_files * 2, str(bad), *image_files * 2]  # 13 paths, one unreadable
+    alive, peak, loads_at_first_caption = set(), [0], []
+    real_load, real_caption = images.load_image, Pipeline.caption
+
+    def tracked_load(source, **kwargs):
+        img = real_load(source, **kwargs)
+        if not isinstance(source, str):  # the model's own conversion of an image already read
+            return img
+        alive.add(id(img))
+        weakref.finalize(img, alive.discard, id(img))
+        peak[0] = max(peak[0], len(alive))
+        return img
+
+    def tracked_caption(self, *args, **kwargs):
+        if not loads_at_first_caption:
+            loads_at_first_caption.append(len(alive))
+        return real_caption(self, *args, **kwargs)
+
+    monkeypatch.setattr(images, "load_image", tracked_load)
+    monkeypatch.setattr(Pipeline, "caption", tracked_caption)
+    rc = main(
+        ["caption", *paths, "-m", str(opt_ckpt), "--batch-size", "4", "--max-new-tokens", "3", "--json"]
+    )
+    out = capsys.readouterr()
+    assert rc == 1
+    assert peak[0] <= 4 and loads_at_first_caption == [4]  # one batch decoded at a time
+    lines = [json.loads(line) for line in out.out.splitlines()]
+    good = [p for p in paths if p != str(bad)]
+    assert [d["image"] for d in lines] == good
+    monkeypatch.undo()
+    want = dict(zip(image_files, blip2.load(opt_ckpt).caption(image_files, max_new_tokens=3), strict=True))
+    assert [d["text"] for d in lines] == [want[p] for p in good]
+    err = [line for line in out.err.splitlines() if line.startswith("blip2: error:")]
+    assert len(err) == 2 and str(bad) in err[0] and "1 of 13 images could not be read" in err[1]
+
+
 def test_ask(t5_ckpt, image_files, capsys):
     rc = main(
         ["ask", image_files[0], "what colour is the ball?", "-m", str(t5_ckpt), "--max-new-tokens", "5"]
@@ -166,7 +209,9 @@ def test_python_dash_m():
     assert all(cmd in proc.stdout for cmd in ("caption", "ask", "chat"))
 
 
-@pytest.mark.parametrize("flags", [["--quantize", "int8"], ["--exact"]])
+@pytest.mark.parametrize(
+    "flags", [["--quantize", "int8"], ["--quantize", "int4", "--group-size", "256"], ["--exact"]]
+)
 def test_load_options_reach_the_model(opt_ckpt, image_files, monkeypatch, flags):
     seen = {}
     real_load = blip2.load
@@ -178,5 +223,6 @@ def test_load_options_reach_the_model(opt_ckpt, image_files, monkeypatch, flags)
     monkeypatch.setattr(blip2, "load", spy)
     rc = main(["caption", image_files[0], "-m", str(opt_ckpt), "--max-new-tokens", "3", *flags])
     assert rc == 0
-    assert seen["quantize"] == ("int8" if "--quantize" in flags else None)
+    assert seen["quantize"] == (flags[1] if "--quantize" in flags else None)
+    assert seen["group_size"] == (256 if "--group-size" in flags else None)
     assert seen["exact"] is ("--exact" in flags)

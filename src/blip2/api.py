@@ -19,10 +19,9 @@ from .chat import (
 )
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
-from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
-from .layers import Linear
+from .generate import GenerationConfig, PrefillCache, check_forced, generate_ids, stream_ids
 from .model import Blip2
-from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
+from .weights import empty_modules, load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +33,25 @@ VISION_CACHE_SIZE = (
 
 
 def build_model(folder: Path, dtype: torch.dtype | str | None = None) -> tuple[Blip2, Blip2Config]:
-    """Read ``config.json`` and the weights of a checkpoint folder into a ready ``Blip2`` (on CPU, eval)."""
+    """Read ``config.json`` and the weights of a checkpoint folder into a ready ``Blip2`` (on CPU, eval).
+
+    A quantized checkpoint (``blip2.quantize.checkpoint``) gets its low-bit layers built packed and
+    filled from the file's tensors as they are.
+    """
+    from .quantize.checkpoint import saved_quantization
+
     cfg = Blip2Config.from_file(folder / "config.json")
     dtype = resolve_dtype(dtype)
     files = weight_files(folder)
-    with torch.device("meta"):
+    saved = saved_quantization(folder)
+    with empty_modules():
         model = Blip2(cfg)
-    tensors = read_tensors(files)
-    load_into(model, tensors, cfg, dtype)
+        packed = saved.prepare(model, cfg) if saved else set()
+    origins: dict[str, Path] = {}
+    tensors = read_tensors(files, origins)
+    if saved:
+        saved.check(model, tensors, origins, cfg)
+    load_into(model, tensors, cfg, dtype, packed)
     return model.eval(), cfg
 
 
@@ -61,6 +71,14 @@ class Pipeline:
     @property
     def config(self) -> Blip2Config:
         return self.model.cfg
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the model as loaded to ``folder`` (hub layout): a quantized model's low-bit layers as their
+        packed tensors (``blip2.load(folder)`` then maps them, quantizing nothing), the rest as the source
+        checkpoint has it; tokenizer, processor and generation files copied."""
+        from .quantize.checkpoint import save
+
+        return save(self.model, self.folder, folder)
 
     def __repr__(self) -> str:
         kind = "retrieval" if self.config.retrieval else (self.config.text.kind if self.config.text else "?")
@@ -88,19 +106,29 @@ class Pipeline:
         """Yield the continuation of ``prompt`` for one image piece by piece, as it is produced."""
         yield from self._stream_text(self.generate_steps(image, prompt, **gen))
 
-    def generate_steps(self, images, prompts, **gen) -> Iterator[list[int | None]]:
+    def generate_steps(
+        self, images, prompts, forced: list[list[int]] | None = None, **gen
+    ) -> Iterator[list[int | None]]:
         """As :meth:`generate_ids`, step by step: each row's new token per step (None once the row is
         done). A batch streams as one (the server batches streaming requests with it). Beam search
-        yields its finished result, one token per step, at the end. Bad input raises here, at the call."""
+        yields its finished result, one token per step, at the end. Bad input raises here, at the call.
+
+        ``forced``: per row, token ids taken as its first new tokens instead of choosing them (they are
+        yielded too). A run cut short resumes this way: greedy then goes on as the uncut run did.
+        Greedy or sampling only."""
         lm, embeds, mask, ids, ids_mask, cfg, _ = self._prepare(images, prompts, gen)
-        return _steps(lm, embeds, mask, cfg, ids, ids_mask)
+        check_forced(forced, embeds.shape[0], cfg, lm.lm_head.out_features)
+        return _steps(lm, embeds, mask, cfg, ids, ids_mask, forced)
 
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
         """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only
         (InstructBLIP: the instruction ``A short image description:``, its paper's captioning prompt)."""
-        if prompt is None and self.config.instruction_aware:
-            prompt = INSTRUCT_CAPTION_PROMPT
-        return self.generate(images, prompt, **gen)
+        return self.generate(images, self.caption_prompt if prompt is None else prompt, **gen)
+
+    @property
+    def caption_prompt(self) -> str:
+        """What ``caption`` continues by default: nothing (BLIP-2), ``A short image description:`` (InstructBLIP)."""
+        return INSTRUCT_CAPTION_PROMPT if self.config.instruction_aware else ""
 
     @property
     def question_template(self) -> str:
@@ -190,7 +218,7 @@ class Pipeline:
         for group in by_length.values():
             ids = torch.tensor([instructions[i] for i in group], dtype=torch.long, device=self.device)
             feats = torch.stack([vision[pixel_keys[i]] for i in group])
-            for i, prefix in zip(group, model.features_from_vision(feats, ids).prefix, strict=True):
+            for i, prefix in zip(group, model.query_features(feats, ids).prefix, strict=True):
                 out[i] = prefix
         return [out[i] for i in rows]
 
@@ -279,7 +307,8 @@ class Pipeline:
         return input_ids, mask, cfg, keep
 
     def _stream_text(self, steps) -> Iterator[str]:
-        """Token steps of one row -> text pieces, held back while a character is incomplete."""
+        """Token steps of one row -> text pieces, held back while the text is not settled (a character
+        cut between tokens)."""
         tokens: list[int] = []
         sent = ""
         for row in steps:
@@ -287,8 +316,8 @@ class Pipeline:
             if token is None:
                 break
             tokens.append(token)
-            text = self.processor.decode(tokens)
-            if text.endswith("\ufffd"):
+            text = self.processor.decode_settled(tokens)
+            if text is None:
                 continue
             if len(text) > len(sent) and text.startswith(sent):
                 yield text[len(sent) :]
@@ -347,35 +376,56 @@ def load(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     exact: bool = False,
+    group_size: int | None = None,
 ) -> Pipeline:
     """Load a BLIP-2 checkpoint from a local folder or a hub id (``Salesforce/blip2-opt-2.7b``).
 
     ``dtype``: float32 (default), bfloat16 or float16 for the vision encoder and the language model;
     the Q-Former and its queries stay float32, as in the reference.
     ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
-    language model (CPU only; see ``blip2.quantize``).
+    language model; ``"int4"``: the language model's 4-bit with a scale and minimum per ``group_size``
+    inputs (128 by default), the rest int8 (CPU only; see ``blip2.quantize``). A checkpoint written by
+    ``blip2 quantize`` / :meth:`Pipeline.save` loads quantized as it was saved, with nothing to pass.
     ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
-    instead of the native few-row kernel and oneDNN's: OPT's logits then equal the reference's bit
-    for bit (T5's to ~1e-6), at up to ~4x the time per decode step of several rows. The default
-    differs by float32 rounding only (see ``layers.Linear``); it can flip a greedy choice only where
-    two tokens tie to that rounding.
+    and decode steps' attention through PyTorch's fused kernel, instead of the native kernel and
+    plain batched products: OPT's logits then equal the reference's bit for bit (T5's to ~1e-6), at
+    up to ~4x the time per decode step of several rows. The default differs by float32 rounding
+    only (see ``layers.Linear``), and gives a row the same bits alone or in any batch; it can flip a
+    greedy choice only where two tokens tie to that rounding. It is a float32 path: not with ``quantize`` or a quantized checkpoint.
     """
+    from .quantize import DEFAULT_GROUP_SIZE, check_method
+    from .quantize.checkpoint import method_of
+
     t0 = time.perf_counter()
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize must be None or 'int8', not {quantize!r}")
+    check_method(quantize)
+    if group_size is not None and quantize != "int4":
+        raise ValueError("group_size is for quantize='int4'")
     device = torch.device(device)
     if quantize and device.type != "cpu":
-        raise ValueError("quantize='int8' is a CPU path; on a GPU load in float16 or bfloat16 instead")
+        raise ValueError(f"quantize={quantize!r} is a CPU path; on a GPU load in float16 or bfloat16 instead")
+    if quantize and exact:
+        raise ValueError("exact=True is the reference's float32 arithmetic: it does not go with quantize")
     folder = resolve_checkpoint(name_or_path)
     model, cfg = build_model(folder, dtype)
-    if exact:
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.fast_kernels = False
-    if quantize:
+    saved, saved_group = method_of(model)
+    if saved:
+        if exact:
+            raise ValueError(f"{folder} is quantized ({saved}): exact=True needs a float32 checkpoint")
+        if device.type != "cpu":
+            raise ValueError(f"{folder} is quantized ({saved}), a CPU format; load its float source on a GPU")
+        if quantize and (quantize, group_size or saved_group) != (saved, saved_group):
+            raise ValueError(
+                f"{folder} is already quantized ({saved}{f', group size {saved_group}' if saved_group else ''}); "
+                "load it without quantize=, or quantize its float source"
+            )
+    elif quantize:
         from .quantize import quantize_model_
 
-        quantize_model_(model)
+        quantize_model_(model, quantize, group_size or DEFAULT_GROUP_SIZE)
+    if exact:
+        for module in model.modules():
+            if hasattr(module, "fast_kernels"):  # the linear layers, and attention's decode steps
+                module.fast_kernels = False
     if device.type != "cpu":
         model.to(device)
     processor = _load_processor(folder, cfg)
@@ -400,9 +450,9 @@ def _load_processor(folder: Path, cfg: Blip2Config):
 
 
 @torch.inference_mode()
-def _steps(lm, embeds, mask, cfg, ids, ids_mask) -> Iterator[list[int | None]]:
+def _steps(lm, embeds, mask, cfg, ids, ids_mask, forced=None) -> Iterator[list[int | None]]:
     # The decorator (unlike a `with` inside) leaves inference mode between steps: the caller's is untouched.
-    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask)
+    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask, forced)
 
 
 def _generation_defaults(folder: Path, cfg: Blip2Config) -> GenerationConfig:

@@ -17,6 +17,10 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_MODEL = "Salesforce/blip2-opt-2.7b"
 
@@ -26,6 +30,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "blip2.serve.cli",
     "blip2.retrieval_cli",
     "blip2.eval.cli",
+    "blip2.quantize.cli",
+    "blip2.bulk.cli",
 )
 
 
@@ -45,8 +51,12 @@ def model_options() -> argparse.ArgumentParser:
     p.add_argument(
         "--quantize",
         default=None,
-        choices=["int8"],
-        help="int8: weight-only 8-bit vision encoder and language model (CPU; ~4x less memory, faster)",
+        choices=["int8", "int4"],
+        help="int8: weight-only 8-bit vision encoder, Q-Former and language model; int4: the language model "
+        "4-bit, the rest 8-bit (CPU; ~4x / ~6x less memory, faster). Not for a checkpoint `blip2 quantize` wrote",
+    )
+    p.add_argument(
+        "--group-size", type=int, default=None, help="int4: inputs per scale, a multiple of 128 (default 128)"
     )
     p.add_argument(
         "--exact",
@@ -96,6 +106,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         quantize=getattr(args, "quantize", None),
         exact=getattr(args, "exact", False),
+        group_size=getattr(args, "group_size", None),
     )
 
 
@@ -109,41 +120,69 @@ def _error(message: str) -> None:
 def _caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    if args.batch_size < 1:
+        raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.heatmap and len(args.images) != 1:
+        raise_input(f"--heatmap draws one image's map: give one image, not {len(args.images)}")
+    # Read, caption and print one batch at a time: memory holds one batch of decoded images however many
+    # paths are given, and the first captions appear at once. Unreadable images are reported as they
+    # come; the rest are still captioned. The model loads with the first readable image.
+    model, failed = None, 0
+    paths = args.images
+    with tqdm(total=len(paths), unit="image", file=sys.stderr, disable=len(paths) <= args.batch_size) as bar:
+
+        def report(message: str) -> None:  # above the progress bar, not through it
+            bar.write(f"blip2: error: {message}", file=sys.stderr)
+
+        for start in range(0, len(paths), args.batch_size):
+            chunk = paths[start : start + args.batch_size]
+            read, images = _read_images(chunk, report)
+            failed += len(chunk) - len(read)
+            if images:
+                if model is None:
+                    model = _load(args)
+                texts = model.caption(images, prompt=args.prompt, **_gen_kwargs(args))
+                for path, text in zip(read, texts, strict=True):
+                    if args.json:
+                        line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
+                    elif len(paths) == 1:
+                        line = text.strip()
+                    else:
+                        line = f"{path}\t{text.strip()}"
+                    bar.write(line, file=sys.stdout)
+                    sys.stdout.flush()
+                if args.heatmap:  # (one image)
+                    _write_heatmap(model, images[0], texts[0], args)
+                del images  # the next batch is read only after this one is let go
+            bar.update(len(chunk))
+    if failed:
+        _error(f"{failed} of {len(paths)} images could not be read")
+        return 1
+    return 0
+
+
+def _read_images(paths: Sequence[str], report) -> tuple[list[str], list[Image.Image]]:
+    """The readable ``paths`` and their decoded images; each unreadable one passed to ``report(message)``."""
     from .errors import ImageError
     from .images import load_image
 
-    if args.batch_size < 1:
-        raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
-    # Read every image first: the bad ones are reported, the good ones still captioned.
-    good, failed = [], 0
-    for path in args.images:
+    read, images = [], []
+    for path in paths:
         try:
-            good.append((path, load_image(path)))
+            images.append(load_image(path))
+            read.append(path)
         except ImageError as e:
-            _error(str(e))
-            failed += 1
-    if not good:
-        return 1
-    model = _load(args)
-    gen = _gen_kwargs(args)
-    with tqdm(total=len(good), unit="image", file=sys.stderr, disable=len(good) <= args.batch_size) as bar:
-        for i in range(0, len(good), args.batch_size):
-            chunk = good[i : i + args.batch_size]
-            texts = model.caption([img for _, img in chunk], prompt=args.prompt, **gen)
-            for (path, _), text in zip(chunk, texts, strict=True):
-                if args.json:
-                    line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
-                elif len(args.images) == 1:
-                    line = text.strip()
-                else:
-                    line = f"{path}\t{text.strip()}"
-                bar.write(line, file=sys.stdout)
-                sys.stdout.flush()
-            bar.update(len(chunk))
-    if failed:
-        _error(f"{failed} of {len(args.images)} images could not be read")
-        return 1
-    return 0
+            report(str(e))
+    return read, images
+
+
+def _write_heatmap(model, image, caption: str, args: argparse.Namespace) -> None:
+    """Where the model looked for ``caption``, drawn over the image (at least 256 px) as ``--heatmap``."""
+    from .attention_map import attention_map, overlay
+
+    found = attention_map(model, image, caption, prompt=args.prompt or "", method=args.heatmap_method)
+    overlay(image, found.grid, min_side=256).save(args.heatmap)
+    print(f"blip2: {args.heatmap}: where it looked ({found.method})", file=sys.stderr)
 
 
 def raise_input(message: str):
@@ -216,6 +255,20 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help='one JSON line per image: {"image": ..., "text": ...}')
+    p.set_defaults(func=_caption)
+
+    p.add_argument(
+        "--heatmap",
+        metavar="PNG",
+        default=None,
+        help="also draw where the model looked over the image (one image) into this file",
+    )
+    p.add_argument(
+        "--heatmap-method",
+        choices=["auto", "attention", "gradcam"],
+        default="auto",
+        help="Q-Former cross-attention (auto for generation models) or Grad-CAM of the caption",
+    )
     p.set_defaults(func=_caption)
 
     p = subparsers.add_parser("ask", parents=[common, gen], help="answer questions about an image")

@@ -2,13 +2,20 @@
 
 Folder layout (``INDEX/``)::
 
-    meta.json         format, model, kind ("itc" | "qformer"), num_queries, dim, image root, ann state
+    meta.json         format, model, kind ("itc" | "qformer"), num_queries, dim, image root, ann state,
+                      generation (which set of the files below is current)
     manifest.jsonl    one JSON line per event: {"path", "mtime_ns", "size", "row"} or {"path", "removed": true};
                       the last line of a path wins, so re-indexing only appends
     embeddings.f16    (rows, Q, E) float16, row-major, appended batch by batch; read as a memory map
     summary.f16       (rows, E) float16: each row's normalised mean query vector, appended with it
     ann.faiss         optional (``--ann faiss``): FAISS IVF-PQ over every query vector (id = row),
                       covering rows [0, ann.rows)
+    lock              held (flock) by the one process writing the index (:func:`blip2.locking.folder_lock`)
+
+Rows of removed or changed files stay in the files until :meth:`Index.compact` rewrites the live rows
+into a new *generation* of them (``embeddings.3.f16``, ``summary.3.f16``, ``manifest.3.jsonl``; generation
+0 keeps the plain names above, so folders written before compaction existed read as they are). The
+switch is the atomic replacement of ``meta.json``: a crash at any moment leaves one whole generation.
 
 Search scores an image by the max over its queries (and over the query's vectors, for an image query)
 of the cosine similarity, exactly as ITC does. Small indexes (< :data:`ANN_MIN_ROWS`) are scanned exactly
@@ -26,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +43,30 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .locking import FolderBusyError, folder_lock
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: generations of data files (format 1, generation 0 only, is read as well)
+READABLE_FORMATS = (1, 2)
 META, MANIFEST, EMBEDDINGS, ANN = "meta.json", "manifest.jsonl", "embeddings.f16", "ann.faiss"
 SUMMARY = "summary.f16"
+LOCK = "lock"
+# Data files of any generation (and their temporaries): generation 0 has no number.
+DATA_FILE = re.compile(r"(embeddings|summary|manifest|ann)(?:\.(\d+))?\.(f16|jsonl|faiss)(\.tmp)?")
+# An index is compacted when at least this fraction of its rows is dead, or whenever it is this small.
+COMPACT_DEAD_FRACTION = 0.25
+COMPACT_ALWAYS_BYTES = 256 << 20
 # Below this many images an exact scan of the memory map is fast (~50 ms per 10k rows): no candidate stage.
 ANN_MIN_ROWS = 20_000
 # Candidate rows re-scored exactly by the summary search (32 MB of random reads at 16 KiB per row).
 CANDIDATES = 2000
+
+
+def write_lock(folder: str | os.PathLike):
+    """Context manager holding ``folder``'s write lock (see :func:`blip2.locking.folder_lock`): one
+    `blip2 index` at a time; another fails at once with :class:`~blip2.locking.FolderBusyError`."""
+    return folder_lock(folder, what="index", holder="another `blip2 index`", name=LOCK)
 
 
 def have_faiss() -> bool:
@@ -90,13 +112,12 @@ class Index:
         }
         index = cls(folder, meta)
         index.save_meta()
-        (folder / MANIFEST).touch()
-        (folder / EMBEDDINGS).touch()
-        (folder / SUMMARY).touch()
+        for name in (MANIFEST, EMBEDDINGS, SUMMARY):
+            index.file(name).touch()
         return index
 
     @classmethod
-    def open(cls, folder: str | os.PathLike) -> Index:
+    def open(cls, folder: str | os.PathLike, *, retry: bool = True) -> Index:
         folder = Path(folder)
         if not (folder / META).is_file():
             raise InputError(f"{folder}: not a blip2 index (no {META}); build one with `blip2 index`")
@@ -104,17 +125,47 @@ class Index:
             meta = json.loads((folder / META).read_text())
         except (OSError, ValueError) as e:
             raise InputError(f"{folder / META}: unreadable ({e})") from None
-        if meta.get("format") != FORMAT:
-            raise InputError(f"{folder}: index format {meta.get('format')!r}, this blip2 reads {FORMAT}")
+        if meta.get("format") not in READABLE_FORMATS:
+            raise InputError(
+                f"{folder}: index format {meta.get('format')!r}, this blip2 reads {READABLE_FORMATS}; "
+                "rebuild it with `blip2 index`"
+            )
         index = cls(folder, meta)
-        index._read_manifest()
+        try:
+            index._read_manifest()
+        except FileNotFoundError:
+            if retry:  # compacted (and the old generation swept) between reading meta and manifest
+                return cls.open(folder, retry=False)
+            raise
         return index
+
+    @property
+    def generation(self) -> int:
+        return int(self.meta.get("generation", 0))
+
+    def file(self, name: str, generation: int | None = None) -> Path:
+        """Path of data file ``name`` (e.g. :data:`EMBEDDINGS`) in the current (or given) generation."""
+        gen = self.generation if generation is None else generation
+        if gen == 0:
+            return self.folder / name
+        stem, ext = name.split(".", 1)
+        return self.folder / f"{stem}.{gen}.{ext}"
+
+    def refresh(self) -> None:
+        """Re-open if another process compacted the index since this object read it (a new generation)."""
+        try:
+            gen = int(json.loads((self.folder / META).read_text()).get("generation", 0))
+        except (OSError, ValueError):
+            return
+        if gen != self.generation:
+            fresh = Index.open(self.folder)
+            self.meta, self.records, self._rows, self._ann = fresh.meta, fresh.records, None, None
 
     def _read_manifest(self) -> None:
         """Replay the manifest; rows beyond what the embeddings file holds (a crash mid-write) are dropped."""
         stored = self.stored_rows()
         self.records, self._rows = {}, None
-        with open(self.folder / MANIFEST, encoding="utf-8") as f:
+        with open(self.file(MANIFEST), encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     continue
@@ -129,7 +180,9 @@ class Index:
 
     def save_meta(self) -> None:
         tmp = self.folder / (META + ".tmp")
-        tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.meta, indent=2) + "\n")
+            _sync(f)
         tmp.replace(self.folder / META)
 
     # ---- sizes and storage --------------------------------------------------------------------------
@@ -144,7 +197,7 @@ class Index:
         return q * e * 2
 
     def stored_rows(self) -> int:
-        return (self.folder / EMBEDDINGS).stat().st_size // self.row_bytes
+        return self.file(EMBEDDINGS).stat().st_size // self.row_bytes
 
     def __len__(self) -> int:
         """Live images (removed and replaced files excluded)."""
@@ -155,10 +208,10 @@ class Index:
         rows = self.stored_rows()
         if rows == 0:
             return np.zeros((0, *self.row_shape), np.float16)
-        return np.memmap(self.folder / EMBEDDINGS, np.float16, "c", shape=(rows, *self.row_shape))
+        return np.memmap(self.file(EMBEDDINGS), np.float16, "c", shape=(rows, *self.row_shape))
 
     def summary_rows(self) -> int:
-        f = self.folder / SUMMARY
+        f = self.file(SUMMARY)
         return f.stat().st_size // (self.row_shape[1] * 2) if f.exists() else 0
 
     def summary(self) -> np.ndarray:
@@ -166,13 +219,13 @@ class Index:
         rows, e = self.summary_rows(), self.row_shape[1]
         if rows == 0:
             return np.zeros((0, e), np.float16)
-        return np.memmap(self.folder / SUMMARY, np.float16, "c", shape=(rows, e))
+        return np.memmap(self.file(SUMMARY), np.float16, "c", shape=(rows, e))
 
     def sync_summary(self, chunk_rows: int = 16_384) -> None:
         """Make ``summary.f16`` cover exactly the stored embedding rows: cut rows past them (a crash between
         the two writes), compute missing ones from the embeddings (an index built before summaries)."""
         rows, have = self.stored_rows(), self.summary_rows()
-        f = self.folder / SUMMARY
+        f = self.file(SUMMARY)
         if have > rows or (f.exists() and f.stat().st_size != have * self.row_shape[1] * 2):
             os.truncate(f, min(have, rows) * self.row_shape[1] * 2)
             have = min(have, rows)
@@ -183,8 +236,7 @@ class Index:
         with open(f, "ab") as out:
             for start in range(have, rows, chunk_rows):
                 out.write(_summarise(np.asarray(emb[start : start + chunk_rows])).tobytes())
-            out.flush()
-            os.fsync(out.fileno())
+            _sync(out)
 
     def _row_cache(self) -> tuple[np.ndarray, dict[int, str]]:
         if self._rows is None or self._rows[0].shape[0] != self.stored_rows():
@@ -203,7 +255,7 @@ class Index:
     def truncate_to_manifest(self) -> None:
         """Drop embedding rows no manifest line points to (written before a crash): resume appends after."""
         rows = max((rec["row"] for rec in self.records.values()), default=-1) + 1
-        with open(self.folder / MANIFEST, encoding="utf-8") as f:
+        with open(self.file(MANIFEST), encoding="utf-8") as f:
             for line in f:
                 try:
                     rec = json.loads(line)
@@ -212,7 +264,7 @@ class Index:
                 if "row" in rec:
                     rows = max(rows, rec["row"] + 1)
         rows = min(rows, self.stored_rows())
-        os.truncate(self.folder / EMBEDDINGS, rows * self.row_bytes)
+        os.truncate(self.file(EMBEDDINGS), rows * self.row_bytes)
         self._rows = None
         self.sync_summary()
 
@@ -225,12 +277,11 @@ class Index:
         self.sync_summary()
         start = self.stored_rows()
         for name, data in ((EMBEDDINGS, embeds), (SUMMARY, _summarise(embeds))):
-            with open(self.folder / name, "ab") as f:
+            with open(self.file(name), "ab") as f:
                 f.write(data.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
+                _sync(f)
         self._rows = None
-        with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
+        with open(self.file(MANIFEST), "a", encoding="utf-8") as f:
             for i, rec in enumerate(records):
                 rec = {**rec, "row": start + i}
                 self.records[rec["path"]] = rec
@@ -238,10 +289,65 @@ class Index:
 
     def remove(self, paths: list[str]) -> None:
         self._rows = None
-        with open(self.folder / MANIFEST, "a", encoding="utf-8") as f:
+        with open(self.file(MANIFEST), "a", encoding="utf-8") as f:
             for path in paths:
                 self.records.pop(path, None)
                 f.write(json.dumps({"path": path, "removed": True}) + "\n")
+
+    # ---- reclaiming the rows of removed and changed files ---------------------------------------------
+
+    def dead_rows(self) -> int:
+        """Stored rows no live file points to (removed files, old versions of changed ones)."""
+        return self.stored_rows() - len(self.records)
+
+    def wants_compaction(self) -> bool:
+        """Whether :meth:`compact` is worth its copy: a quarter of the rows dead, or any in a small index
+        (so storage stays within 4/3 of the live rows, and the copying is paid for by the rows it frees)."""
+        dead = self.dead_rows()
+        small = self.stored_rows() * self.row_bytes <= COMPACT_ALWAYS_BYTES
+        return dead > 0 and (small or dead >= COMPACT_DEAD_FRACTION * self.stored_rows())
+
+    def compact(self, chunk_rows: int = 4096) -> int:
+        """Rewrite the live rows, in their order, into a new generation of the data files and switch to
+        it; returns how many rows were dropped. Call it holding the write lock.
+
+        The new files are complete and synced before ``meta.json`` names them, and the old ones are
+        deleted only after, so a crash leaves either generation whole. Row numbers change, so a FAISS
+        index is not carried over: the next :meth:`update_ann` rebuilds it.
+        """
+        self.sync_summary()
+        live = sorted(self.records.values(), key=lambda rec: rec["row"])
+        old_rows = np.array([rec["row"] for rec in live], dtype=np.int64)
+        dropped = self.stored_rows() - len(live)
+        gen = self.generation + 1
+        summary = self.summary()
+        with open(self.file(EMBEDDINGS, gen), "wb") as emb, open(self.file(SUMMARY, gen), "wb") as summ:
+            for start in range(0, len(old_rows), chunk_rows):
+                part = old_rows[start : start + chunk_rows]
+                emb.write(self._read_rows(part).tobytes())
+                summ.write(np.asarray(summary[part]).tobytes())
+            _sync(emb)
+            _sync(summ)
+        records = {rec["path"]: {**rec, "row": i} for i, rec in enumerate(live)}
+        with open(self.file(MANIFEST, gen), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(rec) + "\n" for rec in records.values())
+            _sync(f)
+        ann = self.meta.get("ann") or {}
+        self.meta = {**self.meta, "format": FORMAT, "generation": gen}
+        if ann.get("type") == "faiss":
+            self.meta["ann"] = {**ann, "rows": 0}
+        self.save_meta()  # the switch
+        self.records, self._rows, self._ann = records, None, None
+        self.sweep()
+        return dropped
+
+    def sweep(self) -> None:
+        """Delete data files of other generations (the old one after a compaction, or a new one left
+        half-written by a crash) and temporaries a crash left. Call it holding the write lock."""
+        for f in self.folder.iterdir():
+            m = DATA_FILE.fullmatch(f.name)
+            if m and (m.group(4) or int(m.group(2) or 0) != self.generation):
+                f.unlink(missing_ok=True)
 
     # ---- candidate stage ----------------------------------------------------------------------------
 
@@ -257,36 +363,44 @@ class Index:
             raise InputError(f"ann mode must be auto, faiss or exact, not {mode!r}")
         self.sync_summary(chunk_rows)
         rows = self.stored_rows()
-        ann_file = self.folder / ANN
+        ann_file = self.file(ANN)
         state = self.meta.get("ann") or {}
+        unassisted = "summary" if rows >= ANN_MIN_ROWS else "exact"
         if mode == "exact":
             ann_file.unlink(missing_ok=True)
             self._ann = None
             self.meta["ann"] = {"type": "exact"}
             self.save_meta()
             return "exact"
-        if mode == "auto" and not (state.get("type") == "faiss" and ann_file.exists() and have_faiss()):
+        if mode == "auto" and state.get("type") != "faiss":
             if state:
                 self.meta["ann"] = None
                 self.save_meta()
-            return "summary" if rows >= ANN_MIN_ROWS else "exact"
+            return unassisted
         if not have_faiss():
+            if mode == "auto":  # built with FAISS elsewhere: keep it for when FAISS is back
+                log.warning("%s: FAISS is not installed; searching without it", self.folder)
+                return unassisted
             raise InputError("FAISS is not installed: pip install 'blip2[index]' (or faiss-cpu)")
         import faiss
 
         q, e = self.row_shape
+        self._ann = None
+        if rows == 0:  # nothing to train on yet: the first run that adds images builds it
+            ann_file.unlink(missing_ok=True)
+            self.meta["ann"] = {"type": "faiss", "factory": None, "rows": 0}
+            self.save_meta()
+            return unassisted
         emb = self.embeddings()
-        if state.get("type") == "faiss" and ann_file.exists():
-            ann, factory = faiss.read_index(str(ann_file)), state["factory"]
-            done = int(state["rows"])
-        else:
-            ann, factory = _new_ann(faiss, emb, rows * q, e)
-            done = 0
+        factory = _ann_factory(rows * q, e)
+        if state.get("factory") == factory and ann_file.exists():
+            ann, done = faiss.read_index(str(ann_file)), int(state["rows"])
+        else:  # new, compacted (row numbers changed), or grown past what its lists were sized for
+            ann, done = _new_ann(faiss, emb, factory), 0
         for start in range(done, rows, chunk_rows):
             block = torch.from_numpy(np.asarray(emb[start : start + chunk_rows])).float().numpy()  # (c, Q, E)
             ids = np.repeat(np.arange(start, start + block.shape[0], dtype=np.int64), q)
             ann.add_with_ids(block.reshape(-1, e), ids)
-        self._ann = None
         faiss.write_index(ann, str(ann_file) + ".tmp")
         os.replace(str(ann_file) + ".tmp", ann_file)
         self.meta["ann"] = {"type": "faiss", "factory": factory, "rows": rows}
@@ -300,7 +414,7 @@ class Index:
             return np.asarray(self.embeddings()[rows])
         out = np.empty((len(rows), *self.row_shape), np.float16)
         buf = out.reshape(len(rows), -1).view(np.uint8)  # (c, row bytes)
-        fd = os.open(self.folder / EMBEDDINGS, os.O_RDONLY)
+        fd = os.open(self.file(EMBEDDINGS), os.O_RDONLY)
 
         def read(part: np.ndarray) -> None:
             for i in part:
@@ -316,12 +430,17 @@ class Index:
     def _summary_candidates(self, q: torch.Tensor, k: int, live: np.ndarray,
                             chunk_rows: int = 65_536) -> np.ndarray | None:  # fmt: skip
         """Sorted rows of the ``k`` live images whose summary best matches the (M, E) query's mean vector;
-        None when the summary cannot be brought up to date (a read-only index folder)."""
-        try:
-            self.sync_summary()
-        except OSError as e:
-            log.warning("%s: cannot update %s (%s); scanning exactly", self.folder, SUMMARY, e)
-            return None
+        None when the summary cannot be brought up to date (a read-only index folder, or one a `blip2 index`
+        is writing: it brings the summary up to date itself)."""
+        if self.summary_rows() < live.shape[0]:
+            try:
+                with write_lock(self.folder):
+                    self.sync_summary()
+            except FolderBusyError:
+                return None
+            except OSError as e:
+                log.warning("%s: cannot update %s (%s); scanning exactly", self.folder, SUMMARY, e)
+                return None
         summ = self.summary()[: live.shape[0]]  # a concurrent `blip2 index` may have written more rows
         if summ.shape[0] < live.shape[0]:
             return None
@@ -352,6 +471,7 @@ class Index:
             raise InputError(
                 f"query vectors of shape {tuple(q.shape)} do not fit this index (dim {self.row_shape[1]})"
             )
+        self.refresh()
         emb = self.embeddings()
         live = self.live_rows()
         rows = emb.shape[0]
@@ -360,17 +480,17 @@ class Index:
         state = self.meta.get("ann") or {}
         covered = 0
         cand: list[np.ndarray] = []
-        if state.get("type") == "faiss" and (self.folder / ANN).exists() and have_faiss():
+        if state.get("type") == "faiss" and state.get("rows") and self.file(ANN).exists() and have_faiss():
             import faiss
 
             if self._ann is None:
-                self._ann = faiss.read_index(str(self.folder / ANN))
+                self._ann = faiss.read_index(str(self.file(ANN)))
             ann = self._ann
             faiss.extract_index_ivf(ann).nprobe = nprobe
             covered = min(int(state["rows"]), rows)
             k = candidates or max(256, 32 * top)
             _, ids = ann.search(q.numpy(), min(k, ann.ntotal))
-            found = np.unique(ids[ids >= 0])
+            found = np.unique(ids[(ids >= 0) & (ids < rows)])
             cand.append(found[live[found]])
         elif state.get("type") != "exact" and rows >= exact_below and live.sum() > (candidates or CANDIDATES):
             found = self._summary_candidates(q, max(top, candidates or CANDIDATES), live)
@@ -413,24 +533,33 @@ def _summarise(embeds: np.ndarray) -> np.ndarray:
     return torch.nn.functional.normalize(mean, dim=-1).half().numpy()
 
 
-def _factory(n_vectors: int) -> str:
-    """Inverted lists of ~4k-30k vectors each (k-means needs ~39 points per list); PQ codes of 8-dim
-    sub-vectors (32 B per 256-d vector) once there are enough vectors to train them, else raw vectors."""
+def _ann_factory(n_vectors: int, dim: int) -> str:
+    """FAISS factory string for ``n_vectors`` of width ``dim``: inverted lists of ~4k-30k vectors each
+    (k-means needs ~39 points per list); PQ codes of 8-dim sub-vectors (32 B per 256-d vector) once there
+    are enough vectors to train them, else raw vectors. An index whose factory no longer matches its
+    size is rebuilt (each time the vector count about quadruples: amortised, a constant per vector)."""
     nlist = int(min(4096, max(1, 2 ** round(np.log2(max(n_vectors, 1) ** 0.5 / 4)))))
     nlist = max(1, min(nlist, n_vectors // 39))
-    return f"IVF{nlist},PQ{{m}}" if n_vectors >= 65_536 else f"IVF{nlist},Flat"
-
-
-def _new_ann(faiss, emb: np.ndarray, n_vectors: int, dim: int):
-    """An untrained-then-trained IVF-PQ (inner product) from a sample of the stored query vectors."""
     m = next(m for m in (dim // 8, dim // 4, dim // 2, dim) if dim % m == 0)
-    factory = _factory(n_vectors).format(m=m)
+    return f"IVF{nlist},PQ{m}" if n_vectors >= 65_536 else f"IVF{nlist},Flat"
+
+
+def _new_ann(faiss, emb: np.ndarray, factory: str):
+    """An IVF index (inner product) built from ``factory``, trained on a sample of the stored vectors."""
+    dim = emb.shape[2]
     ann = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     nlist = faiss.extract_index_ivf(ann).nlist
+    n_vectors = emb.shape[0] * emb.shape[1]
     want = min(n_vectors, max(nlist * 40, 10_000), 262_144)
     rng = np.random.default_rng(0)
     q = emb.shape[1]
     rows = np.sort(rng.choice(emb.shape[0], size=min(emb.shape[0], -(-want // q)), replace=False))
     sample = np.asarray(emb[rows], dtype=np.float32).reshape(-1, dim)
     ann.train(sample)
-    return ann, factory
+    return ann
+
+
+def _sync(f) -> None:
+    """Flush a file written in Python to the disk."""
+    f.flush()
+    os.fsync(f.fileno())
