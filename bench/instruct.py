@@ -35,14 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-from run import QUESTIONS, Ours, Reference, measure, peak_rss_mb, save_results, spawn
+from run import QUESTIONS, WEIGHT_BYTES, Ours, Reference, measure, peak_rss_mb, save_results, spawn
 
 CAPTION_PROMPT = "A short image description:"  # what blip2's caption() gives an InstructBLIP
 TASKS = ("caption", "decode", "ask")
 QUANTIZE = {"blip2": None, "blip2-int8": "int8", "blip2-int4": "int4"}
 LIBS = ("reference", *QUANTIZE)
 BUSY_CORES = 0.1  # other work beyond this, on average, and a timing is not taken as clean
-WEIGHT_BYTES = {"blip2-int8": 1.0, "blip2-int4": 0.5}  # language-model bytes per weight (scales left out)
 
 
 class InstructReference(Reference):
