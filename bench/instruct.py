@@ -2,7 +2,7 @@
 
     python bench/instruct.py      # instructblip-vicuna-1b (built if absent): reference, blip2, -int8, -int4
     python bench/make_checkpoint.py --shape instructblip-vicuna-7b
-    python bench/instruct.py --shape instructblip-vicuna-7b --libs blip2-int4 --batch 1
+    python bench/instruct.py --shape instructblip-vicuna-7b --libs blip2-int8,blip2-int4
 
 ``instructblip-vicuna-1b`` is the released instructblip-vicuna-7b (ViT-g, the instruction-aware BERT-base
 Q-Former) with 4 of Vicuna-7B's 32 decoder layers (1.07 B language-model parameters); ``-7b`` has all 32.
@@ -20,7 +20,10 @@ n/a). Tasks:
 
 blip2's image, prefix and prefill caches are cleared before every timed call. One warm-up call, then the
 best of ``--repeat``. Load time: the smallest of a library's task processes (page cache warm after the
-first). Texts are compared with the reference's. Results: a table on stdout and JSON in bench/results/.
+first). Texts are compared with the reference's. The machine may be shared: each process waits for it to
+be idle (``--wait-idle``), records the cores other processes used while it timed (``others_cpu``), and
+is run again (``--retries``) when that exceeds ``BUSY_CORES``. Results: a table on stdout and JSON in
+bench/results/.
 """
 
 from __future__ import annotations
@@ -32,13 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-from run import QUESTIONS, ROOT, Ours, Reference, measure, peak_rss_mb, spawn
+from run import QUESTIONS, WEIGHT_BYTES, Ours, Reference, measure, peak_rss_mb, save_results, spawn
 
 CAPTION_PROMPT = "A short image description:"  # what blip2's caption() gives an InstructBLIP
 TASKS = ("caption", "decode", "ask")
 QUANTIZE = {"blip2": None, "blip2-int8": "int8", "blip2-int4": "int4"}
 LIBS = ("reference", *QUANTIZE)
-WEIGHT_BYTES = {"blip2-int8": 1.0, "blip2-int4": 0.5}  # language-model bytes per weight (scales left out)
+BUSY_CORES = 0.1  # other work beyond this, on average, and a timing is not taken as clean
 
 
 class InstructReference(Reference):
@@ -78,7 +81,7 @@ class OthersCpu:
         self.cores = max(0.0, others) / (time.perf_counter() - self.wall)
 
 
-def wait_until_idle(max_wait: float, busy_cores: float = 0.3) -> float:
+def wait_until_idle(max_wait: float, busy_cores: float = BUSY_CORES) -> float:
     """Wait (at most ``max_wait`` s) for a second in which the machine's other work uses < ``busy_cores``;
     return the cores in use when it stopped waiting."""
     deadline = time.monotonic() + max_wait
@@ -194,11 +197,32 @@ def table(results: dict, args, gb_fp32: float) -> str:
             notes.append(
                 f"texts == reference in {len(same)}/{len(compared)} tasks ({', '.join(same) or 'none'})"
             )
-        out.append(f"- {lib}: " + "; ".join(notes))
+        if notes:
+            out.append(f"- {lib}: " + "; ".join(notes))
     for lib in libs:
         if not unavailable(lib) and "caption" in results[lib]:
             out.append(f"- {lib} caption[0]: {results[lib]['caption']['texts'][0]!r}")
     return "\n".join(out)  # fmt: skip
+
+
+def run_undisturbed(lib: str, task: str, args) -> dict:
+    """One (library, task) process, started once the machine is idle; a run that other work disturbed
+    (more than ``BUSY_CORES`` on average) is done again, ``--retries`` times at most: the least
+    disturbed is kept."""
+    best = None
+    for attempt in range(1 + args.retries):
+        if args.wait_idle > 0 and (busy := wait_until_idle(args.wait_idle)) >= BUSY_CORES:
+            print(f"the machine stayed busy ({busy:.1f} cores of other work): going on", flush=True)
+        r = spawn(lib, task, args, script=__file__)
+        if "unavailable" in r:
+            return r
+        r["attempts"] = attempt + 1
+        if best is None or r["others_cpu"] < best["others_cpu"]:
+            best = r
+        if r["others_cpu"] < BUSY_CORES:
+            break
+        print(f"{lib} {task}: other work took {r['others_cpu']:.2f} cores ({r['seconds']:.2f} s)", flush=True)
+    return best
 
 
 def main() -> None:
@@ -217,8 +241,9 @@ def main() -> None:
         "--wait-idle",
         type=float,
         default=300,
-        help="seconds to wait, before each process, for the machine's other work to drop under 0.3 cores",
+        help="seconds to wait, before each process, for other work on the machine to drop under 0.1 cores",
     )
+    ap.add_argument("--retries", type=int, default=2, help="re-runs of a process that other work disturbed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--lib", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
@@ -247,9 +272,7 @@ def main() -> None:
             if any("unavailable" in r for r in results.get(lib, {}).values()):
                 results[lib][task] = dict(next(iter(results[lib].values())), task=task)
                 continue
-            if args.wait_idle > 0 and (busy := wait_until_idle(args.wait_idle)) >= 0.3:
-                print(f"the machine stayed busy ({busy:.1f} cores of other work): going on", flush=True)
-            r = spawn(lib, task, args, script=__file__)
+            r = run_undisturbed(lib, task, args)
             results.setdefault(lib, {})[task] = r
             if "unavailable" in r:
                 print(f"{lib:>11} {task:<8} n/a: {r['unavailable']}", flush=True)
@@ -264,10 +287,7 @@ def main() -> None:
         f"load average {load_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     print(f"\n{head}\n\n{text}")
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    path = out / f"{args.ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"command": cmd, "head": head, "results": results, "table": text}, indent=2))
+    path = save_results(args.ckpt.name, {"command": cmd, "head": head, "results": results, "table": text})
     print(f"\nwrote {path}")
 
 

@@ -364,11 +364,17 @@ def main() -> None:
     print(f"\n`{cmd}` — {args.ckpt.name}, {args.threads} threads, load average at end {load[0]:.1f}, "
           f"{time.perf_counter() - t0:.0f} s\n")  # fmt: skip
     print(table)
+    path = save_results(args.ckpt.name, {"command": cmd, "work": work, "results": results, "table": table})
+    print(f"\nwrote {path}")
+
+
+def save_results(name: str, data: dict) -> Path:
+    """Write ``data`` as bench/results/<name>-<date>-<time>.json."""
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"{args.ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"command": cmd, "work": work, "results": results, "table": table}, indent=2))
-    print(f"\nwrote {path}")
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
 
 
 if __name__ == "__main__":
