@@ -64,12 +64,18 @@ def quantize_model_(
 ) -> int:
     """Replace, in place, the linear layers of a BLIP-2 model by int8 / int4 ones (see :func:`plan`).
 
-    Returns the number of layers replaced. Meant to run right after loading, on CPU; each float weight's
-    file pages are given back as soon as its packed copy exists. ``progress``: a bar on stderr (None:
+    Returns the number of layers replaced. Meant to run right after loading, on CPU; the float weights'
+    file pages are given back as they are packed. ``progress``: a bar on stderr (None:
     when stderr is a terminal).
     """
     layers = plan(model, method)
     mappings = memory.file_mappings()
+
+    def done(chunk: torch.Tensor) -> None:
+        # each chunk's file pages are given back as soon as it is packed (a tied head reads the whole
+        # token embedding; lookups later touch only a few rows)
+        memory.release(chunk, mappings)
+
     bar = tqdm(
         layers.items(),
         f"quantizing ({method})",
@@ -81,14 +87,11 @@ def quantize_model_(
         if linear.weight.device.type != "cpu":
             raise ValueError("low-bit quantization is for CPU inference; load with device='cpu'")
         if bits == "int4":
-            layer = Int4Linear.from_linear(linear, group_size)
+            layer = Int4Linear.from_linear(linear, group_size, done=done)
         else:
-            layer = Int8Linear.from_linear(linear)
+            layer = Int8Linear.from_linear(linear, done=done)
         replace(model, name, layer)
-        memory.release(linear.weight, mappings)
         memory.trim_heap()  # freed temporaries would otherwise pile up in the heap, layer after layer
-    if getattr(model, "language_model", None) is not None:
-        memory.release_tied(model.language_model, mappings)
     memory.trim_heap()
     log.info("%s: replaced %d linear layers", method, len(layers))
     return len(layers)
