@@ -470,48 +470,44 @@ static void run_tiles(const Activations *a, const Layer *p, long rows, TileFn wi
     }
 }
 
-/* y (rows, out_features) = x (rows, in_features) W^T + bias. kind: KIND_AVX2 or KIND_AVX512.
- * Returns 0, or -1 for sizes the layout does not allow, -2 when memory runs out. */
-int blip2_int8_linear(int kind, const float *x, long rows, long in_features, long padded, const int8_t *w,
-                      const float *wscale, const float *bias, long out_features, float *y, int threads)
+/* A layer as the caller describes it once (blip2.quantize.kernels.NativeLayer mirrors it). */
+typedef struct {
+    int kind;                 /* KIND_AVX2 or KIND_AVX512 */
+    int bits;                 /* 8 or 4 */
+    long in_features, padded, group, out_features;
+    const void *w;            /* packed blocks */
+    const float *wscale;      /* int8: (out_features,) */
+    const uint16_t *scales;   /* int4: (blocks, groups, 16) float16 */
+    const uint16_t *mins;
+    const float *bias;        /* (out_features,) or NULL */
+} Blip2LowbitLayer;
+
+/* y (rows, out_features) = x (rows, in_features) W^T + bias. Returns 0, or -1 for sizes the layout does
+ * not allow, -2 when memory runs out. */
+int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, float *y, int threads)
 {
-    if (rows < 0 || in_features <= 0 || padded < in_features || padded % INT8_BLOCK || out_features <= 0)
+    int int4 = l->bits == 4;
+    long block = int4 ? l->group : INT8_BLOCK;
+    if (rows < 0 || l->in_features <= 0 || l->out_features <= 0 || l->padded < l->in_features || block <= 0 ||
+        block % INT4_CHUNK || l->padded % block || (l->bits != 4 && l->bits != 8) ||
+        (l->kind != KIND_AVX2 && l->kind != KIND_AVX512))
         return -1;
     if (rows == 0)
         return 0;
     Activations a = {0};
-    if (quantize_activations(x, rows, in_features, padded, INT8_BLOCK, &a, threads)) {
+    if (quantize_activations(x, rows, l->in_features, l->padded, block, &a, threads)) {
         free_activations(&a);
         return -2;
     }
-    Layer p = {w, wscale, NULL, NULL, bias, out_features, 0, y};
-    if (kind == KIND_AVX512)
+    Layer p = {l->w, l->wscale, l->scales, l->mins, l->bias, l->out_features, l->group, y};
+    if (l->kind == KIND_AVX512 && int4)
+        run_tiles(&a, &p, rows, int4_avx512_4x4, 4, 4, int4_avx512_1x4, threads);
+    else if (l->kind == KIND_AVX512)
         run_tiles(&a, &p, rows, int8_avx512_4x4, 4, 4, int8_avx512_1x4, threads);
+    else if (int4)
+        run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
     else
         run_tiles(&a, &p, rows, int8_avx2_2x1, 2, 1, int8_avx2_1x1, threads);
-    free_activations(&a);
-    return 0;
-}
-
-int blip2_int4_linear(int kind, const float *x, long rows, long in_features, long padded, long group,
-                      const uint8_t *w, const uint16_t *scales, const uint16_t *mins, const float *bias,
-                      long out_features, float *y, int threads)
-{
-    if (rows < 0 || in_features <= 0 || group <= 0 || group % INT4_CHUNK || padded < in_features ||
-        padded % group || out_features <= 0)
-        return -1;
-    if (rows == 0)
-        return 0;
-    Activations a = {0};
-    if (quantize_activations(x, rows, in_features, padded, group, &a, threads)) {
-        free_activations(&a);
-        return -2;
-    }
-    Layer p = {w, NULL, scales, mins, bias, out_features, group, y};
-    if (kind == KIND_AVX512)
-        run_tiles(&a, &p, rows, int4_avx512_4x4, 4, 4, int4_avx512_1x4, threads);
-    else
-        run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
     free_activations(&a);
     return 0;
 }

@@ -114,12 +114,14 @@ def pack_int4(
     return kernels.block_int4(q, padded), kernels.block_groups(scales), kernels.block_groups(mins)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(kernels.LowbitLinear):
     """A drop-in ``nn.Linear`` for inference with group-wise int4 weights and float input/output.
 
     ``kernel``: "native" or "dequant" (the PyTorch arithmetic) to force one (tests); by default the
     native kernel where it runs.
     """
+
+    PACKED = ("qweight", "scales", "mins", "bias")
 
     def __init__(
         self,
@@ -162,18 +164,20 @@ class Int4Linear(nn.Module):
             :, : self.in_features
         ]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, shape = x.dtype, x.shape
-        x = x.reshape(-1, self.in_features).float().contiguous()
-        native = self.kernel == "native" or (self.kernel is None and kernels.native_kind() is not None)
-        if native:
-            y = kernels.int4_linear(
-                x, self.qweight, self.scales, self.mins, self.bias, self.in_features, self.out_features,
-                self.group_size, kernels.require_native(),
-            )  # fmt: skip
-        else:
-            y = kernels.int4_reference(x, self.qweight, self.scales, self.mins, self.bias, self.out_features)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+    def _describe(self, kind: int) -> kernels.NativeLayer:
+        return kernels.int4_layer(
+            self.qweight,
+            self.scales,
+            self.mins,
+            self.bias,
+            self.in_features,
+            self.out_features,
+            self.group_size,
+            kind,
+        )
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.int4_reference(x, self.qweight, self.scales, self.mins, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (

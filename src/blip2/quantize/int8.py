@@ -66,11 +66,13 @@ def fbgemm_available() -> bool:
         return False
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(kernels.LowbitLinear):
     """A drop-in ``nn.Linear`` for inference with int8 weights and float input/output.
 
     ``kernel`` forces one of ``INT8_KERNELS`` (tests); by default the first that runs here.
     """
+
+    PACKED = ("qweight", "scale", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str | None = None):
         super().__init__()
@@ -102,25 +104,18 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return kernels.int8_weight(self.qweight, self.scale)[:, : self.in_features]
 
-    def _kernel(self) -> str:
-        if self.kernel is not None:
-            return self.kernel
-        if kernels.native_kind() is not None:
-            return "native"
-        return "fbgemm" if fbgemm_available() else "dequant"
+    def _native_kernel(self) -> bool:
+        if self.kernel is None:
+            return kernels.native_kind() is not None
+        return self.kernel == "native"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, shape = x.dtype, x.shape
-        x = x.reshape(-1, self.in_features).float().contiguous()
-        kernel = self._kernel()
-        if kernel == "native":
-            kind = kernels.require_native()
-            y = kernels.int8_linear(x, self.qweight, self.scale, self.bias, self.in_features, kind)
-        elif kernel == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(x, self._fbgemm_packed(), True)
-        else:
-            y = kernels.int8_reference(x, self.qweight, self.scale, self.bias)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+    def _describe(self, kind: int) -> kernels.NativeLayer:
+        return kernels.int8_layer(self.qweight, self.scale, self.bias, self.in_features, kind)
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "fbgemm" or (self.kernel is None and fbgemm_available()):
+            return torch.ops.quantized.linear_dynamic(x, self._fbgemm_packed(), True)
+        return kernels.int8_reference(x, self.qweight, self.scale, self.bias)
 
     def _fbgemm_packed(self):
         if self._fbgemm is None:
