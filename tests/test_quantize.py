@@ -279,6 +279,6 @@ def test_native_description_follows_replaced_tensors():
         layer(x)  # describes the layer
         layer.bias = layer.bias + 1.0
         torch.testing.assert_close(layer(x), reference(), rtol=1e-5, atol=1e-5)
-        layer.float()  # _apply: new tensors (the same here, but the description is renewed)
-        assert layer.__dict__.get("_native") is None
+        layer.half()  # _apply: packed tensors keep their dtypes, the description is renewed
+        assert layer.__dict__.get("_native") is None and layer.bias.dtype == torch.float32
         torch.testing.assert_close(layer(x), reference(), rtol=1e-5, atol=1e-5)

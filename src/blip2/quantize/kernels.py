@@ -302,8 +302,15 @@ class LowbitLinear(nn.Module):
             self.__dict__["_native"] = None
 
     def _apply(self, fn, recurse: bool = True):
+        # packed tensors keep their dtypes (``model.half()`` must not turn int4 scales or the float32
+        # bias the kernel reads into something else)
+        dtypes = {name: t.dtype for name in self.PACKED if (t := getattr(self, name)) is not None}
+        result = super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
         self.__dict__["_native"] = None
-        return super()._apply(fn, recurse)
+        return result
 
     def _native_kernel(self) -> bool:
         return self.kernel == "native" or (self.kernel is None and native_kind() is not None)
