@@ -94,31 +94,32 @@ def _copy(dst, tmp_path):
     return bad
 
 
-def test_packing_that_does_not_match_the_config_is_refused(saved, tmp_path):
-    _, dst = saved["opt", "int4"]
+def _edited(dst, tmp_path, edit):
+    """A copy of ``dst`` whose config's quantization entry is replaced by ``edit(entry)``."""
     bad = _copy(dst, tmp_path)
     config = json.loads((bad / "config.json").read_text())
-    config["quantization"]["group_size"] = 256
+    config["quantization"] = edit(config["quantization"])
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        blip2.CheckpointError,
-        match=r"model\.safetensors: tensor .* is torch.*; config.json says int4 with group size 256",
-    ):
+    return bad
+
+
+@pytest.mark.parametrize(
+    "file,entry,message",
+    [
+        ("int4", lambda saved: {"group_size": 256}, r"is torch.*; config.json says int4 with group size 256"),
+        ("int8", lambda saved: _entry(saved["opt", "int4"][1]), r"is no part of what config.json says, int4"),
+    ],
+)
+def test_packing_that_does_not_match_the_config_is_refused(saved, tmp_path, file, entry, message):
+    """A group size the file was not packed with; int8 tensors under an int4 entry."""
+    changes = entry(saved)
+    bad = _edited(saved["opt", file][1], tmp_path, lambda old: {**old, **changes})
+    with pytest.raises(blip2.CheckpointError, match=rf"model\.safetensors: tensor '.*' {message}"):
         blip2.load(bad)
 
 
-def test_int8_tensors_under_an_int4_entry_are_refused(saved, tmp_path):
-    _, dst8 = saved["opt", "int8"]
-    _, dst4 = saved["opt", "int4"]
-    bad = _copy(dst8, tmp_path)
-    config = json.loads((bad / "config.json").read_text())
-    config["quantization"] = json.loads((dst4 / "config.json").read_text())["quantization"]
-    (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        blip2.CheckpointError,
-        match=r"model\.safetensors: tensor '.*' is no part of what config.json says, int4",
-    ):
-        blip2.load(bad)
+def _entry(folder):
+    return json.loads((folder / "config.json").read_text())["quantization"]
 
 
 def test_wrong_dtype_of_a_packed_tensor_is_refused(saved, tmp_path):
@@ -134,10 +135,11 @@ def test_wrong_dtype_of_a_packed_tensor_is_refused(saved, tmp_path):
 
 def test_packed_tensors_of_an_unlisted_layer_are_refused(saved, tmp_path):
     _, dst = saved["opt", "int4"]
-    bad = _copy(dst, tmp_path)
-    config = json.loads((bad / "config.json").read_text())
-    config["quantization"]["modules"]["int4"].pop()
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = _edited(
+        dst,
+        tmp_path,
+        lambda entry: {**entry, "modules": {**entry["modules"], "int4": entry["modules"]["int4"][:-1]}},
+    )
     with pytest.raises(blip2.CheckpointError, match="does not list its layer"):
         blip2.load(bad)
 
@@ -156,10 +158,7 @@ def test_packed_tensors_of_an_unlisted_layer_are_refused(saved, tmp_path):
 )
 def test_bad_quantization_entries_are_refused(saved, tmp_path, entry, message):
     _, dst = saved["opt", "int8"]
-    bad = _copy(dst, tmp_path)
-    config = json.loads((bad / "config.json").read_text())
-    config["quantization"] = entry
-    (bad / "config.json").write_text(json.dumps(config))
+    bad = _edited(dst, tmp_path, lambda _: entry)
     with pytest.raises(blip2.CheckpointError, match=message):
         blip2.load(bad)
 

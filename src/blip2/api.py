@@ -383,8 +383,9 @@ def load(
     ``dtype``: float32 (default), bfloat16 or float16 for the vision encoder and the language model;
     the Q-Former and its queries stay float32, as in the reference.
     ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
-    language model; ``"int4"``: the language model's 4-bit with a scale and minimum per ``group_size``
-    inputs (128 by default), the rest int8 (CPU only; see ``blip2.quantize``). A checkpoint written by
+    language model; ``"int4"``: the vision encoder's and the language model's 4-bit with a scale and
+    minimum per ``group_size`` inputs (128 by default), the Q-Former's 8-bit (CPU only; see
+    ``blip2.quantize``). A checkpoint written by
     ``blip2 quantize`` / :meth:`Pipeline.save` loads quantized as it was saved, with nothing to pass.
     ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
     and decode steps' attention through PyTorch's fused kernel, instead of the native kernel and

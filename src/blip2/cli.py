@@ -52,8 +52,9 @@ def model_options() -> argparse.ArgumentParser:
         "--quantize",
         default=None,
         choices=["int8", "int4"],
-        help="int8: weight-only 8-bit vision encoder, Q-Former and language model; int4: the language model "
-        "4-bit, the rest 8-bit (CPU; ~4x / ~6x less memory, faster). Not for a checkpoint `blip2 quantize` wrote",
+        help="int8: weight-only 8-bit vision encoder, Q-Former and language model; int4: the vision encoder "
+        "and language model 4-bit, the Q-Former 8-bit (CPU; ~4x / ~6x less memory, faster). Not for a "
+        "checkpoint `blip2 quantize` wrote",
     )
     p.add_argument(
         "--group-size", type=int, default=None, help="int4: inputs per scale, a multiple of 128 (default 128)"

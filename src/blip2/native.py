@@ -251,13 +251,12 @@ def lowbit_library() -> ctypes.CDLL | None:
         try:
             source = (resources.files("blip2") / "csrc" / LOWBIT_SOURCE).read_bytes()
             library = ctypes.CDLL(str(_build(source, compiler, LOWBIT_FLAGS, "lowbit_linear")))
-            p, n = ctypes.c_void_p, ctypes.c_long
             library.blip2_lowbit_cpu_kinds.argtypes = []
             library.blip2_lowbit_cpu_kinds.restype = ctypes.c_int
-            library.blip2_int8_linear.argtypes = [ctypes.c_int, p, n, n, n, p, p, p, n, p, ctypes.c_int]
-            library.blip2_int8_linear.restype = ctypes.c_int
-            library.blip2_int4_linear.argtypes = [ctypes.c_int, p, n, n, n, n, p, p, p, p, n, p, ctypes.c_int]
-            library.blip2_int4_linear.restype = ctypes.c_int
+            # (layer description, x, rows, y, threads); the description is blip2.quantize.kernels.NativeLayer
+            p = ctypes.c_void_p
+            library.blip2_lowbit_linear.argtypes = [p, p, ctypes.c_long, p, ctypes.c_int]
+            library.blip2_lowbit_linear.restype = ctypes.c_int
             return library
         except subprocess.CalledProcessError as e:
             reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"

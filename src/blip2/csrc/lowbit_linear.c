@@ -171,12 +171,12 @@ AVX512 INLINE void int8_tile_avx512(const Activations *a, const Layer *p, long r
     const long padded = a->padded, vectors = padded / 4, per_block = INT8_BLOCK / 4;
     const int8_t *w = p->w;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 facc[4][2];
+    __m512 facc[4][4];
     for (int r = 0; r < RT; r++)
         for (int j = 0; j < NB; j++)
             facc[r][j] = _mm512_setzero_ps();
     for (long b = 0; b < a->blocks; b++) {
-        __m512i acc[4][2];
+        __m512i acc[4][4];
         for (int r = 0; r < RT; r++) {
             long row = r0 + (r < rt ? r : 0);
             __m512i start = _mm512_set1_epi32(-128 * a->sum[row * a->blocks + b]);
@@ -184,7 +184,7 @@ AVX512 INLINE void int8_tile_avx512(const Activations *a, const Layer *p, long r
                 acc[r][j] = start;
         }
         for (long v = b * per_block; v < (b + 1) * per_block; v++) {
-            __m512i wv[2];
+            __m512i wv[4];
             for (int j = 0; j < NB; j++) {
                 long blk = b0 + (j < nb ? j : 0);
                 wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (blk * vectors + v) * 64), flip);
@@ -223,17 +223,17 @@ AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r
     const long padded = a->padded, vectors = padded / 8, groups = a->blocks, per_group = p->group / 8;
     const uint8_t *w = p->w;
     const __m512i low = _mm512_set1_epi8(0x0F);
-    __m512 facc[4][2];
+    __m512 facc[4][4];
     for (int r = 0; r < RT; r++)
         for (int j = 0; j < NB; j++)
             facc[r][j] = _mm512_setzero_ps();
     for (long g = 0; g < groups; g++) {
-        __m512i acc[4][2];
+        __m512i acc[4][4];
         for (int r = 0; r < RT; r++)
             for (int j = 0; j < NB; j++)
                 acc[r][j] = _mm512_setzero_si512();
         for (long v = g * per_group; v < (g + 1) * per_group; v++) {
-            __m512i wlo[2], whi[2];
+            __m512i wlo[4], whi[4];
             for (int j = 0; j < NB; j++) {
                 long blk = b0 + (j < nb ? j : 0);
                 __m512i packed = _mm512_loadu_si512(w + (blk * vectors + v) * 64);
@@ -249,7 +249,7 @@ AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r
                     acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], wlo[j], xlo), whi[j], xhi);
             }
         }
-        __m512 sv[2], mv[2];
+        __m512 sv[4], mv[4];
         for (int j = 0; j < NB; j++) {
             long blk = b0 + (j < nb ? j : 0);
             sv[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p->scales + (blk * groups + g) * LANES)));
@@ -401,24 +401,24 @@ AVX2 INLINE void int4_tile_avx2(const Activations *a, const Layer *p, long r0, i
  * blocks repeated (their results are not stored), so every stored value took the same operations. */
 typedef void (*TileFn)(const Activations *, const Layer *, long, int, long, int);
 
-AVX512 static void int8_avx512_4x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+AVX512 static void int8_avx512_4x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int8_tile_avx512(a, p, r0, rt, b0, nb, 4, 2);
+    int8_tile_avx512(a, p, r0, rt, b0, nb, 4, 4);
 }
 
-AVX512 static void int8_avx512_1x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+AVX512 static void int8_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int8_tile_avx512(a, p, r0, rt, b0, nb, 1, 2);
+    int8_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
 }
 
-AVX512 static void int4_avx512_4x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+AVX512 static void int4_avx512_4x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int4_tile_avx512(a, p, r0, rt, b0, nb, 4, 2);
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 4, 4);
 }
 
-AVX512 static void int4_avx512_1x2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+AVX512 static void int4_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
-    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 2);
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
 }
 
 AVX2 static void int8_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
@@ -470,48 +470,44 @@ static void run_tiles(const Activations *a, const Layer *p, long rows, TileFn wi
     }
 }
 
-/* y (rows, out_features) = x (rows, in_features) W^T + bias. kind: KIND_AVX2 or KIND_AVX512.
- * Returns 0, or -1 for sizes the layout does not allow, -2 when memory runs out. */
-int blip2_int8_linear(int kind, const float *x, long rows, long in_features, long padded, const int8_t *w,
-                      const float *wscale, const float *bias, long out_features, float *y, int threads)
+/* A layer as the caller describes it once (blip2.quantize.kernels.NativeLayer mirrors it). */
+typedef struct {
+    int kind;                 /* KIND_AVX2 or KIND_AVX512 */
+    int bits;                 /* 8 or 4 */
+    long in_features, padded, group, out_features;
+    const void *w;            /* packed blocks */
+    const float *wscale;      /* int8: (out_features,) */
+    const uint16_t *scales;   /* int4: (blocks, groups, 16) float16 */
+    const uint16_t *mins;
+    const float *bias;        /* (out_features,) or NULL */
+} Blip2LowbitLayer;
+
+/* y (rows, out_features) = x (rows, in_features) W^T + bias. Returns 0, or -1 for sizes the layout does
+ * not allow, -2 when memory runs out. */
+int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, float *y, int threads)
 {
-    if (rows < 0 || in_features <= 0 || padded < in_features || padded % INT8_BLOCK || out_features <= 0)
+    int int4 = l->bits == 4;
+    long block = int4 ? l->group : INT8_BLOCK;
+    if (rows < 0 || l->in_features <= 0 || l->out_features <= 0 || l->padded < l->in_features || block <= 0 ||
+        block % INT4_CHUNK || l->padded % block || (l->bits != 4 && l->bits != 8) ||
+        (l->kind != KIND_AVX2 && l->kind != KIND_AVX512))
         return -1;
     if (rows == 0)
         return 0;
     Activations a = {0};
-    if (quantize_activations(x, rows, in_features, padded, INT8_BLOCK, &a, threads)) {
+    if (quantize_activations(x, rows, l->in_features, l->padded, block, &a, threads)) {
         free_activations(&a);
         return -2;
     }
-    Layer p = {w, wscale, NULL, NULL, bias, out_features, 0, y};
-    if (kind == KIND_AVX512)
-        run_tiles(&a, &p, rows, int8_avx512_4x2, 4, 2, int8_avx512_1x2, threads);
+    Layer p = {l->w, l->wscale, l->scales, l->mins, l->bias, l->out_features, l->group, y};
+    if (l->kind == KIND_AVX512 && int4)
+        run_tiles(&a, &p, rows, int4_avx512_4x4, 4, 4, int4_avx512_1x4, threads);
+    else if (l->kind == KIND_AVX512)
+        run_tiles(&a, &p, rows, int8_avx512_4x4, 4, 4, int8_avx512_1x4, threads);
+    else if (int4)
+        run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
     else
         run_tiles(&a, &p, rows, int8_avx2_2x1, 2, 1, int8_avx2_1x1, threads);
-    free_activations(&a);
-    return 0;
-}
-
-int blip2_int4_linear(int kind, const float *x, long rows, long in_features, long padded, long group,
-                      const uint8_t *w, const uint16_t *scales, const uint16_t *mins, const float *bias,
-                      long out_features, float *y, int threads)
-{
-    if (rows < 0 || in_features <= 0 || group <= 0 || group % INT4_CHUNK || padded < in_features ||
-        padded % group || out_features <= 0)
-        return -1;
-    if (rows == 0)
-        return 0;
-    Activations a = {0};
-    if (quantize_activations(x, rows, in_features, padded, group, &a, threads)) {
-        free_activations(&a);
-        return -2;
-    }
-    Layer p = {w, NULL, scales, mins, bias, out_features, group, y};
-    if (kind == KIND_AVX512)
-        run_tiles(&a, &p, rows, int4_avx512_4x2, 4, 2, int4_avx512_1x2, threads);
-    else
-        run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
     free_activations(&a);
     return 0;
 }

@@ -2,10 +2,9 @@
 int4) and their kernels. The model files see only ``nn.Linear``-like modules.
 
 ``blip2.load(..., quantize="int8")``: every linear layer of the vision encoder, the Q-Former and the
-language model int8 (per output channel). ``quantize="int4"``: the language model's int4 (group-wise,
-``group_size`` 128 by default), the vision encoder's and the Q-Former's int8 (they are bound by
-arithmetic, not by reading weights; see ``model.INT4_PARTS``). The projection and the retrieval heads
-stay float. ``blip2 quantize SRC DST --bits 8|4`` writes a checkpoint that holds the packed tensors
+language model int8 (per output channel). ``quantize="int4"``: the vision encoder's and the language
+model's int4 (group-wise, ``group_size`` 128 by default), the Q-Former's int8 (see
+``model.INT4_PARTS``). The projection and the retrieval heads stay float. ``blip2 quantize SRC DST --bits 8|4`` writes a checkpoint that holds the packed tensors
 (``checkpoint``), which ``blip2.load`` maps into memory without quantizing anything.
 
 Kernels (``kernels``, ``csrc/lowbit_linear.c``): weights are stored in blocks of 16 outputs; the input

@@ -12,6 +12,7 @@ first use, and quantizes the whole input with one scale); the PyTorch arithmetic
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,12 +23,15 @@ INT8_KERNELS = ("native", "fbgemm", "dequant")
 
 
 def quantize_weight(
-    weight: torch.Tensor, padded: int | None = None, chunk: int = 2048
+    weight: torch.Tensor,
+    padded: int | None = None,
+    chunk: int = 2048,
+    done: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> (int8 (out, padded), float32 (out,)) per-output-channel symmetric scales.
 
     Columns past ``in`` (up to ``padded``, default ``in``) are zero. Rows are done ``chunk`` at a time so
-    that no float32 temporary of the whole weight is made.
+    that no float32 temporary of the whole weight is made; ``done`` is handed each chunk once quantized.
     """
     out_features, in_features = weight.shape
     padded = padded or in_features
@@ -38,14 +42,18 @@ def quantize_weight(
         s = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).clamp_min_(1e-12) / 127.0
         q[i : i + chunk, :in_features] = (w / s[:, None]).round_().clamp_(-127, 127)
         scale[i : i + chunk] = s
+        if done is not None:
+            done(weight[i : i + chunk])
     return q, scale
 
 
 @torch.no_grad()
-def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_int8(
+    weight: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> blocked ``qweight`` and ``scale`` (see the module docstring)."""
     padded = kernels.padded_width(weight.shape[1], kernels.INT8_BLOCK)
-    q, scale = quantize_weight(weight, padded)
+    q, scale = quantize_weight(weight, padded, done=done)
     return kernels.block_int8(q, padded), scale
 
 
@@ -58,11 +66,13 @@ def fbgemm_available() -> bool:
         return False
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(kernels.LowbitLinear):
     """A drop-in ``nn.Linear`` for inference with int8 weights and float input/output.
 
     ``kernel`` forces one of ``INT8_KERNELS`` (tests); by default the first that runs here.
     """
+
+    PACKED = ("qweight", "scale", "bias")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, kernel: str | None = None):
         super().__init__()
@@ -77,9 +87,12 @@ class Int8Linear(nn.Module):
         self._fbgemm = None  # fbgemm's packed copy, made on first use
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str | None = None) -> Int8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, kernel: str | None = None, done: Callable[[torch.Tensor], None] | None = None
+    ) -> Int8Linear:
+        """``done``: see :func:`quantize_weight`."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, kernel)
-        layer.qweight, layer.scale = pack_int8(linear.weight)
+        layer.qweight, layer.scale = pack_int8(linear.weight, done)
         if linear.bias is not None:
             layer.bias = linear.bias.detach().float().clone()
         return layer
@@ -91,25 +104,18 @@ class Int8Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         return kernels.int8_weight(self.qweight, self.scale)[:, : self.in_features]
 
-    def _kernel(self) -> str:
-        if self.kernel is not None:
-            return self.kernel
-        if kernels.native_kind() is not None:
-            return "native"
-        return "fbgemm" if fbgemm_available() else "dequant"
+    def _native_kernel(self) -> bool:
+        if self.kernel is None:
+            return kernels.native_kind() is not None
+        return self.kernel == "native"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype, shape = x.dtype, x.shape
-        x = x.reshape(-1, self.in_features).float().contiguous()
-        kernel = self._kernel()
-        if kernel == "native":
-            kind = kernels.require_native()
-            y = kernels.int8_linear(x, self.qweight, self.scale, self.bias, self.in_features, kind)
-        elif kernel == "fbgemm":
-            y = torch.ops.quantized.linear_dynamic(x, self._fbgemm_packed(), True)
-        else:
-            y = kernels.int8_reference(x, self.qweight, self.scale, self.bias)
-        return y.view(*shape[:-1], self.out_features).to(dtype)
+    def _describe(self, kind: int) -> kernels.NativeLayer:
+        return kernels.int8_layer(self.qweight, self.scale, self.bias, self.in_features, kind)
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "fbgemm" or (self.kernel is None and fbgemm_available()):
+            return torch.ops.quantized.linear_dynamic(x, self._fbgemm_packed(), True)
+        return kernels.int8_reference(x, self.qweight, self.scale, self.bias)
 
     def _fbgemm_packed(self):
         if self._fbgemm is None:

@@ -13,12 +13,14 @@ depend on the other rows (tested: batched = alone).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import logging
 import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import native
 
@@ -134,14 +136,27 @@ def int4_reference(x, qweight, scales, mins, bias, out_features: int) -> torch.T
 # ---- the native kernel ------------------------------------------------------------------------------
 
 
-def _check(
-    x: torch.Tensor, in_features: int, tensors: dict[str, tuple[torch.Tensor | None, torch.dtype, tuple]]
-):
+class NativeLayer(ctypes.Structure):
+    """A layer as ``blip2_lowbit_linear`` reads it (``Blip2LowbitLayer`` in the C file): described once,
+    so that a call passes five arguments (a decode step makes ~150 calls)."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int),
+        ("bits", ctypes.c_int),
+        ("in_features", ctypes.c_long),
+        ("padded", ctypes.c_long),
+        ("group", ctypes.c_long),
+        ("out_features", ctypes.c_long),
+        ("w", ctypes.c_void_p),
+        ("wscale", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("mins", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+    ]
+
+
+def _check(tensors: dict[str, tuple[torch.Tensor | None, torch.dtype, tuple]]) -> None:
     """The kernel is handed raw pointers: every tensor must be a contiguous CPU tensor of its shape."""
-    if x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() or not x.is_cpu:
-        raise ValueError("low-bit kernels take a contiguous 2-D float32 CPU input")
-    if x.shape[1] != in_features:
-        raise ValueError(f"input has {x.shape[1]} features, the layer takes {in_features}")
     for name, (t, dtype, shape) in tensors.items():
         if t is None:
             continue
@@ -152,38 +167,53 @@ def _check(
             )
 
 
-def int8_linear(x, qweight, scale, bias, in_features: int, kind: int) -> torch.Tensor:
-    """(R, in_features) float32 @ blocked int8 weights -> (R, N) float32, on the native kernel."""
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def int8_layer(qweight, scale, bias, in_features: int, kind: int) -> NativeLayer:
+    """The description of an int8 layer, its tensors checked (the caller keeps them alive)."""
     out_features = scale.shape[0]
     padded = padded_width(in_features, INT8_BLOCK)
-    _check(x, in_features, {"qweight": (qweight, torch.int8, (blocks_of(out_features), padded // 4, 64)),
-                            "scale": (scale, torch.float32, (out_features,)),
-                            "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
-    y = torch.empty(x.shape[0], out_features)
-    status = native.lowbit_library().blip2_int8_linear(
-        kind, x.data_ptr(), x.shape[0], in_features, padded, qweight.data_ptr(), scale.data_ptr(),
-        None if bias is None else bias.data_ptr(), out_features, y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
+    _check({"qweight": (qweight, torch.int8, (blocks_of(out_features), padded // 4, 64)),
+            "scale": (scale, torch.float32, (out_features,)),
+            "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
+    return NativeLayer(kind, 8, in_features, padded, INT8_BLOCK, out_features, qweight.data_ptr(),
+                       scale.data_ptr(), None, None, _pointer(bias))  # fmt: skip
+
+
+def int4_layer(qweight, scales, mins, bias, in_features: int, out_features: int, group: int, kind: int):
+    """The description of an int4 layer, its tensors checked (the caller keeps them alive)."""
+    padded = padded_width(in_features, group)
+    blocks, groups = blocks_of(out_features), padded // group
+    _check({"qweight": (qweight, torch.uint8, (blocks, padded // 8, 64)),
+            "scales": (scales, torch.float16, (blocks, groups, LANES)),
+            "mins": (mins, torch.float16, (blocks, groups, LANES)),
+            "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
+    return NativeLayer(kind, 4, in_features, padded, group, out_features, qweight.data_ptr(), None,
+                       scales.data_ptr(), mins.data_ptr(), _pointer(bias))  # fmt: skip
+
+
+def run(layer: NativeLayer, x: torch.Tensor) -> torch.Tensor:
+    """(R, in_features) float32 contiguous CPU input -> (R, out_features) on the native kernel."""
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != layer.in_features or not x.is_contiguous():
+        raise ValueError(f"low-bit kernels take a contiguous (rows, {layer.in_features}) float32 input")
+    y = torch.empty(x.shape[0], layer.out_features)
+    status = native.lowbit_library().blip2_lowbit_linear(
+        ctypes.byref(layer), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
+    )
     _raise_on(status)
     return y
+
+
+def int8_linear(x, qweight, scale, bias, in_features: int, kind: int) -> torch.Tensor:
+    """(R, in_features) float32 @ blocked int8 weights -> (R, N) float32, on the native kernel."""
+    return run(int8_layer(qweight, scale, bias, in_features, kind), x)
 
 
 def int4_linear(x, qweight, scales, mins, bias, in_features: int, out_features: int, group: int, kind: int):
     """(R, in_features) float32 @ blocked int4 weights -> (R, N) float32, on the native kernel."""
-    padded = padded_width(in_features, group)
-    blocks, groups = blocks_of(out_features), padded // group
-    _check(x, in_features, {"qweight": (qweight, torch.uint8, (blocks, padded // 8, 64)),
-                            "scales": (scales, torch.float16, (blocks, groups, LANES)),
-                            "mins": (mins, torch.float16, (blocks, groups, LANES)),
-                            "bias": (bias, torch.float32, (out_features,))})  # fmt: skip
-    y = torch.empty(x.shape[0], out_features)
-    status = native.lowbit_library().blip2_int4_linear(
-        kind, x.data_ptr(), x.shape[0], in_features, padded, group, qweight.data_ptr(), scales.data_ptr(),
-        mins.data_ptr(), None if bias is None else bias.data_ptr(), out_features, y.data_ptr(),
-        torch.get_num_threads(),
-    )  # fmt: skip
-    _raise_on(status)
-    return y
+    return run(int4_layer(qweight, scales, mins, bias, in_features, out_features, group, kind), x)
 
 
 def _raise_on(status: int) -> None:
@@ -248,3 +278,52 @@ def require_native() -> int:
     if kind is None:
         raise RuntimeError("no native low-bit kernel on this machine (see blip2.native)")
     return kind
+
+
+class LowbitLinear(nn.Module):
+    """What the int8 and int4 layers share: ``forward`` over the native kernel, with the layer's
+    description made once (again whenever a tensor of it is replaced or moved), else the fallback."""
+
+    in_features: int
+    out_features: int
+    kernel: str | None
+    PACKED: tuple[str, ...] = ()  # the tensors the native description points at
+
+    def _describe(self, kind: int) -> NativeLayer:
+        raise NotImplementedError
+
+    def _fallback(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, in_features) float32 -> (R, out_features) without the native kernel."""
+        raise NotImplementedError
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name in self.PACKED:
+            self.__dict__["_native"] = None
+
+    def _apply(self, fn, recurse: bool = True):
+        # packed tensors keep their dtypes (``model.half()`` must not turn int4 scales or the float32
+        # bias the kernel reads into something else)
+        dtypes = {name: t.dtype for name in self.PACKED if (t := getattr(self, name)) is not None}
+        result = super()._apply(fn, recurse)
+        for name, dtype in dtypes.items():
+            if self._buffers[name].dtype != dtype:
+                self._buffers[name] = self._buffers[name].to(dtype)
+        self.__dict__["_native"] = None
+        return result
+
+    def _native_kernel(self) -> bool:
+        return self.kernel == "native" or (self.kernel is None and native_kind() is not None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype, shape = x.dtype, x.shape
+        x = x.reshape(-1, self.in_features)
+        x = (x if x.dtype == torch.float32 else x.float()).contiguous()
+        if self._native_kernel():
+            layer = self.__dict__.get("_native")
+            if layer is None:
+                layer = self.__dict__["_native"] = self._describe(require_native())
+            y = run(layer, x)
+        else:
+            y = self._fallback(x)
+        return y.view(*shape[:-1], self.out_features).to(dtype)

@@ -11,7 +11,6 @@ import ctypes
 import mmap
 
 import torch
-from torch import nn
 
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
@@ -53,13 +52,6 @@ def release(t: torch.Tensor, mappings: list[tuple[int, int]]) -> None:
         _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
     except (OSError, AttributeError):
         pass
-
-
-def release_tied(lm: nn.Module, mappings: list[tuple[int, int]]) -> None:
-    """The token embedding was read whole to quantize a tied lm_head; lookups touch only a few rows."""
-    embed = getattr(lm, "embed_tokens", None)
-    if isinstance(embed, nn.Embedding):
-        release(embed.weight, mappings)
 
 
 def trim_heap() -> None:
