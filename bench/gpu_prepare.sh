@@ -3,7 +3,7 @@
 # the device tool's run carries (carry=[".gpu"]) for bench/gpu_check.sh:
 #   .gpu/wheels/       the server's packages (fastapi, starlette, pydantic, ...) and torchao, for Python 3.12
 #   .gpu/site/         bitsandbytes, unpacked with its CUDA 13.0 library only (the whole wheel is 60 MB)
-#   .gpu/checkpoints/  tests/factory_gpu.py's opt, t5, llama and itm (the wide one is built there)
+#   .gpu/checkpoints/  tests/factory_gpu.py's opt, t5, llama, instruct_t5 and itm (the wide one is built there)
 # About 45 MB with the repository: under the tool's 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,5 +41,5 @@ with zipfile.ZipFile(wheel) as z:
 PY
 rm -rf "$tmp"
 
-PYTHONPATH=src python3 tests/factory_gpu.py .gpu/checkpoints opt t5 llama itm
+PYTHONPATH=src python3 tests/factory_gpu.py .gpu/checkpoints opt t5 llama instruct_t5 itm
 du -sh .gpu

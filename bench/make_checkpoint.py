@@ -3,13 +3,17 @@
     python bench/make_checkpoint.py --shape small      # ViT-B/14 224 px, BERT-base Q-Former, OPT-350m-sized
     python bench/make_checkpoint.py --shape opt-2.7b   # Salesforce/blip2-opt-2.7b shapes (15.5 GB float32)
     python bench/make_checkpoint.py --shape flan-t5-xl # Salesforce/blip2-flan-t5-xl shapes (15.5 GB float32)
+    python bench/make_checkpoint.py --shape instructblip-vicuna-1b  # ViT-g + Vicuna-7B layers, 4 of them (8.8 GB)
+    python bench/make_checkpoint.py --shape instructblip-vicuna-7b  # Salesforce/instructblip-vicuna-7b (31.5 GB)
 
 The model is built by the reference library on the meta device (so nothing is allocated), then each
 tensor is drawn and written shard by shard with safetensors: at most one shard (~1 GB) is in memory.
 Scales follow tests/factory.py (linear ~ N(0, 1/fan_in), embeddings ~ N(0, 1), norms ~ 1 + N(0, 0.01)),
 so outputs depend on the image and greedy text varies. The tokenizer is the small byte-level BPE /
-Unigram of tests/factory.py; language-model rows past its vocabulary are drawn 100x smaller, so the
-(full-size) output layer still costs what it costs but generation picks tokens that decode to text.
+Unigram of tests/factory.py (InstructBLIP: the LLaMA BPE and the Q-Former's BERT WordPiece of
+tests/factory_instruct.py, saved with ``InstructBlipProcessor``); language-model rows past its vocabulary
+are drawn 100x smaller, so the (full-size) output layer still costs what it costs but generation picks
+tokens that decode to text. Everything is float32 on disk, as the released checkpoints are.
 Needs `transformers` (a bench-only dependency).
 """
 
@@ -32,12 +36,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 from factory import (  # noqa: E402
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    _bert_tokenizer,
     _opt_tokenizer,
     _t5_tokenizer,
     make_sentences,
     reference_opt_config,
     reference_t5_config,
 )
+from factory_instruct import _llama_tokenizer, reference_llama_config  # noqa: E402
 
 VIT_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12)
 VIT_G = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16)
@@ -69,6 +75,26 @@ SHAPES = {
         text=dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32, vocab_size=32128),
     ),
 }
+# Vicuna-7B's layers (LLaMA-7B: SwiGLU, 32 heads, no grouped-query attention, vocabulary + <image>)
+VICUNA_7B = dict(
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32001,
+    max_position_embeddings=2048,
+)
+for _name, _layers in (("instructblip-vicuna-1b", 4), ("instructblip-vicuna-7b", 32)):
+    SHAPES[_name] = dict(
+        vision=VIT_G, lm="llama", instruct=True, text=dict(VICUNA_7B, num_hidden_layers=_layers)
+    )
+QFORMER_VOCAB = 30523  # bert-base-uncased + [DEC], the instruction-aware Q-Former's embedding rows
+DISK_BYTES = {
+    "tiny": 0.5e9,
+    "small": 1.6e9,
+    "instructblip-vicuna-1b": 8.8e9,
+    "instructblip-vicuna-7b": 31.5e9,
+}
 SHARD_BYTES = 1 << 30
 
 
@@ -76,26 +102,33 @@ def default_dir(shape: str) -> Path:
     return ROOT / "bench" / "checkpoints" / shape
 
 
-def build_config(shape: str, tokenizer):
-    from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
+def build_config(shape: str, tokenizer, qformer_tokenizer=None):
+    import transformers
 
     spec = SHAPES[shape]
-    vision = Blip2VisionConfig(
+    family = "InstructBlip" if spec.get("instruct") else "Blip2"
+    vision = getattr(transformers, f"{family}VisionConfig")(
         **spec["vision"], image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True
     )
-    qformer = Blip2QFormerConfig(
+    qformer_text = {}
+    if qformer_tokenizer is not None:  # the instruction-aware Q-Former reads the instruction
+        qformer_text = dict(vocab_size=QFORMER_VOCAB, pad_token_id=qformer_tokenizer.pad_token_id)
+    qformer = getattr(transformers, f"{family}QFormerConfig")(
         hidden_size=768,
         num_hidden_layers=12,
         num_attention_heads=12,
         intermediate_size=3072,
         cross_attention_frequency=2,
         encoder_hidden_size=spec["vision"]["hidden_size"],
+        **qformer_text,
     )
     if spec["lm"] == "opt":
         text = reference_opt_config(tokenizer, **spec["text"], max_position_embeddings=2048)
+    elif spec["lm"] == "llama":
+        text = reference_llama_config(tokenizer, **spec["text"])
     else:
         text = reference_t5_config(**spec["text"])
-    return Blip2Config(
+    return getattr(transformers, f"{family}Config")(
         vision_config=vision.to_dict(),
         qformer_config=qformer.to_dict(),
         text_config=text.to_dict(),
@@ -112,7 +145,7 @@ def draw(name: str, shape: tuple[int, ...], gen: torch.Generator, n_tokens: int)
     def randn() -> torch.Tensor:
         return torch.randn(shape, generator=gen, device=gen.device)
 
-    if "layernorm" in lname or "layer_norm" in lname:
+    if "layernorm" in lname or "layer_norm" in lname or name.endswith("norm.weight"):  # LLaMA's final `norm`
         noise = randn() * 0.1
         return noise + 1.0 if leaf == "weight" else noise
     if any(k in name for k in ("embed", "shared", "relative_attention_bias", "query_tokens")) or leaf in (
@@ -136,14 +169,16 @@ def write(
 ) -> Path:
     """Write the checkpoint; ``device``: where the numbers are drawn (a GPU draws 15 GB in seconds),
     ``file_dtype``: the floats' dtype in the files (default float32, as the reference builds them)."""
-    from transformers import Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+    import transformers
+    from transformers import BlipImageProcessor
 
     spec = SHAPES[shape]
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     sentences = make_sentences(2000)
-    tokenizer = _opt_tokenizer(sentences, 1000) if spec["lm"] == "opt" else _t5_tokenizer(sentences, 600)
+    make_tokenizer = {"opt": _opt_tokenizer, "llama": _llama_tokenizer}.get(spec["lm"])
+    tokenizer = make_tokenizer(sentences, 1000) if make_tokenizer else _t5_tokenizer(sentences, 600)
     image_processor = BlipImageProcessor(
         size={"height": 224, "width": 224},
         resample=3,
@@ -152,11 +187,25 @@ def write(
         image_std=OPENAI_CLIP_STD,
         do_convert_rgb=True,
     )
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=32)
-    n_tokens = len(tokenizer)
-    config = build_config(shape, tokenizer)
+    if spec.get("instruct"):
+        qformer_tokenizer = _bert_tokenizer(sentences)
+        processor = transformers.InstructBlipProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            qformer_tokenizer=qformer_tokenizer,
+            num_query_tokens=32,
+        )
+        model_class = transformers.InstructBlipForConditionalGeneration
+    else:
+        qformer_tokenizer = None
+        processor = transformers.Blip2Processor(
+            image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=32
+        )
+        model_class = transformers.Blip2ForConditionalGeneration
+    n_tokens = len(tokenizer)  # the processor has added <image>
+    config = build_config(shape, tokenizer, qformer_tokenizer)
     with torch.device("meta"):
-        model = Blip2ForConditionalGeneration(config)
+        model = model_class(config)
     seen: set[int] = set()
     params: list[tuple[str, tuple[int, ...], torch.dtype]] = []
     for name, t in model.state_dict(keep_vars=True).items():
@@ -232,7 +281,7 @@ def main() -> None:
     args = ap.parse_args()
     out = args.out or default_dir(args.shape)
     free = shutil.disk_usage(out.parent if out.parent.exists() else ROOT).free
-    need = {"tiny": 0.5e9, "small": 1.6e9}.get(args.shape, 16.5e9)
+    need = DISK_BYTES.get(args.shape, 16.5e9)
     if free < need * 1.2:
         sys.exit(f"not enough disk for {args.shape}: {free / 1e9:.1f} GB free, ~{need / 1e9:.1f} GB needed")
     t0 = time.perf_counter()

@@ -5,8 +5,10 @@
 
 Every (library, task) runs in its own fresh process, so load time and peak RSS (VmHWM, file-backed
 pages included) belong to that library alone. Libraries: the reference in float32, blip2 in
-float32, blip2 with ``quantize="int8"``; on request (``--libs``) ``blip2-exact``, float32 with
-``exact=True`` (the reference's matmul kernel). Tasks:
+float32, blip2 with ``quantize="int8"`` and ``"int4"`` (quantized at load); on request (``--libs``)
+``blip2-int8-saved`` / ``blip2-int4-saved`` (checkpoints written by ``blip2 quantize``, made next to
+the source on first use and loaded as they are) and ``blip2-exact``, float32 with ``exact=True`` (the
+reference's matmul kernel). Tasks:
 
 - ``load``: ``from_pretrained`` + processor / ``blip2.load``;
 - ``vision``: the image encoder on one image;
@@ -39,8 +41,24 @@ sys.path.insert(0, str(ROOT / "bench"))
 MACHINE_GFLOPS = 67.0  # float32 matmul, 2 cores, measured
 MACHINE_GBS = 22.0  # memory read
 TASKS = ("load", "vision", "caption", "decode", "ask", "ask-batched")
-LIBS = ("reference", "blip2", "blip2-int8", "blip2-exact")
-DEFAULT_LIBS = LIBS[:3]
+LIBS = (
+    "reference",
+    "blip2",
+    "blip2-int8",
+    "blip2-int4",
+    "blip2-int8-saved",
+    "blip2-int4-saved",
+    "blip2-exact",
+)
+DEFAULT_LIBS = LIBS[:4]
+# bytes of language-model weights a decode step reads per weight (int4: 4 bits + float16 scale and
+# minimum per 128; the embedding is not read whole)
+WEIGHT_BYTES = {
+    "blip2-int8": 1.0,
+    "blip2-int4": 4.25 / 8,
+    "blip2-int8-saved": 1.0,
+    "blip2-int4-saved": 4.25 / 8,
+}
 QUESTIONS = [
     "what colour is the cube?",
     "how many dogs are there?",
@@ -121,6 +139,7 @@ class Ours:
         """Every timed call pays for its images, as the reference's do."""
         self.m.prefix_cache.clear()
         self.m.prefill_cache.clear()
+        self.m.vision_cache.clear()  # InstructBLIP: the vision encoder's output per image
 
     def generate(self, images, prompts, n):
         self.clear()
@@ -141,22 +160,32 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     images = make_images(max(4, args.batch), size=224, seed=1)
     t0 = time.perf_counter()
-    runner = (
-        Reference(args.ckpt)
-        if args.lib == "reference"
-        else Ours(args.ckpt, "int8" if args.lib == "blip2-int8" else None, exact=args.lib == "blip2-exact")
-    )
+    if args.lib == "reference":
+        runner = Reference(args.ckpt)
+    elif args.lib.endswith("-saved"):
+        runner = Ours(saved_dir(args.ckpt, args.lib), None)
+    else:
+        quantize = args.lib.removeprefix("blip2-") if args.lib in ("blip2-int8", "blip2-int4") else None
+        runner = Ours(args.ckpt, quantize, exact=args.lib == "blip2-exact")
     load_s = time.perf_counter() - t0
     res: dict = {"lib": args.lib, "task": args.task, "load_s": load_s}
+    res.update(measure(runner, args, images))
+    res["peak_rss_mb"] = peak_rss_mb()
+    print("RESULT " + json.dumps(res))
+
+
+def measure(runner, args, images, prompt: str = "") -> dict:
+    """Time ``args.task`` on a loaded runner; captions and decodes continue ``prompt``."""
+    res: dict = {}
     n, r, w, nb = args.tokens, args.repeat, args.warmup, args.batch
     if args.task == "vision":
         res["seconds"], _ = best_of(lambda: runner.vision(images[:1]), r, w)
     elif args.task == "caption":
-        res["seconds"], texts = best_of(lambda: runner.generate(images[:nb], [""] * nb, n), r, w)
+        res["seconds"], texts = best_of(lambda: runner.generate(images[:nb], [prompt] * nb, n), r, w)
         res["texts"] = texts
     elif args.task == "decode":
-        t1, _ = best_of(lambda: runner.generate(images[:1], [""], 1), r, w)
-        tn, texts = best_of(lambda: runner.generate(images[:1], [""], n), r, w)
+        t1, _ = best_of(lambda: runner.generate(images[:1], [prompt], 1), r, w)
+        tn, texts = best_of(lambda: runner.generate(images[:1], [prompt], n), r, w)
         res["seconds"] = tn
         res["tokens_per_s"] = (n - 1) / max(tn - t1, 1e-9)
         res["texts"] = texts
@@ -164,11 +193,27 @@ def worker(args) -> None:
         ask = runner.ask if args.task == "ask" else runner.ask_batched
         res["seconds"], texts = best_of(lambda: ask(images[0], QUESTIONS, args.answer_tokens), r, w)
         res["texts"] = texts
-    res["peak_rss_mb"] = peak_rss_mb()
-    print("RESULT " + json.dumps(res))
+    return res
 
 
 # ============================================================================ parent side
+
+
+def saved_dir(ckpt: Path, lib: str) -> Path:
+    """Where the ``blip2 quantize`` copy of ``ckpt`` for ``lib`` (blip2-int8-saved / -int4-saved) lies."""
+    return ckpt.parent / f"{ckpt.name}-{lib.removeprefix('blip2-').removesuffix('-saved')}"
+
+
+def ensure_saved(ckpt: Path, lib: str) -> None:
+    out = saved_dir(ckpt, lib)
+    if (out / "config.json").is_file():
+        return
+    bits = "4" if "int4" in lib else "8"
+    print(f"writing {out} (blip2 quantize --bits {bits}) ...", flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    subprocess.run(
+        [sys.executable, "-m", "blip2", "quantize", str(ckpt), str(out), "--bits", bits], check=True, env=env
+    )
 
 
 def work_model(ckpt: Path, tokens: int) -> dict:
@@ -189,9 +234,10 @@ def work_model(ckpt: Path, tokens: int) -> dict:
     return {"vision_gflop": vision_flops / 1e9, "lm_weight_gb_fp32": lm_params * 4 / 1e9, "tokens": tokens}
 
 
-def spawn(lib: str, task: str, args) -> dict:
+def spawn(lib: str, task: str, args, script: str = __file__) -> dict:
+    """Run ``script --worker`` for one (library, task) with ``args``' settings; its RESULT line's dict."""
     cmd = [
-        sys.executable, __file__, "--worker", "--lib", lib, "--task", task, "--ckpt", str(args.ckpt),
+        sys.executable, script, "--worker", "--lib", lib, "--task", task, "--ckpt", str(args.ckpt),
         "--tokens", str(args.tokens), "--answer-tokens", str(args.answer_tokens),
         "--repeat", str(args.repeat), "--threads", str(args.threads),
         "--warmup", str(args.warmup), "--batch", str(args.batch),
@@ -241,7 +287,7 @@ def report(results: dict, work: dict, args) -> str:
     for lib in libs:
         vs = get(lib, "vision", "seconds")
         tps = get(lib, "decode", "tokens_per_s")
-        gb = work["lm_weight_gb_fp32"] / (4 if lib == "blip2-int8" else 1)
+        gb = work["lm_weight_gb_fp32"] / 4 * WEIGHT_BYTES.get(lib, 4.0)
         parts = []
         if vs:
             parts.append(
@@ -300,6 +346,9 @@ def main() -> None:
         print(f"building {args.ckpt} ...", flush=True)
         write("small", args.ckpt)
     work = work_model(args.ckpt, args.tokens)
+    for lib in args.libs.split(","):
+        if lib.endswith("-saved"):
+            ensure_saved(args.ckpt, lib)
     results: dict = {}
     t0 = time.perf_counter()
     for task in args.tasks.split(","):
@@ -315,11 +364,17 @@ def main() -> None:
     print(f"\n`{cmd}` — {args.ckpt.name}, {args.threads} threads, load average at end {load[0]:.1f}, "
           f"{time.perf_counter() - t0:.0f} s\n")  # fmt: skip
     print(table)
+    path = save_results(args.ckpt.name, {"command": cmd, "work": work, "results": results, "table": table})
+    print(f"\nwrote {path}")
+
+
+def save_results(name: str, data: dict) -> Path:
+    """Write ``data`` as bench/results/<name>-<date>-<time>.json."""
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    path = out / f"{args.ckpt.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"command": cmd, "work": work, "results": results, "table": table}, indent=2))
-    print(f"\nwrote {path}")
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(data, indent=2))
+    return path
 
 
 if __name__ == "__main__":

@@ -79,6 +79,31 @@ def opt_sharded_st_ckpt(tmp_path_factory) -> Path:
     return _build(tmp_path_factory, "opt_sharded_st", lm="opt", max_shard_size="100KB", drop_lm_head=True)
 
 
+def reset_kernel_choice() -> None:
+    """Forget the process's float32 kernel choice (and built kernels): the next use decides again."""
+    from blip2 import layers, native
+
+    native.skinny_linear_kernel.cache_clear()
+    layers.float32_kernel.cache_clear()
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def native_kind(request, monkeypatch) -> str:
+    """Linear layers on the native kernel of each kind the CPU has, for one test; the process's own
+    choice comes back after."""
+    from blip2 import layers, native
+
+    kind = request.param
+    if (reason := native._unsupported_reason(kind)) is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("BLIP2_NATIVE", kind)
+    reset_kernel_choice()
+    if layers.float32_kernel()[0] != "native":
+        pytest.skip(f"no native {kind} kernel here (no C compiler?)")
+    yield kind
+    reset_kernel_choice()
+
+
 @pytest.fixture(scope="session")
 def instruct_llama_ckpt(tmp_path_factory) -> Path:
     """InstructBLIP with a LLaMA of grouped-query attention (4 query heads, 2 key/value heads)."""

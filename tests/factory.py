@@ -247,6 +247,26 @@ def redraw_parameters(model: torch.nn.Module, seed: int) -> None:
         p.copy_(value.to(p.dtype))
 
 
+OPT_GAIN = 3.0  # the OPT decoder's query projections and residual writers, over redraw_parameters' scale
+
+
+@torch.no_grad()
+def sharpen_opt(model: torch.nn.Module, gain: float = OPT_GAIN) -> None:
+    """Scale the OPT decoder's ``q_proj``, ``out_proj`` and ``fc2`` weights by ``gain``.
+
+    At the plain scale the image barely reaches the text: the tied head scores every token against the
+    last position's residual, which is mostly that position's own embedding (the model repeats its input
+    token), and attention scores of std ~1 spread evenly over image and text positions. Sharper queries
+    make attention pick positions by content, and stronger writers outweigh the input embedding, so the
+    generated text depends on the image for most prompts.
+    """
+    for name, p in model.named_parameters():
+        if name.startswith("language_model.") and name.endswith(
+            ("self_attn.q_proj.weight", "self_attn.out_proj.weight", "fc2.weight")
+        ):
+            p.mul_(gain)
+
+
 def _shard(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
     if max_bytes is None:
         return [state]
@@ -360,6 +380,23 @@ def reference_t5_config(**shape):
     )
 
 
+def reference_image_processor(image_size: int):
+    """The reference's BLIP image processor (bicubic resize, CLIP normalisation) for square images."""
+    from transformers import BlipImageProcessor
+
+    return BlipImageProcessor(
+        do_resize=True,
+        size={"height": image_size, "width": image_size},
+        resample=3,  # PIL bicubic
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+        do_convert_rgb=True,
+    )
+
+
 def build_checkpoint(
     out_dir: Path,
     *,
@@ -401,7 +438,6 @@ def build_checkpoint(
         Blip2Processor,
         Blip2QFormerConfig,
         Blip2VisionConfig,
-        BlipImageProcessor,
     )
 
     if retrieval:
@@ -417,17 +453,7 @@ def build_checkpoint(
 
     sentences = make_sentences()
     tokenizer = {"opt": _opt_tokenizer, "t5": _t5_tokenizer, None: _bert_tokenizer}[lm](sentences)
-    image_processor = BlipImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=3,  # PIL bicubic
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
-    )
+    image_processor = reference_image_processor(image_size)
     generation = not retrieval
     processor = Blip2Processor(
         image_processor=image_processor,
@@ -497,6 +523,7 @@ def build_checkpoint(
     model = model_cls(config).eval()
     redraw_parameters(model, seed)
     if lm == "opt":
+        sharpen_opt(model)
         assert model.language_model.lm_head.weight is model.language_model.get_input_embeddings().weight
     extra: dict[str, torch.Tensor] = {}
     if lm == "t5":

@@ -1,5 +1,5 @@
 """The checkpoints tests/test_gpu.py runs on: wider than the CPU fixtures, so that half-precision kernels
-take their real paths, and one ``wide`` OPT whose linear layers dominate its memory (the int8 / int4
+take their real paths (``llama`` and ``instruct_t5`` are InstructBLIP's two kinds), and one ``wide`` OPT whose linear layers dominate its memory (the int8 / int4
 memory ratios are measured on it).
 
 ``python tests/factory_gpu.py DIR`` builds them all into ``DIR/<name>`` (bench/gpu_prepare.sh does, so
@@ -45,6 +45,10 @@ def _llama(d: Path) -> Path:
     return build_instruct_checkpoint(d, lm="llama", lm_kv_heads=2, **SHAPE)
 
 
+def _instruct_t5(d: Path) -> Path:
+    return build_instruct_checkpoint(d, lm="t5", **SHAPE)
+
+
 def _itm(d: Path) -> Path:
     shape = {k: v for k, v in SHAPE.items() if not k.startswith("lm_")}
     return build_checkpoint(d, retrieval=True, **shape)
@@ -54,7 +58,7 @@ def _wide(d: Path) -> Path:
     return build_checkpoint(d, lm="opt", **WIDE)
 
 
-BUILDERS = {"opt": _opt, "t5": _t5, "llama": _llama, "itm": _itm, "wide": _wide}
+BUILDERS = {"opt": _opt, "t5": _t5, "llama": _llama, "instruct_t5": _instruct_t5, "itm": _itm, "wide": _wide}
 
 
 def build(name: str, out_dir: Path) -> Path:

@@ -14,12 +14,11 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
 from factory import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
     _bert_tokenizer,
     _t5_tokenizer,
     make_sentences,
     redraw_parameters,
+    reference_image_processor,
     reference_t5_config,
 )
 
@@ -81,7 +80,6 @@ def build_instruct_checkpoint(
 ) -> Path:
     """Build a small random InstructBLIP checkpoint (``lm`` "llama" or "t5") under ``out_dir``."""
     from transformers import (
-        BlipImageProcessor,
         InstructBlipConfig,
         InstructBlipForConditionalGeneration,
         InstructBlipProcessor,
@@ -96,17 +94,7 @@ def build_instruct_checkpoint(
     sentences = make_sentences()
     tokenizer = _llama_tokenizer(sentences) if lm == "llama" else _t5_tokenizer(sentences)
     qformer_tokenizer = _bert_tokenizer(sentences)
-    image_processor = BlipImageProcessor(
-        do_resize=True,
-        size={"height": image_size, "width": image_size},
-        resample=3,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=OPENAI_CLIP_MEAN,
-        image_std=OPENAI_CLIP_STD,
-        do_convert_rgb=True,
-    )
+    image_processor = reference_image_processor(image_size)
     processor = InstructBlipProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

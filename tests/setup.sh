@@ -18,4 +18,6 @@ need() {
 }
 
 need java default-jre-headless  # pycocoevalcap (blip2 eval caption): PTB tokenizer and METEOR
+need gcc gcc libc6-dev # blip2.native compiles its linear kernel (tests/test_native.py, test_batch_invariance.py)
 pip install torch==2.13.0 -e ".[dev]"
+need chromium chromium  # tests/test_web.py drives the web page in headless Chromium (through Playwright)

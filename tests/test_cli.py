@@ -209,7 +209,9 @@ def test_python_dash_m():
     assert all(cmd in proc.stdout for cmd in ("caption", "ask", "chat"))
 
 
-@pytest.mark.parametrize("flags", [["--quantize", "int8"], ["--exact"]])
+@pytest.mark.parametrize(
+    "flags", [["--quantize", "int8"], ["--quantize", "int4", "--group-size", "256"], ["--exact"]]
+)
 def test_load_options_reach_the_model(opt_ckpt, image_files, monkeypatch, flags):
     seen = {}
     real_load = blip2.load
@@ -221,5 +223,6 @@ def test_load_options_reach_the_model(opt_ckpt, image_files, monkeypatch, flags)
     monkeypatch.setattr(blip2, "load", spy)
     rc = main(["caption", image_files[0], "-m", str(opt_ckpt), "--max-new-tokens", "3", *flags])
     assert rc == 0
-    assert seen["quantize"] == ("int8" if "--quantize" in flags else None)
+    assert seen["quantize"] == (flags[1] if "--quantize" in flags else None)
+    assert seen["group_size"] == (256 if "--group-size" in flags else None)
     assert seen["exact"] is ("--exact" in flags)

@@ -150,19 +150,3 @@ def test_linear_matches_plain_linear_and_still_trains():
     half = Linear(64, 48, bias=False).to(torch.bfloat16)
     with torch.inference_mode():
         assert half(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
-
-
-def test_linear_falls_back_when_onednn_fails(monkeypatch):
-    from blip2 import layers
-
-    def broken(*args):
-        raise RuntimeError("no oneDNN here")
-
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", True)
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
-    layer = layers.Linear(16, 8)
-    x = torch.randn(layers.SKINNY_MAX_ROWS + 1, 16)  # past the native kernel's rows
-    with torch.inference_mode():
-        got = layer(x)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert layers._ONEDNN_LINEAR is False  # not tried again

@@ -43,7 +43,11 @@ TIE = {torch.float32: 1e-3, torch.float16: 0.02, torch.bfloat16: 0.1}  # relativ
 # beam search can part at a tie on the edge of the beam, which the finished sequences do not show:
 # theirs is let differ more (mean log-probability per token)
 BEAM_TIE = {torch.float32: 1e-3, torch.float16: 0.05, torch.bfloat16: 0.1}
-KINDS = ["opt", "t5", "llama"]
+KINDS = ["opt", "t5", "llama", "instruct_t5"]  # llama, instruct_t5: InstructBLIP (tests/factory_gpu.py)
+
+
+def _is_t5(kind: str) -> bool:
+    return kind.endswith("t5")
 
 
 # ---- fixtures and helpers ---------------------------------------------------------------------------
@@ -99,13 +103,13 @@ def _on_device(inputs: dict) -> dict:
 
 def _ours_inputs(m, images, prompts, kind):
     inputs = m.processor(images=images, text=prompts)
-    if kind == "t5":
+    if _is_t5(kind):
         inputs["decoder_input_ids"] = torch.tensor([[0, 5, 6, 7, 8]] * len(prompts))
     return _on_device(inputs)
 
 
 def _valid(inputs, kind, logits):
-    if kind == "t5":
+    if _is_t5(kind):
         return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
     return inputs["attention_mask"].bool()
 
@@ -159,7 +163,7 @@ def _ref_generate(ref, proc, image, prompt, kind, dtype, **gen) -> list[int]:
     with torch.inference_mode():
         out = ref.generate(**inputs, do_sample=False, **gen)
     # decoder-only: the prompt comes back in front; T5: the decoder start token
-    ids = out[0][inputs["input_ids"].shape[1] :] if kind != "t5" else out[0][1:]
+    ids = out[0][inputs["input_ids"].shape[1] :] if not _is_t5(kind) else out[0][1:]
     pad = proc.tokenizer.pad_token_id
     eos = ref.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
@@ -168,7 +172,7 @@ def _ref_generate(ref, proc, image, prompt, kind, dtype, **gen) -> list[int]:
         if t in eos:
             tokens.append(t)
             break
-        if t == pad and kind == "t5":
+        if t == pad and _is_t5(kind):
             break
         tokens.append(t)
     return tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 
@@ -199,14 +200,19 @@ def test_cli_caption(llama_ckpt, tmp_path, capsys):
     assert line["text"] == blip2.load(llama_ckpt).caption(path, max_new_tokens=6)[0]
 
 
-def test_int8(llama_ckpt):
+@pytest.mark.parametrize("method,bound", [("int8", 0.99), ("int4", 0.98)])
+def test_low_bit(llama_ckpt, method, bound):
     m = blip2.load(llama_ckpt)
-    q = blip2.load(llama_ckpt, quantize="int8")
+    q = blip2.load(llama_ckpt, quantize=method)
     image = make_images(1, seed=6)[0]
     inputs = m.processor(images=[image], text=["a photo of"])
     with torch.no_grad():
         a, b = m.model(**inputs).logits, q.model(**inputs).logits
-    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > bound
+    assert q.ask(image, ["what is it?", "where is it?"], max_new_tokens=4) == [
+        q.ask(image, "what is it?", max_new_tokens=4),
+        q.ask(image, "where is it?", max_new_tokens=4),
+    ]
 
 
 def test_bad_checkpoints(llama_ckpt, tmp_path):
@@ -286,3 +292,62 @@ def test_stage2_instruction_tuning(name, request, tmp_path):
     assert ours.ask(images[0], "what is it?", max_new_tokens=6) == _reference_text(
         ref, proc, images[0], "what is it?", max_new_tokens=6
     )
+
+
+def test_attention_map(llama_ckpt):
+    """Where it looked: the Q-Former's cross-attention, read with the instruction (it changes the map)."""
+    from blip2.attention_map import attention_map
+
+    m = blip2.load(llama_ckpt)
+    image = make_images(1, seed=4)[0]
+    a = attention_map(m, image, prompt="what colour is the cube?")
+    b = attention_map(m, image, prompt="Describe the image.")
+    assert a.grid.shape == b.grid.shape == (4, 4)
+    assert abs(float(a.grid.sum()) - 1) < 1e-5 and not torch.allclose(
+        torch.as_tensor(a.grid), torch.as_tensor(b.grid)
+    )
+    c = attention_map(m, image, "a red cube", prompt="what is it?", method="gradcam")
+    assert c.method == "gradcam" and c.grid.shape == (4, 4)
+
+
+def test_server(llama_ckpt):
+    """The OpenAI-style server on an InstructBLIP model: chat, stream and caption equal the Python API."""
+    pytest.importorskip("openai")
+    from test_serve import KEY, MODEL, client, raw, running, user
+
+    m = blip2.load(llama_ckpt)
+    images = make_images(2, seed=12)
+    with running(m) as (port, _, _):
+        c = client(port)
+        for image in images:
+            r = c.chat.completions.create(
+                model=MODEL, messages=[user(image, "what colour is it?")], temperature=0, max_tokens=6
+            )
+            assert r.choices[0].message.content == m.ask(image, "what colour is it?", max_new_tokens=6)
+            stream = c.chat.completions.create(
+                model=MODEL,
+                messages=[user(image, "what colour is it?")],
+                temperature=0,
+                max_tokens=6,
+                stream=True,
+            )
+            pieces = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            assert pieces == r.choices[0].message.content
+        buf = io.BytesIO()
+        images[0].save(buf, "PNG")
+        status, _, body = raw(port, "POST", "/v1/caption", buf.getvalue(), {"Content-Type": "image/png"})
+        assert status == 200 and body["text"] == m.caption(images[0])[0]
+    assert KEY
+
+
+def test_decode_settled_waits_for_byte_runs(llama_ckpt):
+    """Streaming with byte fallback: a run of byte tokens decodes together, so its text waits for the run's end."""
+    tok = blip2.load(llama_ckpt).processor.tokenizer
+    c3, a9, word = (
+        tok.token_to_id("<0xC3>"),
+        tok.token_to_id("<0xA9>"),
+        tok.encode(["red"], add_special_tokens=False)[0],
+    )
+    assert tok.decode_settled([c3]) is None and tok.decode_settled([c3, a9]) is None
+    assert tok.decode_settled([c3, a9, *word]) == tok.decode([c3, a9, *word]) == "é red"
+    assert tok.decode_settled(word) == "red"

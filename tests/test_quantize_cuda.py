@@ -114,8 +114,10 @@ def test_kernels_that_cannot_run_here_are_clear_errors():
     except ImportError:
         with pytest.raises(DependencyError, match="pip install bitsandbytes"):
             check_kernel(8, "bnb")
-    with pytest.raises(ValueError, match="int4' is a CUDA path"):
-        blip2.load("demo", quantize="int4")
+    with pytest.raises(ValueError, match="kernels are chosen for CUDA layers"):
+        blip2.load("demo", quantize="int4:tinygemm")
+    with pytest.raises(ValueError, match="group_size is for the CPU's int4 layers"):
+        blip2.load("demo", device="auto", quantize="int4", group_size=256)
     with pytest.raises(ValueError, match="quantize must be None, 'int8' or 'int4'"):
         blip2.load("demo", quantize="int3")
     with pytest.raises(ValueError, match="int8 kernel must be one of"):
@@ -148,18 +150,36 @@ def test_quantized_model_logits_stay_close(lm, opt_ckpt, t5_ckpt):
         assert not torch.equal(got, expected)
 
 
-def test_quantizing_for_the_cpu_part_of_a_placement_uses_the_cpu_kernels(opt_ckpt):
-    """A placement's CPU layers get ``blip2.quantize``'s int8 (fbgemm): as ``load(quantize="int8")``."""
-    from blip2.quantize import Int8Linear
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantizing_for_the_cpu_part_of_a_placement_uses_the_cpu_kernels(opt_ckpt, bits):
+    """A placement's CPU layers get ``blip2.quantize``'s layers (int4: the Q-Former's int8), as
+    ``load(quantize=...)`` on the CPU: the same tokens."""
+    from blip2.quantize import Int4Linear, Int8Linear
 
-    cpu_int8 = blip2.load(opt_ckpt, quantize="int8")
+    cpu = blip2.load(opt_ckpt, quantize=f"int{bits}")
     pipe = blip2.load(opt_ckpt)
-    assert quantize_model_(pipe.model, 8, lambda _: "cpu") == len(
+    assert quantize_model_(pipe.model, bits, lambda _: "cpu") == len(
         list(quantizable(blip2.load(opt_ckpt).model))
     )
-    assert all(not isinstance(m, CudaInt8Linear) for m in pipe.model.modules())
-    assert any(isinstance(m, Int8Linear) for m in pipe.model.modules())
+    kinds = {name: type(m) for name, m in pipe.model.named_modules()}
+    assert kinds == {name: type(m) for name, m in cpu.model.named_modules()}
+    assert not any(isinstance(m, CudaInt8Linear | CudaInt4Linear) for m in pipe.model.modules())
+    assert Int8Linear in kinds.values() and (Int4Linear in kinds.values()) == (bits == 4)
     images = make_images(2, seed=6)
-    assert pipe.generate_ids(images, "a photo of", max_new_tokens=6) == cpu_int8.generate_ids(
+    assert pipe.generate_ids(images, "a photo of", max_new_tokens=6) == cpu.generate_ids(
         images, "a photo of", max_new_tokens=6
     )
+
+
+def test_cuda_layers_follow_the_cpus_choice_of_bits(opt_ckpt):
+    """Under int4 the Q-Former's layers are int8 on a non-CPU device too, as on the CPU
+    (``blip2.quantize.model.INT4_PARTS``); the meta device stands in for CUDA (shapes only)."""
+    pipe = blip2.load(opt_ckpt)
+    quantize_model_(pipe.model, 4, lambda _: "meta", "dequant")
+    layers = {n: m for n, m in pipe.model.named_modules() if isinstance(m, CudaInt8Linear | CudaInt4Linear)}
+    assert layers and all(m.qweight.is_meta if isinstance(m, CudaInt8Linear) else m.packed.is_meta
+                          for m in layers.values())  # fmt: skip
+    for name, layer in layers.items():
+        int4_here = not name.startswith("qformer") and int4_group(layer.in_features, layer.out_features)
+        assert isinstance(layer, CudaInt4Linear if int4_here else CudaInt8Linear), name
+    assert any(isinstance(m, CudaInt4Linear) for m in layers.values())

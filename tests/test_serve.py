@@ -259,12 +259,22 @@ def _metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def _has_word_char(text: str) -> bool:
+    return any(i > 0 and ch.isascii() and ch.isalnum() for i, ch in enumerate(text))
+
+
 def test_choices_stop_and_seed(live, ref, images):
     c = client(live)
-    full = ref.generate(images[0], "the red", max_new_tokens=N)[0]
+    # a prompt whose text has a letter past its start, to cut at (the random model's texts are often bytes)
+    full, prompt = next(
+        (text, p)
+        for p in ("the red", "a", "the", "There are two green cubes and a")
+        for text in ref.generate(images[0], p, max_new_tokens=N)
+        if _has_word_char(text)
+    )
     r = c.chat.completions.create(
         model=MODEL,
-        messages=[user(images[0], "the red")],
+        messages=[user(images[0], prompt)],
         temperature=0,
         max_tokens=N,
         n=2,
@@ -278,7 +288,7 @@ def test_choices_stop_and_seed(live, ref, images):
     stop = full[k : k + 2]  # held back in the stream until it is clear it is one
     r = c.chat.completions.create(
         model=MODEL,
-        messages=[user(images[0], "the red")],
+        messages=[user(images[0], prompt)],
         temperature=0,
         max_tokens=N,
         stop=[stop],
@@ -287,7 +297,7 @@ def test_choices_stop_and_seed(live, ref, images):
     assert r.choices[0].message.content == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
     stream = c.chat.completions.create(
         model=MODEL,
-        messages=[user(images[0], "the red")],
+        messages=[user(images[0], prompt)],
         temperature=0,
         max_tokens=N,
         stop=stop,
@@ -482,6 +492,96 @@ def test_bad_request_in_a_batch_fails_alone(pipe, ref, images):
         )
         _, _, text = raw(port, "GET", "/metrics")
         assert _metric(text, 'blip2_batch_rows_sum{kind="generate"}') >= 3
+
+
+class FailsAfterFirstStep:
+    """The pipeline, whose generation raises after yielding its first step: once for the first batch
+    of more than one row, and every time for a batch holding a prompt with "boom". Records the
+    batches' sizes and the tokens each run was given as forced."""
+
+    def __init__(self, pipe):
+        self._pipe, self.batches, self.faults, self.forced = pipe, [], 0, []
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    def generate_steps(self, images, prompts, forced=None, **kw):
+        steps = self._pipe.generate_steps(images, prompts, forced=forced, **kw)
+        self.batches.append(len(prompts))
+        self.forced.append(forced)
+        if any("boom" in p for p in prompts) or (len(prompts) > 1 and not self.faults):
+            self.faults += 1
+            return self._fail_after_first(steps)
+        return steps
+
+    @staticmethod
+    def _fail_after_first(steps):
+        yield next(steps)
+        steps.close()
+        raise RuntimeError("injected fault after the first step")
+
+
+def stream_events(port, body) -> list:
+    """The data events of one raw streaming request, parsed (``[DONE]`` kept as the string)."""
+    status, _, text = post_json(port, "/v1/chat/completions", dict(body, stream=True))
+    assert status == 200, text
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
+def streamed_text(events) -> str:
+    return "".join(
+        ch["delta"].get("content") or "" for e in events if isinstance(e, dict) for ch in e.get("choices", [])
+    )
+
+
+def _first_piece_shows(pipe, image, prompt) -> bool:
+    """The first token is text of its own, which a re-sent first step would visibly repeat."""
+    ids = pipe.generate_ids(image, prompt, max_new_tokens=N)[0]
+    first, text = pipe.processor.decode(ids[:1]), pipe.processor.decode(ids)
+    return bool(first.strip()) and "\ufffd" not in first and not text.startswith(first * 2)
+
+
+def test_failed_batch_resumes_streams_never_twice(pipe, ref, images):
+    """A batch fails after its first step (already streamed): each request runs again alone from the
+    tokens it was sent, and every client's text is the text of a run that never failed."""
+    prompts = ["a", "Question: what is it? Answer:", "the red cube", "There are two green cubes and a", "the"]
+    cases = [(im, p) for p in prompts for im in images if _first_piece_shows(ref, im, p)][:4]
+    assert len(cases) == 4
+    wrapped = FailsAfterFirstStep(pipe)
+    with running(wrapped, max_batch=4, batch_wait_ms=1000) as (port, _, _):
+        bodies = [chat_body(im, p, raw_prompt=True) for im, p in cases]
+        with ThreadPoolExecutor(4) as pool:
+            answer = pool.submit(post_json, port, "/v1/chat/completions", bodies[3])
+            streams = list(pool.map(lambda b: stream_events(port, b), bodies[:3]))
+        for events, (image, prompt) in zip(streams, cases[:3], strict=True):
+            assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+            assert streamed_text(events) == ref.generate(image, prompt, max_new_tokens=N)[0]
+        status, _, body = answer.result()
+        assert status == 200
+        image, prompt = cases[3]
+        assert body["choices"][0]["message"]["content"] == ref.generate(image, prompt, max_new_tokens=N)[0]
+    assert wrapped.faults == 1 and wrapped.batches[0] == 4  # the fault hit the batch of all four
+    # each request ran again alone, from its one token of the failed batch
+    assert wrapped.batches[1:] == [1] * 4 and all(len(f) == 1 and len(f[0]) == 1 for f in wrapped.forced[1:])
+
+
+def test_stream_that_fails_again_ends_in_an_error_after_its_text(pipe, ref, images):
+    """A request whose run alone fails too: its stream is what was sent, then an error event; the
+    other request of the batch is unharmed."""
+    image, bad_prompt = next(
+        (im, p) for p in ["the boom", "boom a", "a boom"] for im in images if _first_piece_shows(ref, im, p)
+    )
+    wrapped = FailsAfterFirstStep(pipe)
+    with running(wrapped, max_batch=2, batch_wait_ms=1000) as (port, _, _):
+        bodies = [chat_body(image, "the red", raw_prompt=True), chat_body(image, bad_prompt, raw_prompt=True)]
+        with ThreadPoolExecutor(2) as pool:
+            good, bad = pool.map(lambda b: stream_events(port, b), bodies)
+    assert wrapped.batches[0] == 2 and wrapped.faults == 2  # the batch, then the "boom" request alone
+    assert good[-1] == "[DONE]" and streamed_text(good) == ref.generate(image, "the red", max_new_tokens=N)[0]
+    first = ref.generate_ids(image, bad_prompt, max_new_tokens=N)[0][:1]
+    assert streamed_text(bad) == ref.processor.decode(first)  # the first step, once
+    assert "error" in bad[-1] and "[DONE]" not in bad
 
 
 def test_remote_images_when_allowed(pipe, ref, images, tmp_path):

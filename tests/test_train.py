@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
+import shutil
 import tarfile
 from collections import Counter
 
@@ -15,6 +17,8 @@ import torch.nn.functional as F
 
 import blip2
 from blip2.api import _load_processor, build_model
+from blip2.errors import CheckpointError
+from blip2.train import loop
 from blip2.train import stage1 as s1
 from blip2.train.data import Batch, open_dataset
 from blip2.train.loop import TrainConfig, make_stage, prepare, train
@@ -186,63 +190,98 @@ def test_itg_mask_and_loss_by_hand():
     assert s1.itg_loss(logits, labels).item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_stage1_losses_on_the_model(itm_ckpt):
+def _itg_mask(num_queries: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> additive (B, 1, Q+T, Q+T), entry by entry: a query sees the queries; a text token sees
+    the queries and the real (non-padding) tokens up to itself, padding itself too."""
+    b, t = text_mask.shape
+    n = num_queries + t
+    blocked = torch.full((b, 1, n, n), torch.finfo(torch.float32).min)
+    for r in range(b):
+        for i in range(n):
+            for j in range(n):
+                text_ok = j >= num_queries and (j == i or (j < i and text_mask[r, j - num_queries]))
+                if j < num_queries or (i >= num_queries and text_ok):
+                    blocked[r, 0, i, j] = 0.0
+    return blocked
+
+
+def test_stage1_losses_equal_a_recomputation_from_the_reference(itm_ckpt):
+    """ITC, ITM and ITG re-computed plainly from the reference's retrieval model (its vision model,
+    query tokens, Q-Former, embeddings, projections and ITM head) on the same batch and weights.
+
+    The hard negatives are drawn as the stage draws them (softmax of the similarities over the
+    temperature, the example's own image and text excluded) from the same seed. The reference has no
+    ITG head (its retrieval model does not train): the stage's BERT LM head weights are applied here
+    by hand to the reference Q-Former's text outputs, with the reference's word embeddings as decoder."""
+    from transformers.activations import ACT2FN
+
+    n = 4
     stage, processor, _ = _stage(itm_ckpt, 1)
-    stage.eval()  # no dropout: the losses are deterministic
-    batch = _batch(processor, 2)
+    stage.eval()  # no dropout: the losses are deterministic but for the negatives' draw
+    batch = _batch(processor, n, seed=7)
+    torch.manual_seed(11)
     with torch.no_grad():
         loss, parts = stage(batch)
-        assert loss.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
-        m = stage.model
-        ids, mask = stage.tokenize(batch.texts)
-        vision = m.vision(batch.pixels)
-        q_out = m.qformer(queries=m.queries.expand(2, -1, -1), image=vision)
-        img = m.image_embeddings(q_out)
-        txt = m.text_embeddings(ids, mask)
-        sims = [
-            [max(float(img[i, q] @ txt[t]) for q in range(img.shape[1])) for t in range(2)] for i in range(2)
-        ]
-        i2t = [[sims[i][t] / 0.07 for t in range(2)] for i in range(2)]
-        t2i = [[sims[i][t] / 0.07 for i in range(2)] for t in range(2)]
-        itc = (
-            sum(_smoothed_ce(i2t[b], b) for b in range(2)) + sum(_smoothed_ce(t2i[b], b) for b in range(2))
-        ) / 4
-        assert parts["itc"].item() == pytest.approx(itc, rel=1e-5)
-        # with two different images the one hard negative is the other example
-        pairs = [
-            (0, 0),
-            (1, 1),
-            (1, 0),
-            (0, 1),
-            (0, 1),
-            (1, 0),
-        ]  # (image, text): positives, neg images, neg texts
-        logits = m.itm_logits(
-            vision[[i for i, _ in pairs]], ids[[t for _, t in pairs]], mask[[t for _, t in pairs]]
-        )
-        itm = sum(_smoothed_ce(logits[k].tolist(), 1 if k < 2 else 0, eps=0.0) for k in range(6)) / 6
+    assert loss.item() == pytest.approx(sum(v.item() for v in parts.values()), rel=1e-6)
+
+    ref, ref_processor = load_reference(itm_ckpt)
+    ids, mask = stage.tokenize(batch.texts)
+    enc = ref_processor.tokenizer(batch.texts, padding=True, return_tensors="pt")
+    assert torch.equal(ids, enc["input_ids"]) and torch.equal(mask, enc["attention_mask"])
+    pixels, temp = batch.pixels, stage.temp.item()
+    assert temp == pytest.approx(0.07)
+
+    with torch.no_grad():
+        # ITC: the reference's similarities (max over queries of the cosines), smoothed CE both ways
+        sims = ref(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits_per_image  # (I, T)
+        itc = sum(_smoothed_ce((sims[b] / temp).tolist(), b) for b in range(n))
+        itc += sum(_smoothed_ce((sims[:, b] / temp).tolist(), b) for b in range(n))
+        assert parts["itc"].item() == pytest.approx(itc / (2 * n), rel=1e-5)
+
+        # ITM: one negative image per text and one negative text per image, then the reference's head
+        torch.manual_seed(11)
+        own = torch.eye(n, dtype=torch.bool)
+        neg_image = torch.multinomial(torch.softmax((sims.T / temp).masked_fill(own, -torch.inf), 1), 1)[:, 0]
+        neg_text = torch.multinomial(torch.softmax((sims / temp).masked_fill(own, -torch.inf), 1), 1)[:, 0]
+        pairs = [(b, b) for b in range(n)]
+        pairs += [(int(neg_image[b]), b) for b in range(n)] + [(b, int(neg_text[b])) for b in range(n)]
+        image_rows, text_rows = [i for i, _ in pairs], [t for _, t in pairs]
+        itm_logits = ref(
+            pixel_values=pixels[image_rows],
+            input_ids=ids[text_rows],
+            attention_mask=mask[text_rows],
+            use_image_text_matching_head=True,
+        ).logits_per_image  # (3n, 2)
+        labels = [1] * n + [0] * (2 * n)
+        itm = sum(_smoothed_ce(itm_logits[k].tolist(), labels[k], eps=0.0) for k in range(3 * n)) / (3 * n)
         assert parts["itm"].item() == pytest.approx(itm, rel=1e-5)
-        # ITG: [DEC] (here the tokenizer's [CLS]) first, causal text over the queries, BERT LM head
+
+        # ITG: [DEC] (or [CLS]) first; queries and causal text through the reference's Q-Former
+        tok = ref_processor.tokenizer
+        dec_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        assert stage.dec_id == dec_id
         dec = ids.clone()
-        dec[:, 0] = stage.dec_id
-        out = m.qformer(
-            queries=m.queries.expand(2, -1, -1),
-            image=vision,
-            input_ids=dec,
-            self_attn_mask=s1.itg_attention_mask(m.cfg.num_query_tokens, mask),
-        )[:, m.cfg.num_query_tokens :]
-        h = stage.text_head
-        scores = F.layer_norm(
-            F.gelu(out @ h.dense.weight.T + h.dense.bias), (out.shape[-1],), h.norm.weight, h.norm.bias, 1e-12
-        )
-        scores = scores @ m.qformer.word_embed.weight.T + h.bias
+        dec[:, 0] = dec_id
+        q = ref.query_tokens.shape[1]
+        vision = ref.vision_model(pixel_values=pixels).last_hidden_state
+        embeds = ref.embeddings(input_ids=dec, query_embeds=ref.query_tokens.expand(n, -1, -1))
+        text_out = ref.qformer(
+            query_embeds=embeds,
+            query_length=q,
+            attention_mask=_itg_mask(q, mask),
+            encoder_hidden_states=vision,
+        ).last_hidden_state[:, q:]
+        h, qcfg = stage.text_head, ref.config.qformer_config
+        hidden = ACT2FN[qcfg.hidden_act](F.linear(text_out, h.dense.weight, h.dense.bias))
+        hidden = F.layer_norm(hidden, (qcfg.hidden_size,), h.norm.weight, h.norm.bias, qcfg.layer_norm_eps)
+        scores = hidden @ ref.embeddings.word_embeddings.weight.T + h.bias  # (n, T, V)
         terms = [
             _smoothed_ce(scores[b, t].tolist(), int(dec[b, t + 1]))
-            for b in range(2)
+            for b in range(n)
             for t in range(dec.shape[1] - 1)
             if mask[b, t + 1]
         ]
-        assert parts["itg"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-4)
+        assert parts["itg"].item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 # ---- freezing --------------------------------------------------------------------------------------------
@@ -352,12 +391,88 @@ def test_resume_gives_the_same_weights(itm_ckpt, data_dir, tmp_path):
     a, b = read_state(whole), read_state(parts)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    sa = torch.load(whole / "train_state" / "state.pt", weights_only=False)["trained"]
-    sb = torch.load(parts / "train_state" / "state.pt", weights_only=False)["trained"]
+    sa = torch.load(whole / "train_state" / "state.pt", weights_only=True)["trained"]
+    sb = torch.load(parts / "train_state" / "state.pt", weights_only=True)["trained"]
     for k in sa:  # the ITG head and temperature too
         assert torch.equal(sa[k], sb[k]), k
     assert [r["step"] for r in _log(parts)] == list(range(1, 5))
     assert [r["loss"] for r in _log(parts)] == [r["loss"] for r in _log(whole)]
+
+
+@pytest.fixture(scope="module")
+def interrupted(opt_ckpt, data_dir, tmp_path_factory):
+    """The output folder of a run stopped after its first of three steps (training state saved)."""
+    out = tmp_path_factory.mktemp("interrupted")
+    assert _run(opt_ckpt, data_dir, out, 2, steps=3, stop_after=1).interrupted
+    return out
+
+
+def _state_copy(interrupted, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(interrupted, out)
+    return out, out / "train_state"
+
+
+class _RunsCode:
+    """Unpickling this runs code: it writes ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("name", ["state.pt", "rng.0.pt"])
+def test_resume_refuses_a_pickle_that_runs_code(name, opt_ckpt, data_dir, interrupted, tmp_path):
+    out, state = _state_copy(interrupted, tmp_path)
+    marker = tmp_path / "ran"
+    torch.save({"progress": _RunsCode(marker), "step": 1, "rng": _RunsCode(marker)}, state / name)
+    with pytest.raises(CheckpointError, match=f"{name}: refused"):
+        _run(opt_ckpt, data_dir, out, 2, steps=3, resume=True)
+    assert not marker.exists()
+    torch.load(state / name, weights_only=False)  # the file is a real exploit: a plain load runs it
+    assert marker.read_text() == "ran"
+
+
+def _rewrite(path, edit):
+    data = torch.load(path, weights_only=True)
+    edit(data)
+    torch.save(data, path)
+
+
+STATE_DAMAGE = {
+    "rng file missing": (lambda s: (s / "rng.0.pt").unlink(), "rng.0.pt: missing"),
+    "rng of another step": (lambda s: _rewrite(s / "rng.0.pt", lambda d: d.update(step=0)), "rng.0.pt: random state of step 0"),
+    "rng state gutted": (lambda s: _rewrite(s / "rng.0.pt", lambda d: d["rng"].pop("numpy")), "rng.0.pt: the random state"),
+    "state without optimizer": (lambda s: _rewrite(s / "state.pt", lambda d: d.pop("optimizer")), "state.pt: not a complete"),
+    "state truncated": (lambda s: (s / "state.pt").write_bytes((s / "state.pt").read_bytes()[:100]), "state.pt: unreadable"),
+    "trained tensor reshaped": (
+        lambda s: _rewrite(s / "state.pt", lambda d: d["trained"].update({"model.queries": torch.zeros(3)})),
+        "state.pt: model.queries has shape",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", sorted(STATE_DAMAGE))
+def test_resume_fails_clearly_on_damaged_state(damage, opt_ckpt, data_dir, interrupted, tmp_path):
+    out, state = _state_copy(interrupted, tmp_path)
+    edit, message = STATE_DAMAGE[damage]
+    edit(state)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        _run(opt_ckpt, data_dir, out, 2, steps=3, resume=True)
+
+
+def test_every_rank_checks_every_rng_file(interrupted, tmp_path, monkeypatch):
+    """Under DDP a rank whose RNG file is missing must not leave the others waiting: rank 0 refuses too."""
+    out, state = _state_copy(interrupted, tmp_path)
+    _rewrite(state / "state.pt", lambda d: d["progress"]["setup"].update(world=2))
+    shutil.copyfile(state / "rng.0.pt", state / "rng.1.pt")
+    setup = torch.load(state / "state.pt", weights_only=True)["progress"]["setup"]
+    monkeypatch.setattr(loop, "dist_info", lambda: (0, 2))
+    (state / "rng.1.pt").unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"{state / 'rng.1.pt'}: missing")):
+        loop.load_state(out, None, None, setup)  # refused before the model or optimizer is touched
 
 
 # ---- data -------------------------------------------------------------------------------------------------

@@ -19,10 +19,9 @@ from .chat import (
 )
 from .config import Blip2Config
 from .errors import CheckpointError, InputError
-from .generate import GenerationConfig, PrefillCache, generate_ids, stream_ids
-from .layers import Linear
+from .generate import GenerationConfig, PrefillCache, check_forced, generate_ids, stream_ids
 from .model import Blip2
-from .weights import load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
+from .weights import empty_modules, load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +33,25 @@ VISION_CACHE_SIZE = (
 
 
 def build_model(folder: Path, dtype: torch.dtype | str | None = None) -> tuple[Blip2, Blip2Config]:
-    """Read ``config.json`` and the weights of a checkpoint folder into a ready ``Blip2`` (on CPU, eval)."""
+    """Read ``config.json`` and the weights of a checkpoint folder into a ready ``Blip2`` (on CPU, eval).
+
+    A quantized checkpoint (``blip2.quantize.checkpoint``) gets its low-bit layers built packed and
+    filled from the file's tensors as they are.
+    """
+    from .quantize.checkpoint import saved_quantization
+
     cfg = Blip2Config.from_file(folder / "config.json")
     dtype = resolve_dtype(dtype)
     files = weight_files(folder)
-    with torch.device("meta"):
+    saved = saved_quantization(folder)
+    with empty_modules():
         model = Blip2(cfg)
-    tensors = read_tensors(files)
-    load_into(model, tensors, cfg, dtype)
+        packed = saved.prepare(model, cfg) if saved else set()
+    origins: dict[str, Path] = {}
+    tensors = read_tensors(files, origins)
+    if saved:
+        saved.check(model, tensors, origins, cfg)
+    load_into(model, tensors, cfg, dtype, packed)
     return model.eval(), cfg
 
 
@@ -62,6 +72,17 @@ class Pipeline:
     @property
     def config(self) -> Blip2Config:
         return self.model.cfg
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the model as loaded to ``folder`` (hub layout): a quantized model's low-bit layers as their
+        packed tensors (``blip2.load(folder)`` then maps them, quantizing nothing), the rest as the source
+        checkpoint has it; tokenizer, processor and generation files copied."""
+        from .quantize.checkpoint import save
+        from .quantize_cuda import cuda_quantized
+
+        if cuda_quantized(self.model):
+            raise ValueError("CUDA int8 / int4 layers are not saved: save a CPU-quantized or float model")
+        return save(self.model, self.folder, folder)
 
     def __repr__(self) -> str:
         kind = "retrieval" if self.config.retrieval else (self.config.text.kind if self.config.text else "?")
@@ -91,19 +112,29 @@ class Pipeline:
         """Yield the continuation of ``prompt`` for one image piece by piece, as it is produced."""
         yield from self._stream_text(self.generate_steps(image, prompt, **gen))
 
-    def generate_steps(self, images, prompts, **gen) -> Iterator[list[int | None]]:
+    def generate_steps(
+        self, images, prompts, forced: list[list[int]] | None = None, **gen
+    ) -> Iterator[list[int | None]]:
         """As :meth:`generate_ids`, step by step: each row's new token per step (None once the row is
         done). A batch streams as one (the server batches streaming requests with it). Beam search
-        yields its finished result, one token per step, at the end. Bad input raises here, at the call."""
+        yields its finished result, one token per step, at the end. Bad input raises here, at the call.
+
+        ``forced``: per row, token ids taken as its first new tokens instead of choosing them (they are
+        yielded too). A run cut short resumes this way: greedy then goes on as the uncut run did.
+        Greedy or sampling only."""
         lm, embeds, mask, ids, ids_mask, cfg, _ = self._prepare(images, prompts, gen)
-        return _steps(lm, embeds, mask, cfg, ids, ids_mask, self.decoder)
+        check_forced(forced, embeds.shape[0], cfg, lm.lm_head.out_features)
+        return _steps(lm, embeds, mask, cfg, ids, ids_mask, forced, self.decoder)
 
     def caption(self, images, prompt: str | None = None, **gen) -> list[str]:
         """A caption per image; ``prompt`` (e.g. "a photo of") is continued. No prompt: image + BOS only
         (InstructBLIP: the instruction ``A short image description:``, its paper's captioning prompt)."""
-        if prompt is None and self.config.instruction_aware:
-            prompt = INSTRUCT_CAPTION_PROMPT
-        return self.generate(images, prompt, **gen)
+        return self.generate(images, self.caption_prompt if prompt is None else prompt, **gen)
+
+    @property
+    def caption_prompt(self) -> str:
+        """What ``caption`` continues by default: nothing (BLIP-2), ``A short image description:`` (InstructBLIP)."""
+        return INSTRUCT_CAPTION_PROMPT if self.config.instruction_aware else ""
 
     @property
     def question_template(self) -> str:
@@ -193,7 +224,7 @@ class Pipeline:
         for group in by_length.values():
             ids = torch.tensor([instructions[i] for i in group], dtype=torch.long, device=self.device)
             feats = torch.stack([vision[pixel_keys[i]] for i in group])
-            for i, prefix in zip(group, model.features_from_vision(feats, ids).prefix, strict=True):
+            for i, prefix in zip(group, model.query_features(feats, ids).prefix, strict=True):
                 out[i] = prefix
         return [out[i] for i in rows]
 
@@ -282,7 +313,8 @@ class Pipeline:
         return input_ids, mask, cfg, keep
 
     def _stream_text(self, steps) -> Iterator[str]:
-        """Token steps of one row -> text pieces, held back while a character is incomplete."""
+        """Token steps of one row -> text pieces, held back while the text is not settled (a character
+        cut between tokens)."""
         tokens: list[int] = []
         sent = ""
         for row in steps:
@@ -290,8 +322,8 @@ class Pipeline:
             if token is None:
                 break
             tokens.append(token)
-            text = self.processor.decode(tokens)
-            if text.endswith("\ufffd"):
+            text = self.processor.decode_settled(tokens)
+            if text is None:
                 continue
             if len(text) > len(sent) and text.startswith(sent):
                 yield text[len(sent) :]
@@ -350,6 +382,7 @@ def load(
     dtype: torch.dtype | str | None = None,
     quantize: str | None = None,
     exact: bool = False,
+    group_size: int | None = None,
     compile: bool | str = False,
     max_memory: Mapping | None = None,
 ) -> Pipeline:
@@ -362,36 +395,64 @@ def load(
     ``blip2.placement``).
     ``dtype``: float32 (default), bfloat16 or float16 for the vision encoder and the language model;
     the Q-Former and its queries stay float32, as in the reference.
-    ``quantize``: ``"int8"``, weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
-    language model (on CPU see ``blip2.quantize``); ``"int4"`` (CUDA): 4-bit groups
-    (``blip2.quantize_cuda``; ``"int8:bnb"``, ``"int4:bnb"``... pick a kernel).
+    ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
+    language model; ``"int4"``: the vision encoder's and the language model's 4-bit with a scale and
+    minimum per ``group_size`` inputs (128 by default on the CPU), the Q-Former's 8-bit. On the CPU
+    these are ``blip2.quantize``'s native kernels; on CUDA ``blip2.quantize_cuda``'s layers
+    (``"int8:bnb"``, ``"int4:tinygemm"``... pick a kernel; int4 groups of 128, else 64 or 32). A
+    checkpoint written by ``blip2 quantize`` / :meth:`Pipeline.save` loads quantized as it was saved,
+    with nothing to pass (a CPU format).
     ``exact=True``: float32 on CPU runs its matmuls through the reference's kernel (MKL ``sgemm``)
-    instead of the native few-row kernel and oneDNN's: OPT's logits then equal the reference's bit
-    for bit (T5's to ~1e-6), at up to ~4x the time per decode step of several rows. The default
-    differs by float32 rounding only (see ``layers.Linear``); it can flip a greedy choice only where
-    two tokens tie to that rounding.
+    and decode steps' attention through PyTorch's fused kernel, instead of the native kernel and
+    plain batched products: OPT's logits then equal the reference's bit for bit (T5's to ~1e-6), at
+    up to ~4x the time per decode step of several rows. The default differs by float32 rounding
+    only (see ``layers.Linear``), and gives a row the same bits alone or in any batch; it can flip a
+    greedy choice only where two tokens tie to that rounding. It is a float32 path: not with ``quantize`` or a quantized checkpoint.
     ``compile=True`` (CUDA): decode steps on a static KV cache, captured once per shape as a CUDA graph
     and replayed; ``"inductor"``: the step compiled by ``torch.compile`` first; ``"static"``: the
     static-shape step without capture, on any device (see ``blip2.fastdecode``).
     """
+    from .quantize.checkpoint import method_of
+
     t0 = time.perf_counter()
     bits, kernel = _quantize_spec(quantize)
     if compile not in (False, True, "graphs", "inductor", "static"):
         raise ValueError(f"compile must be False, True, 'graphs', 'inductor' or 'static', not {compile!r}")
-    if (
-        bits == 4
-        and not isinstance(device, Mapping)
-        and device != "auto"
-        and torch.device(device).type == "cpu"
-    ):
-        raise ValueError("quantize='int4' is a CUDA path here: load on a GPU, or use 'int8' on the CPU")
+    if group_size is not None and bits != 4:
+        raise ValueError("group_size is for quantize='int4'")
+    if quantize and exact:
+        raise ValueError("exact=True is the reference's float32 arithmetic: it does not go with quantize")
+    placed = isinstance(device, Mapping) or device == "auto"
+    if not placed:
+        device = torch.device(device)
+        if bits and device.type not in ("cpu", "cuda"):
+            raise ValueError(f"quantize={quantize!r} runs on the CPU or CUDA, not {device.type}")
+        if kernel and device.type == "cpu":
+            raise ValueError(
+                f"quantize={quantize!r}: kernels are chosen for CUDA layers; on the CPU pass "
+                f"quantize='int{bits}' (blip2.quantize's native kernels)"
+            )
+    if group_size is not None and (placed or device.type != "cpu"):
+        raise ValueError("group_size is for the CPU's int4 layers; CUDA's take groups of 128 (else 64 or 32)")
     folder = resolve_checkpoint(name_or_path)
     model, cfg = build_model(folder, dtype)
+    saved, saved_group = method_of(model)
+    if saved:
+        if exact:
+            raise ValueError(f"{folder} is quantized ({saved}): exact=True needs a float32 checkpoint")
+        if placed or device.type != "cpu":
+            raise ValueError(f"{folder} is quantized ({saved}), a CPU format; load its float source on a GPU")
+        if quantize and (quantize, group_size or saved_group) != (saved, saved_group):
+            raise ValueError(
+                f"{folder} is already quantized ({saved}{f', group size {saved_group}' if saved_group else ''}); "
+                "load it without quantize=, or quantize its float source"
+            )
+        bits = None  # nothing left to quantize
     if exact:
         for module in model.modules():
-            if isinstance(module, Linear):
+            if hasattr(module, "fast_kernels"):  # the linear layers, and attention's decode steps
                 module.fast_kernels = False
-    device = _place(model, device, bits, kernel, max_memory)
+    device = _place(model, device, bits, kernel, group_size, max_memory)
     processor = _load_processor(folder, cfg)
     log.info("loaded %s in %.1f s", folder, time.perf_counter() - t0)
     pipe = Pipeline(model, processor, folder, device)
@@ -419,7 +480,9 @@ def _quantize_spec(quantize: str | None) -> tuple[int | None, str | None]:
     return bits, kernel or None
 
 
-def _place(model: Blip2, device, bits: int | None, kernel: str | None, max_memory) -> torch.device:
+def _place(
+    model: Blip2, device, bits: int | None, kernel: str | None, group_size: int | None, max_memory
+) -> torch.device:
     """Quantize and move the model as asked; returns the device the pipeline feeds (the main one)."""
     if isinstance(device, Mapping) or device == "auto":
         from .placement import device_budgets, model_units, place, plan_auto, plan_from_map
@@ -433,13 +496,11 @@ def _place(model: Blip2, device, bits: int | None, kernel: str | None, max_memor
             return place(model, plan, bits, kernel).main
         device = "cpu"
     device = torch.device(device)
-    if device.type == "cpu":
-        if bits == 4:  # device="auto" without a GPU
-            raise ValueError("quantize='int4' is a CUDA path here: load on a GPU, or use 'int8' on the CPU")
+    if device.type == "cpu":  # blip2.quantize's layers and kernels
         if bits:
-            from .quantize import quantize_model_
+            from .quantize import DEFAULT_GROUP_SIZE, quantize_model_
 
-            quantize_model_(model)
+            quantize_model_(model, f"int{bits}", group_size or DEFAULT_GROUP_SIZE)
         return device
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -469,9 +530,9 @@ def _load_processor(folder: Path, cfg: Blip2Config):
 
 
 @torch.inference_mode()
-def _steps(lm, embeds, mask, cfg, ids, ids_mask, decoder=None) -> Iterator[list[int | None]]:
+def _steps(lm, embeds, mask, cfg, ids, ids_mask, forced=None, decoder=None) -> Iterator[list[int | None]]:
     # The decorator (unlike a `with` inside) leaves inference mode between steps: the caller's is untouched.
-    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask, decoder=decoder)
+    yield from stream_ids(lm, embeds, mask, cfg, ids, ids_mask, forced, decoder)
 
 
 def _generation_defaults(folder: Path, cfg: Blip2Config) -> GenerationConfig:

@@ -30,6 +30,8 @@ COMMAND_MODULES: tuple[str, ...] = (
     "blip2.serve.cli",
     "blip2.retrieval_cli",
     "blip2.eval.cli",
+    "blip2.quantize.cli",
+    "blip2.bulk.cli",
 )
 
 
@@ -54,8 +56,15 @@ def model_options() -> argparse.ArgumentParser:
         "--quantize",
         default=None,
         choices=["int8", "int4"],
-        help="int8: weight-only 8-bit vision encoder and language model (CPU; ~4x less memory, faster); "
-        "int4: 4-bit groups (CUDA)",
+        help="int8: weight-only 8-bit vision encoder, Q-Former and language model; int4: the vision encoder "
+        "and language model 4-bit, the Q-Former 8-bit (CPU: native kernels, ~4x / ~6x less memory, faster; "
+        "CUDA: blip2.quantize_cuda's layers). Not for a checkpoint `blip2 quantize` wrote",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="int4 on the CPU: inputs per scale, a multiple of 128 (default 128)",
     )
     p.add_argument(
         "--compile",
@@ -110,6 +119,7 @@ def _load(args: argparse.Namespace):
         dtype=args.dtype,
         quantize=getattr(args, "quantize", None),
         exact=getattr(args, "exact", False),
+        group_size=getattr(args, "group_size", None),
         compile=getattr(args, "compile", False),
     )
 
@@ -126,6 +136,8 @@ def _caption(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise_input(f"--batch-size must be at least 1, not {args.batch_size}")
+    if args.heatmap and len(args.images) != 1:
+        raise_input(f"--heatmap draws one image's map: give one image, not {len(args.images)}")
     # Read, caption and print one batch at a time: memory holds one batch of decoded images however many
     # paths are given, and the first captions appear at once. Unreadable images are reported as they
     # come; the rest are still captioned. The model loads with the first readable image.
@@ -144,7 +156,6 @@ def _caption(args: argparse.Namespace) -> int:
                 if model is None:
                     model = _load(args)
                 texts = model.caption(images, prompt=args.prompt, **_gen_kwargs(args))
-                del images  # the next batch is read only after this one is let go
                 for path, text in zip(read, texts, strict=True):
                     if args.json:
                         line = json.dumps({"image": path, "text": text}, ensure_ascii=False)
@@ -154,6 +165,9 @@ def _caption(args: argparse.Namespace) -> int:
                         line = f"{path}\t{text.strip()}"
                     bar.write(line, file=sys.stdout)
                     sys.stdout.flush()
+                if args.heatmap:  # (one image)
+                    _write_heatmap(model, images[0], texts[0], args)
+                del images  # the next batch is read only after this one is let go
             bar.update(len(chunk))
     if failed:
         _error(f"{failed} of {len(paths)} images could not be read")
@@ -174,6 +188,15 @@ def _read_images(paths: Sequence[str], report) -> tuple[list[str], list[Image.Im
         except ImageError as e:
             report(str(e))
     return read, images
+
+
+def _write_heatmap(model, image, caption: str, args: argparse.Namespace) -> None:
+    """Where the model looked for ``caption``, drawn over the image (at least 256 px) as ``--heatmap``."""
+    from .attention_map import attention_map, overlay
+
+    found = attention_map(model, image, caption, prompt=args.prompt or "", method=args.heatmap_method)
+    overlay(image, found.grid, min_side=256).save(args.heatmap)
+    print(f"blip2: {args.heatmap}: where it looked ({found.method})", file=sys.stderr)
 
 
 def raise_input(message: str):
@@ -246,6 +269,20 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", default=None, help='text the caption continues, e.g. "a photo of"')
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
     p.add_argument("--json", action="store_true", help='one JSON line per image: {"image": ..., "text": ...}')
+    p.set_defaults(func=_caption)
+
+    p.add_argument(
+        "--heatmap",
+        metavar="PNG",
+        default=None,
+        help="also draw where the model looked over the image (one image) into this file",
+    )
+    p.add_argument(
+        "--heatmap-method",
+        choices=["auto", "attention", "gradcam"],
+        default="auto",
+        help="Q-Former cross-attention (auto for generation models) or Grad-CAM of the caption",
+    )
     p.set_defaults(func=_caption)
 
     p = subparsers.add_parser("ask", parents=[common, gen], help="answer questions about an image")

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError
+from .json_fields import JsonFields, is_integer
+from .layers import ACTIVATIONS
 
 # Architectures we can build, keyed by the hub's class name.
 GENERATION_ARCHITECTURES = {"Blip2ForConditionalGeneration", "Blip2Model"}
@@ -163,10 +165,8 @@ class Blip2Config:
             d = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointError(f"{path}: no config.json in this checkpoint folder") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{path}: not a readable JSON config ({e})") from None
-        if not isinstance(d, dict):
-            raise CheckpointError(f"{path}: config.json does not hold a JSON object")
         return _blip2_from_dict(d, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -175,176 +175,208 @@ class Blip2Config:
         return _blip2_to_dict(self)
 
 
-def _get(d: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
+# ---- reading: the hub's keys -> our fields, each value checked ------------------------------------------
 
 
-def _int_or_first(value: Any) -> int:
-    return int(value[0]) if isinstance(value, (list, tuple)) else int(value)
-
-
-def _vision_from_dict(d: dict[str, Any]) -> VisionConfig:
+def _vision_from_dict(f: JsonFields) -> VisionConfig:
     base = VisionConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    f.divisible("hidden_size", "num_attention_heads", hidden, heads)
+    image_size = f.integer("image_size", default=base.image_size, min=1, listed=True)
+    patch_size = f.integer("patch_size", default=base.patch_size, min=1, listed=True)
+    if patch_size > image_size:
+        raise f.fail("patch_size", f"at most the image size ({image_size})")
     return VisionConfig(
-        hidden_size=_get(d, "hidden_size", default=base.hidden_size),
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
-        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
-        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
-        image_size=_int_or_first(_get(d, "image_size", default=base.image_size)),
-        patch_size=_int_or_first(_get(d, "patch_size", default=base.patch_size)),
-        layer_norm_eps=_get(d, "layer_norm_eps", default=base.layer_norm_eps),
-        qkv_bias=_get(d, "qkv_bias", default=base.qkv_bias),
-        activation=_get(d, "hidden_act", default=base.activation),
+        hidden_size=hidden,
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
+        num_heads=heads,
+        mlp_size=f.integer("intermediate_size", default=base.mlp_size, min=1),
+        image_size=image_size,
+        patch_size=patch_size,
+        layer_norm_eps=f.number("layer_norm_eps", default=base.layer_norm_eps, positive=True),
+        qkv_bias=f.flag("qkv_bias", default=base.qkv_bias),
+        activation=f.text("hidden_act", default=base.activation, choices=ACTIVATIONS),
     )
 
 
-def _qformer_from_dict(d: dict[str, Any], vision: VisionConfig, reads_text: bool) -> QFormerConfig:
+def _qformer_from_dict(f: JsonFields, vision: VisionConfig, reads_text: bool) -> QFormerConfig:
     """``reads_text``: whether the layout has the text branch when the config does not say (retrieval
     and InstructBLIP checkpoints do)."""
     base = QFormerConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    f.divisible("hidden_size", "num_attention_heads", hidden, heads)
+    vocab = f.integer("vocab_size", default=base.vocab_size, min=1)
     return QFormerConfig(
-        hidden_size=_get(d, "hidden_size", default=base.hidden_size),
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
-        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
-        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
-        layer_norm_eps=_get(d, "layer_norm_eps", default=base.layer_norm_eps),
-        cross_attention_every=_get(d, "cross_attention_frequency", default=base.cross_attention_every),
-        encoder_hidden_size=vision.hidden_size,
-        activation=_get(d, "hidden_act", default=base.activation),
-        has_text_input=bool(_get(d, "use_qformer_text_input", default=reads_text)),
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
-        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
-        pad_token_id=_get(d, "pad_token_id", default=base.pad_token_id),
-    )
-
-
-def _opt_from_dict(d: dict[str, Any]) -> OPTConfig:
-    base = OPTConfig()
-    hidden = _get(d, "hidden_size", default=base.hidden_size)
-    return OPTConfig(
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
         hidden_size=hidden,
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
-        num_heads=_get(d, "num_attention_heads", default=base.num_heads),
-        mlp_size=_get(d, "ffn_dim", default=base.mlp_size),
-        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
-        word_embed_proj_dim=_get(d, "word_embed_proj_dim", default=hidden),
-        pre_norm=_get(d, "do_layer_norm_before", default=True),
-        final_norm=_get(d, "do_layer_norm_before", default=True)
-        and not d.get("_remove_final_layer_norm", False),
-        bias=_get(d, "enable_bias", default=True),
-        norm_affine=_get(d, "layer_norm_elementwise_affine", default=True),
-        activation=_get(d, "activation_function", default="relu"),
-        tie_word_embeddings=_get(d, "tie_word_embeddings", default=True),
-        bos_token_id=d.get("bos_token_id", base.bos_token_id),
-        eos_token_id=d.get("eos_token_id", base.eos_token_id),
-        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
+        num_heads=heads,
+        mlp_size=f.integer("intermediate_size", default=base.mlp_size, min=1),
+        layer_norm_eps=f.number("layer_norm_eps", default=base.layer_norm_eps, positive=True),
+        cross_attention_every=f.integer(
+            "cross_attention_frequency", default=base.cross_attention_every, min=1
+        ),
+        encoder_hidden_size=vision.hidden_size,
+        activation=f.text("hidden_act", default=base.activation, choices=ACTIVATIONS),
+        has_text_input=f.flag("use_qformer_text_input", default=reads_text),
+        vocab_size=vocab,
+        max_position_embeddings=f.integer(
+            "max_position_embeddings", default=base.max_position_embeddings, min=1
+        ),
+        pad_token_id=f.integer("pad_token_id", default=base.pad_token_id, min=0),
     )
 
 
-def _t5_from_dict(d: dict[str, Any]) -> T5Config:
+def _opt_from_dict(f: JsonFields) -> OPTConfig:
+    base = OPTConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    f.divisible("hidden_size", "num_attention_heads", hidden, heads)
+    vocab = f.integer("vocab_size", default=base.vocab_size, min=1)
+    pre_norm = f.flag("do_layer_norm_before", default=True)
+    return OPTConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
+        num_heads=heads,
+        mlp_size=f.integer("ffn_dim", default=base.mlp_size, min=1),
+        max_position_embeddings=f.integer(
+            "max_position_embeddings", default=base.max_position_embeddings, min=1
+        ),
+        word_embed_proj_dim=f.integer("word_embed_proj_dim", default=hidden, min=1),
+        pre_norm=pre_norm,
+        final_norm=pre_norm and not f.flag("_remove_final_layer_norm", default=False),
+        bias=f.flag("enable_bias", default=True),
+        norm_affine=f.flag("layer_norm_elementwise_affine", default=True),
+        activation=f.text("activation_function", default="relu", choices=ACTIVATIONS),
+        tie_word_embeddings=f.flag("tie_word_embeddings", default=True),
+        bos_token_id=f.token_id("bos_token_id", base.bos_token_id),
+        eos_token_id=f.token_id("eos_token_id", base.eos_token_id),
+        pad_token_id=f.token_id("pad_token_id", base.pad_token_id, vocab_size=vocab),  # an embedding row
+    )
+
+
+def _t5_from_dict(f: JsonFields) -> T5Config:
     base = T5Config()
-    ff = _get(d, "feed_forward_proj", default="gated-gelu")
+    ff = f.text("feed_forward_proj", default="gated-gelu")
     gated = ff.startswith("gated-")
     act = ff.split("-")[-1]
     # T5's own config maps "gated-gelu" to the tanh approximation.
-    act = _get(d, "dense_act_fn", default=("gelu_new" if act == "gelu" else act))
-    num_layers = _get(d, "num_layers", default=base.num_layers)
-    return T5Config(
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
-        hidden_size=_get(d, "d_model", default=base.hidden_size),
-        head_dim=_get(d, "d_kv", default=base.head_dim),
-        num_heads=_get(d, "num_heads", default=base.num_heads),
-        mlp_size=_get(d, "d_ff", default=base.mlp_size),
-        num_layers=num_layers,
-        num_decoder_layers=_get(d, "num_decoder_layers", default=num_layers),
-        relative_attention_num_buckets=_get(
-            d, "relative_attention_num_buckets", default=base.relative_attention_num_buckets
-        ),
-        relative_attention_max_distance=_get(
-            d, "relative_attention_max_distance", default=base.relative_attention_max_distance
-        ),
-        layer_norm_eps=_get(d, "layer_norm_epsilon", default=base.layer_norm_eps),
-        gated=_get(d, "is_gated_act", default=gated),
-        activation=act,
-        tie_word_embeddings=_get(d, "tie_word_embeddings", default=True),
-        scale_decoder_outputs=_get(
-            d, "scale_decoder_outputs", default=d.get("tie_word_embeddings") is not False
-        ),
-        decoder_start_token_id=_get(d, "decoder_start_token_id", default=0),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=d.get("eos_token_id", base.eos_token_id),
-        pad_token_id=d.get("pad_token_id", base.pad_token_id),
-    )
-
-
-def _llama_from_dict(d: dict[str, Any], source: str) -> LlamaConfig:
-    base = LlamaConfig()
-    hidden = _get(d, "hidden_size", default=base.hidden_size)
-    heads = _get(d, "num_attention_heads", default=base.num_heads)
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type != "default":
-        raise CheckpointError(
-            f"{source}: LLaMA rope type {rope_type!r} is not supported (blip2 runs 'default')"
+    act = "gelu_new" if act == "gelu" else act
+    if not f.has("dense_act_fn") and act not in ACTIVATIONS:
+        raise f.fail(
+            "feed_forward_proj", f"'[gated-]ACTIVATION' with ACTIVATION one of {sorted(ACTIVATIONS)}"
         )
-    theta = (
-        (rope.get("rope_theta") if isinstance(rope, dict) else None) or d.get("rope_theta") or base.rope_theta
+    num_layers = f.integer("num_layers", default=base.num_layers, min=1)
+    return T5Config(
+        vocab_size=f.integer("vocab_size", default=base.vocab_size, min=1),
+        hidden_size=f.integer("d_model", default=base.hidden_size, min=1),
+        head_dim=f.integer("d_kv", default=base.head_dim, min=1),
+        num_heads=f.integer("num_heads", default=base.num_heads, min=1),
+        mlp_size=f.integer("d_ff", default=base.mlp_size, min=1),
+        num_layers=num_layers,
+        num_decoder_layers=f.integer("num_decoder_layers", default=num_layers, min=1),
+        relative_attention_num_buckets=f.integer(
+            "relative_attention_num_buckets", default=base.relative_attention_num_buckets, min=1
+        ),
+        relative_attention_max_distance=f.integer(
+            "relative_attention_max_distance", default=base.relative_attention_max_distance, min=1
+        ),
+        layer_norm_eps=f.number("layer_norm_epsilon", default=base.layer_norm_eps, positive=True),
+        gated=f.flag("is_gated_act", default=gated),
+        activation=f.text("dense_act_fn", default=act, choices=ACTIVATIONS),
+        tie_word_embeddings=f.flag("tie_word_embeddings", default=True),
+        scale_decoder_outputs=f.flag(
+            "scale_decoder_outputs", default=f.data.get("tie_word_embeddings") is not False
+        ),
+        decoder_start_token_id=f.integer("decoder_start_token_id", default=0, min=0),
+        bos_token_id=f.token_id("bos_token_id", None),
+        eos_token_id=f.token_id("eos_token_id", base.eos_token_id),
+        pad_token_id=f.token_id("pad_token_id", base.pad_token_id),
     )
+
+
+def _llama_from_dict(f: JsonFields) -> LlamaConfig:
+    base = LlamaConfig()
+    hidden = f.integer("hidden_size", default=base.hidden_size, min=1)
+    heads = f.integer("num_attention_heads", default=base.num_heads, min=1)
+    kv_heads = f.integer("num_key_value_heads", default=heads, min=1)
+    if heads % kv_heads:
+        raise f.fail("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+    rope_key = "rope_parameters" if f.has("rope_parameters") else "rope_scaling"
+    rope = f.section(rope_key)
+    rope_type = rope.text("rope_type", "type", default="default")
+    if rope_type != "default":
+        raise f.fail(f"{rope_key}.rope_type", "'default' (the only rope type blip2 runs)")
+    theta = rope.number("rope_theta", default=None, positive=True)
+    if theta is None:
+        theta = f.number("rope_theta", default=base.rope_theta, positive=True)
+    vocab = f.integer("vocab_size", default=base.vocab_size, min=1)
+    eos = f.data.get("eos_token_id")
+    if isinstance(
+        eos, list
+    ):  # several end tokens: the first is the model's own (generation_config.json has all)
+        if not eos or not all(is_integer(e) and e >= 0 for e in eos):
+            raise f.fail("eos_token_id", "a token id or a non-empty list of them")
+        eos = eos[0]
+    else:
+        eos = f.token_id("eos_token_id", base.eos_token_id)
     return LlamaConfig(
-        vocab_size=_get(d, "vocab_size", default=base.vocab_size),
+        vocab_size=vocab,
         hidden_size=hidden,
-        num_layers=_get(d, "num_hidden_layers", default=base.num_layers),
+        num_layers=f.integer("num_hidden_layers", default=base.num_layers, min=1),
         num_heads=heads,
-        num_kv_heads=_get(d, "num_key_value_heads", default=heads),
-        head_dim=_get(d, "head_dim", default=hidden // heads),
-        mlp_size=_get(d, "intermediate_size", default=base.mlp_size),
-        max_position_embeddings=_get(d, "max_position_embeddings", default=base.max_position_embeddings),
-        rms_norm_eps=_get(d, "rms_norm_eps", default=base.rms_norm_eps),
+        num_kv_heads=kv_heads,
+        head_dim=f.integer("head_dim", default=hidden // heads, min=1),
+        mlp_size=f.integer("intermediate_size", default=base.mlp_size, min=1),
+        max_position_embeddings=f.integer(
+            "max_position_embeddings", default=base.max_position_embeddings, min=1
+        ),
+        rms_norm_eps=f.number("rms_norm_eps", default=base.rms_norm_eps, positive=True),
         rope_theta=float(theta),
-        activation=_get(d, "hidden_act", default=base.activation),
-        attention_bias=_get(d, "attention_bias", default=False),
-        mlp_bias=_get(d, "mlp_bias", default=False),
-        tie_word_embeddings=_get(d, "tie_word_embeddings", default=False),
-        bos_token_id=d.get("bos_token_id", base.bos_token_id),
-        eos_token_id=_int_or_first(d["eos_token_id"]) if d.get("eos_token_id") is not None else None,
-        pad_token_id=d.get("pad_token_id", base.pad_token_id),
+        activation=f.text("hidden_act", default=base.activation, choices=ACTIVATIONS),
+        attention_bias=f.flag("attention_bias", default=False),
+        mlp_bias=f.flag("mlp_bias", default=False),
+        tie_word_embeddings=f.flag("tie_word_embeddings", default=False),
+        bos_token_id=f.token_id("bos_token_id", base.bos_token_id),
+        eos_token_id=eos,
+        pad_token_id=f.token_id("pad_token_id", base.pad_token_id, vocab_size=vocab),
     )
 
 
 _KNOWN_ARCHITECTURES = GENERATION_ARCHITECTURES | RETRIEVAL_ARCHITECTURES | INSTRUCT_ARCHITECTURES
 
 
-def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Config:
-    archs = set(d.get("architectures") or [])
-    model_type = d.get("model_type")
-    if model_type not in (None, "blip-2", "blip_2", "instructblip") and not archs & _KNOWN_ARCHITECTURES:
+def _blip2_from_dict(d: Any, source: str = "config.json") -> Blip2Config:
+    f = JsonFields(d, source)
+    archs = set(f.texts("architectures"))
+    model_type = f.text("model_type")
+    known = _KNOWN_ARCHITECTURES
+    if model_type not in (None, "blip-2", "blip_2", "instructblip") and not archs & known:
         raise CheckpointError(
             f"{source}: model_type {model_type!r} is not a BLIP-2 or InstructBLIP checkpoint "
-            f"(expected 'blip-2' or 'instructblip' with one of {sorted(_KNOWN_ARCHITECTURES)})"
+            f"(expected 'blip-2' or 'instructblip' with one of {sorted(known)})"
         )
-    unknown = archs - _KNOWN_ARCHITECTURES
-    if unknown and not archs & _KNOWN_ARCHITECTURES:
+    unknown = archs - known
+    if unknown and not archs & known:
         raise CheckpointError(
-            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds {sorted(_KNOWN_ARCHITECTURES)}"
+            f"{source}: unknown architecture {sorted(unknown)}; blip2 builds {sorted(known)}"
         )
     retrieval = bool(archs & RETRIEVAL_ARCHITECTURES)
     instruct = bool(archs & INSTRUCT_ARCHITECTURES) or model_type == "instructblip"
-    vision = _vision_from_dict(d.get("vision_config") or {})
-    qformer = _qformer_from_dict(d.get("qformer_config") or {}, vision, retrieval or instruct)
+    vision = _vision_from_dict(f.section("vision_config"))
+    qformer = _qformer_from_dict(f.section("qformer_config"), vision, retrieval or instruct)
     text: OPTConfig | T5Config | LlamaConfig | None = None
     if not retrieval:
-        td = d.get("text_config") or {}
-        text_type = td.get("model_type", "opt")
+        tf = f.section("text_config")
+        text_type = tf.text("model_type", default="opt")
         if text_type == "opt":
-            text = _opt_from_dict(td)
+            text = _opt_from_dict(tf)
         elif text_type in ("t5", "mt5", "umt5"):
-            text = _t5_from_dict(td)
+            text = _t5_from_dict(tf)
         elif text_type == "llama":
-            text = _llama_from_dict(td, source)
+            text = _llama_from_dict(tf)
         else:
             raise CheckpointError(
                 f"{source}: language model type {text_type!r} is not supported "
@@ -354,9 +386,9 @@ def _blip2_from_dict(d: dict[str, Any], source: str = "config.json") -> Blip2Con
         vision=vision,
         qformer=qformer,
         text=text,
-        num_query_tokens=_get(d, "num_query_tokens", default=32),
-        image_token_index=_get(d, "image_token_index", "image_token_id"),
-        image_text_hidden_size=_get(d, "image_text_hidden_size", default=256),
+        num_query_tokens=f.integer("num_query_tokens", default=32, min=1),
+        image_token_index=f.integer("image_token_index", "image_token_id", min=0),
+        image_text_hidden_size=f.integer("image_text_hidden_size", default=256, min=1),
         retrieval=retrieval,
         instruction_aware=instruct,
     )

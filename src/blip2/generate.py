@@ -6,7 +6,7 @@ The pieces, gpt-fast style:
 
 - a *runner* per language model (:class:`OPTRunner`, :class:`T5Runner`) owns the static cache and
   turns "prefill the prompt" and "one more token per row" into next-token logits ``(B, V)``;
-- :func:`token_steps` is the greedy / sampling loop, an iterator of ``(B,)`` new tokens (streaming);
+- :func:`token_steps` is the greedy / sampling loop, an iterator of each step's B new tokens (streaming);
 - :func:`beam_search` follows the reference's vectorised beam search step for step (same scores,
   length penalty, ``early_stopping`` True / False / ``"never"``, same kept hypotheses);
 - :func:`generate_ids` puts them together and returns each row's continuation (EOS included when
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import CheckpointError, InputError
+from .json_fields import JsonFields, is_integer
 from .opt import OPT
 from .t5 import T5
 
@@ -64,18 +65,22 @@ class GenerationConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **defaults: Any) -> GenerationConfig:
-        """Read the keys we know from ``generation_config.json`` (absent file: ``defaults`` only)."""
+        """Read the keys we know from ``generation_config.json`` (absent file: ``defaults`` only).
+
+        The file belongs to the checkpoint: a value of the wrong type or out of range there is a
+        ``CheckpointError`` naming the file and the key."""
         path = Path(path)
-        data: dict[str, Any] = {}
+        values = {k: v for k, v in defaults.items() if v is not None}
         if path.is_file():
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError) as e:
-                log.warning("%s: ignored, cannot read it (%s)", path, e)
-        known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in defaults.items() if v is not None}
-        values.update({k: v for k, v in data.items() if k in known and v is not None})
-        return cls().updated(**values)
+            except (OSError, ValueError, RecursionError) as e:
+                raise CheckpointError(f"{path}: not a readable JSON file ({e})") from None
+            values.update(_file_values(JsonFields(data, str(path))))
+        try:
+            return cls().updated(**values)
+        except InputError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def updated(self, **overrides: Any) -> GenerationConfig:
         """A copy with ``overrides`` applied (None means "keep"), checked."""
@@ -110,6 +115,35 @@ class GenerationConfig:
             raise InputError(f"repetition_penalty must be > 0, not {self.repetition_penalty}")
         if self.early_stopping not in (True, False, "never"):
             raise InputError(f"early_stopping must be True, False or 'never', not {self.early_stopping!r}")
+
+
+def _file_values(f: JsonFields) -> dict[str, Any]:
+    """The known keys of a ``generation_config.json``, each of its type (ranges: ``check``)."""
+    read = {
+        "max_new_tokens": f.integer,
+        "min_new_tokens": f.integer,
+        "num_beams": f.integer,
+        "top_k": f.integer,
+        "seed": f.integer,
+        "pad_token_id": f.integer,
+        "do_sample": f.flag,
+        "temperature": f.number,
+        "top_p": f.number,
+        "repetition_penalty": f.number,
+        "length_penalty": f.number,
+    }
+    values = {name: reader(name) for name, reader in read.items() if f.has(name)}
+    if f.has("eos_token_id"):
+        eos = f.data["eos_token_id"]
+        if not isinstance(eos, list) or not eos:
+            values["eos_token_id"] = f.integer("eos_token_id", min=0)
+        elif all(is_integer(e) and e >= 0 for e in eos):
+            values["eos_token_id"] = tuple(eos)
+        else:
+            raise f.fail("eos_token_id", "a token id or a list of them")
+    if f.has("early_stopping"):
+        values["early_stopping"] = f.data["early_stopping"]  # True, False or "never": ``check`` says
+    return values
 
 
 # ============================================================================ runners
@@ -351,13 +385,43 @@ def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator |
 # ============================================================================ greedy / sampling
 
 
+def check_forced(forced: list[list[int]] | None, batch: int, cfg: GenerationConfig, vocab: int) -> None:
+    """Forced tokens (see :func:`token_steps`) must be one list per row, of ids within the vocabulary."""
+    if not forced:
+        return
+    if cfg.num_beams > 1:
+        raise InputError("forced tokens need greedy or sampled decoding, not beam search")
+    if len(forced) != batch:
+        raise InputError(f"forced tokens for {len(forced)} rows, the batch has {batch}")
+    if any(len(row) > cfg.max_new_tokens for row in forced):
+        raise InputError(f"more forced tokens than max_new_tokens={cfg.max_new_tokens}")
+    if any(not 0 <= t < vocab for row in forced for t in row):
+        raise InputError(f"a forced token id lies outside the vocabulary (0..{vocab - 1})")
+
+
+def _forced_table(forced: list[list[int]], batch: int, device: torch.device):
+    """Rows' forced tokens -> ((B, F) ids, right-padded with 0; (B,) how many each row has)."""
+    width = max((len(row) for row in forced), default=0)
+    table = torch.zeros(batch, width, dtype=torch.long, device=device)
+    for i, row in enumerate(forced):
+        table[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return table, torch.tensor([len(row) for row in forced], device=device)
+
+
 def token_steps(
-    runner, cfg: GenerationConfig, seen: torch.Tensor | None, batch: int, device: torch.device
+    runner,
+    cfg: GenerationConfig,
+    seen: torch.Tensor | None,
+    batch: int,
+    device: torch.device,
+    forced: list[list[int]] | None = None,
 ) -> Iterator[list[int]]:
     """Greedy or sampled decoding: yields the B new tokens of each step (a list).
 
     A row that produced EOS keeps receiving the pad token (never yielded as text) until every row is
-    done or ``max_new_tokens`` is reached. Reading the new tokens is the one wait for the device per
+    done or ``max_new_tokens`` is reached. ``forced``: per row, tokens taken as its first new tokens
+    instead of the chosen ones (they go through the same steps, so what follows them is what a run
+    that had chosen them would give). Reading the new tokens is the one wait for the device per
     step: the next step is fed from the tokens still on the device, and "all rows done" is decided
     from what was read.
     """
@@ -367,6 +431,7 @@ def token_steps(
     gen = _generator(cfg, device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     finished = [False] * batch
+    table, counts = _forced_table(forced, batch, device) if forced else (None, None)
     logits = runner.prefill()
     for step in range(cfg.max_new_tokens):
         scores = process(logits.float(), cfg, seen, eos, step)
@@ -374,6 +439,8 @@ def token_steps(
             tokens = torch.multinomial(scores.softmax(-1), 1, generator=gen).squeeze(1)
         else:
             tokens = scores.argmax(-1)
+        if table is not None and step < table.shape[1]:
+            tokens = torch.where(step < counts, table[:, step], tokens)
         tokens = tokens.masked_fill(done, pad)
         row = tokens.tolist()
         yield row
@@ -512,6 +579,7 @@ def generate_ids(
     are equal in all rows they are prefilled once, and with ``prefill_cache`` reused across calls
     (see :class:`OPTRunner`). ``decoder``: see :func:`make_runner`.
     """
+    # unpacked, not next(): the run's end closes the runner (a static decoder's buffers go back)
     [out] = _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, False, prefill_cache, shared, decoder)
     return out
 
@@ -523,24 +591,29 @@ def stream_ids(
     cfg: GenerationConfig,
     prompt_ids: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
+    forced: list[list[int]] | None = None,
     decoder=None,
 ) -> Iterator[list[int | None]]:
     """Per step, each row's new token (None once the row is done). Beam search yields its whole
-    result at the end, one token per step."""
-    yield from _run(lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True, decoder=decoder)
+    result at the end, one token per step. ``forced``: see :func:`token_steps` (not with beams).
+    ``decoder``: see :func:`make_runner`."""
+    yield from _run(
+        lm, embeds, mask, cfg, prompt_ids, prompt_mask, stream=True, forced=forced, decoder=decoder
+    )
 
 
 def _run(
-    lm,
-    embeds,
-    mask,
-    cfg,
-    prompt_ids,
-    prompt_mask,
+    lm: OPT | T5,
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: GenerationConfig,
+    prompt_ids: torch.Tensor | None,
+    prompt_mask: torch.Tensor | None,
     stream: bool,
-    prefill_cache=None,
+    prefill_cache: PrefillCache | None = None,
     shared: int = 0,
     decoder=None,
+    forced: list[list[int]] | None = None,
 ):
     batch, device = embeds.shape[0], embeds.device
     vocab = lm.lm_head.out_features
@@ -554,16 +627,17 @@ def _run(
             seen = seen_tokens(prompt_ids.to(device), pm.to(device), vocab)
         else:
             seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    check_forced(forced, batch, cfg, vocab)
     runner = make_runner(lm, embeds, mask, cfg.max_new_tokens, prefill_cache, shared, decoder)
     try:
-        yield from _decode(runner, cfg, seen, batch, device, stream)
+        yield from _decode(runner, cfg, seen, batch, device, stream, forced)
     finally:
         close = getattr(runner, "close", None)
         if close is not None:
             close()
 
 
-def _decode(runner, cfg, seen, batch, device, stream: bool):
+def _decode(runner, cfg, seen, batch, device, stream: bool, forced: list[list[int]] | None = None):
     eos = set(cfg.eos_token_id)
     if cfg.num_beams > 1:
         result = beam_search(runner, cfg, seen, batch, device)
@@ -576,7 +650,7 @@ def _decode(runner, cfg, seen, batch, device, stream: bool):
 
     out: list[list[int]] = [[] for _ in range(batch)]
     finished = [False] * batch
-    for tokens in token_steps(runner, cfg, seen, batch, device):
+    for tokens in token_steps(runner, cfg, seen, batch, device, forced):
         row_tokens: list[int | None] = []
         for i, t in enumerate(tokens):
             if finished[i]:

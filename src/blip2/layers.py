@@ -6,6 +6,8 @@ Nothing here knows which model it serves. Shapes: ``B`` batch, ``H`` heads, ``T`
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 
 import torch
@@ -13,39 +15,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import native
+from .errors import InputError
+
+log = logging.getLogger(__name__)
 
 
-def _onednn_linear_available() -> bool:
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    return op is not None and torch.backends.mkldnn.is_available()
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-_ONEDNN_LINEAR = _onednn_linear_available()
+def _onednn_unusable() -> str | None:
+    """Why oneDNN's matmul cannot run in this build, or None if it can (tried once on a small case)."""
+    if (
+        getattr(torch.ops.mkldnn, "_linear_pointwise", None) is None
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return "not in this PyTorch build"
+    x, weight, bias = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+    try:
+        ok = torch.allclose(_onednn_linear(x, weight, bias), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    except RuntimeError as e:
+        return f"it failed: {e}"
+    return None if ok else "it gave wrong results"
 
-# Up to this many rows the native kernel beats oneDNN's on this project's 2-core AVX2 machine: 1.7x at
-# 4 rows, where a linear layer is bound by reading its weight, on par at 256 (bench/README.md).
-# Where oneDNN has AVX-512 its compute-bound kernels are twice as wide: there only the
-# bandwidth-bound few rows are kept (not measured on such a machine).
-SKINNY_MAX_ROWS = 256 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
+
+@functools.cache
+def float32_kernel() -> tuple[str, object]:
+    """The kernel of float32 CPU inference, chosen once per process and logged: ``("native", kernel)``,
+    else ``("onednn", None)``, else ``("F.linear", None)``."""
+    kernel = native.skinny_linear_kernel()
+    if kernel is not None:
+        log.info("float32 linear layers run on the native %s kernel", native.kernel_kind())
+        return "native", kernel
+    reason = _onednn_unusable()
+    if reason is None:
+        log.info(
+            "float32 linear layers run on oneDNN (no native kernel: see above); "
+            "a row's last bits can then depend on the rows computed with it"
+        )
+        return "onednn", None
+    log.warning("float32 linear layers run on F.linear: oneDNN's matmul is unusable here, %s", reason)
+    return "F.linear", None
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose float32 CPU inference runs on faster kernels than ``F.linear``'s.
+    """``nn.Linear`` whose float32 CPU inference runs on a faster kernel than ``F.linear``'s, the same
+    for every row count.
 
     MKL's ``sgemm`` (what ``F.linear`` calls) copies the whole weight into its packed layout on every
     call with a few rows, so a decode step over 4 sequences reads and writes each weight three times.
-    Up to ``SKINNY_MAX_ROWS`` rows the native kernel of ``blip2.native`` reads each weight once at
-    nearly the memory bandwidth; more rows go to oneDNN's matmul (also no repacking; on par with
-    ``sgemm`` at a ViT's ~1000 rows). Either is the same arithmetic in another summation order:
-    float32 rounding, ~1e-6 relative, the size of a one-ulp change of the input.
-    ``fast_kernels = False`` (what ``blip2.load(..., exact=True)`` sets) keeps the reference's
-    kernel, for bit-for-bit equal logits. Training (anything needing a gradient), other dtypes and
-    devices take ``F.linear``.
+    The native kernel of ``blip2.native`` reads each weight once at nearly the memory bandwidth for a
+    few rows and is on par with oneDNN's for many (an image encoder). It computes each output element
+    the same way whatever else is in the call, so a row's result is the same bits alone or in any
+    batch; BLAS kernels (``sgemm``, oneDNN) block by the shape of the call and round a row
+    differently in different batches. Without the native kernel, oneDNN's (no repacking) runs
+    instead. Either rounds differently from ``sgemm`` (~1e-6 relative, the size of a one-ulp change
+    of the input). ``fast_kernels = False`` (what ``blip2.load(..., exact=True)`` sets) keeps the
+    reference's kernel, for bit-for-bit equal logits. Training (anything needing a gradient), other
+    dtypes and devices take ``F.linear``. An input of the wrong width is an ``InputError``.
     """
 
     fast_kernels: bool = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise InputError(
+                f"a linear layer of input width {self.in_features} was given an input of shape {tuple(x.shape)}"
+            )
         weight = self.weight
         if (
             self.fast_kernels
@@ -54,26 +90,15 @@ class Linear(nn.Linear):
             and x.device.type == "cpu"
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         ):
-            if (
-                x.numel() <= SKINNY_MAX_ROWS * self.in_features
-                and self.in_features % 8 == 0
-                and (kernel := native.skinny_linear_kernel()) is not None
-            ):
+            name, kernel = float32_kernel()
+            if name == "native":
                 try:
                     return native.skinny_linear(x, weight, self.bias, kernel)
-                except ValueError:  # a shape or layout it does not take (it checks): the kernels below
+                except ValueError:  # a weight or bias it does not take (strided, another dtype): F.linear
                     pass
-            if _ONEDNN_LINEAR:
-                try:
-                    return torch.ops.mkldnn._linear_pointwise(x, weight, self.bias, "none", [], "")
-                except RuntimeError:  # a build whose oneDNN cannot run this: the plain kernel from now on
-                    _disable_onednn()
+            elif name == "onednn":
+                return _onednn_linear(x, weight, self.bias)
         return F.linear(x, weight, self.bias)
-
-
-def _disable_onednn() -> None:
-    global _ONEDNN_LINEAR
-    _ONEDNN_LINEAR = False
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -169,11 +194,23 @@ def attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     dropout: float = 0.0,
+    row_invariant: bool = True,
 ) -> torch.Tensor:
     """Scaled dot-product attention over (B, H, T, Dh) / (B, H, S, Dh).
 
     ``mask`` is boolean (True = attend) or additive float, broadcastable to (B, H, T, S).
+    A float32 CPU decode step (T = 1) goes through ``_one_query_attention`` unless ``row_invariant``
+    is False: PyTorch's fused CPU kernel rounds a single query differently by which thread takes
+    it, so a row's result would depend on the batch it is in (its other shapes do not).
     """
+    if (
+        row_invariant
+        and q.shape[-2] == 1
+        and q.dtype == torch.float32
+        and q.device.type == "cpu"
+        and dropout == 0.0
+    ):
+        return _one_query_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
@@ -201,6 +238,27 @@ def device_of(module: nn.Module) -> torch.device:
     for t in module.buffers():
         return t.device
     raise ValueError(f"{type(module).__name__} holds no tensors: it has no device")
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The softmax weights (B, H, T, S) that :func:`attention` applies to the values, written out for
+    callers that need them (SDPA keeps none); ``weights @ v`` is then the attention output."""
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return scores.softmax(dim=-1)
+
+
+def _one_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` in plain batched matmuls: each (row, head) is its own product."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scale is None or scale != 1.0:
+        scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1), v)
 
 
 def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
@@ -294,3 +352,27 @@ def normal_init_(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+def decoder_mask(
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    cache: list | None,
+    start: int | torch.Tensor,
+) -> torch.Tensor:
+    """A decoder call's (B, start+T) 0/1 mask over every position so far: all ones when not given.
+    Positions before ``start`` must be in ``cache``. A tensor ``start`` (a static-shape decode step,
+    see :func:`window`) comes with its mask."""
+    b, t, _ = inputs_embeds.shape
+    if cache is None and not isinstance(start, torch.Tensor) and start:
+        raise ValueError("start > 0 needs a cache holding the earlier positions")
+    if attention_mask is None:
+        attention_mask = torch.ones(b, start + t, dtype=torch.long, device=inputs_embeds.device)
+    return attention_mask
+
+
+def run_layer(owner: nn.Module, layer: nn.Module, *args) -> torch.Tensor:
+    """``layer(*args)``, recomputed in the backward pass when ``owner`` trains with gradient checkpointing."""
+    if getattr(owner, "gradient_checkpointing", False) and owner.training:
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)

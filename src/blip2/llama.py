@@ -20,8 +20,10 @@ from .layers import (
     RMSNorm,
     attention,
     causal_mask,
+    decoder_mask,
     layer_caches,
     merge_heads,
+    run_layer,
     split_heads,
     window,
 )
@@ -61,6 +63,8 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class LlamaAttention(nn.Module):
+    fast_kernels: bool = True  # False (exact=True): decode steps keep PyTorch's fused attention kernel
+
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         d, dh = cfg.hidden_size, cfg.head_dim
@@ -86,7 +90,7 @@ class LlamaAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:  # grouped-query attention: each K/V head serves H/G heads
             repeat = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        return self.out(merge_heads(attention(q, k, v, mask)))
+        return self.out(merge_heads(attention(q, k, v, mask, row_invariant=self.fast_kernels)))
 
 
 class LlamaBlock(nn.Module):
@@ -153,22 +157,14 @@ class Llama(nn.Module):
         cache: per-layer KV caches from ``new_cache``, or None to run without one.
         start: an int, or a 0-dim tensor (a decode step of static shapes, as ``OPT.forward``).
         """
-        b, t, _ = inputs_embeds.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(b, start + t, dtype=torch.long, device=inputs_embeds.device)
-        if cache is None and not isinstance(start, torch.Tensor) and start:
-            raise ValueError("start > 0 needs a cache holding the earlier positions")
+        t = inputs_embeds.shape[1]
+        attention_mask = decoder_mask(inputs_embeds, attention_mask, cache, start)
         x = inputs_embeds
         cos_sin = self.rotary.cos_sin(window(self.positions(attention_mask), start, t), x.dtype)
         mask = causal_mask(attention_mask, start, t)  # (B, 1, T, S)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos_sin, mask, layer_cache, start, use_reentrant=False
-                )
-            else:
-                x = layer(x, cos_sin, mask, layer_cache, start)
+            x = run_layer(self, layer, x, cos_sin, mask, layer_cache, start)
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -68,15 +68,17 @@ class Blip2(nn.Module):
         vocabulary, are read by the Q-Former beside its queries (self-attention over both; only the
         queries cross-attend to the image and come out).
         """
-        return self.features_from_vision(self.vision(pixel_values), instruction_ids, instruction_mask)
+        return self.query_features(self.vision(pixel_values), instruction_ids, instruction_mask)
 
-    def features_from_vision(
+    def query_features(
         self,
         vision: torch.Tensor,
         instruction_ids: torch.Tensor | None = None,
         instruction_mask: torch.Tensor | None = None,
     ) -> ImageFeatures:
-        """As :meth:`image_features`, from the vision encoder's output (B, N, D_vision)."""
+        """The rest of :meth:`image_features` from the vision output (B, N, D_vision): the Q-Former's
+        queries read it (with the instruction, InstructBLIP), and (generation models) their projection
+        is the prefix."""
         queries = self.queries.expand(vision.shape[0], -1, -1)
         if self.cfg.instruction_aware:
             if instruction_ids is None:

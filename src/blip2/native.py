@@ -1,15 +1,19 @@
-"""The native kernel for few-row float32 linear layers, compiled on first use (``csrc/skinny_linear.c``).
+"""The native float32 linear kernel, compiled on first use (``csrc/skinny_linear.c``).
 
 A decode step multiplies a handful of rows by every weight of the language model, so its time is
 the time to read the weights. PyTorch's CPU kernels reach about half of the memory bandwidth at 2-8
-rows; ``skinny_linear.c`` reaches nearly all of it (bench/README.md). It is plain C with AVX2
-intrinsics, built once per machine with the system's C compiler and loaded with ``ctypes``; its
-OpenMP pragmas run on PyTorch's own OpenMP runtime, so ``torch.set_num_threads`` governs both.
+rows; ``skinny_linear.c`` reaches nearly all of it, and with many rows (an image encoder) it is on
+par with oneDNN (bench/README.md). It computes every output element the same way whatever the row
+count, so ``blip2.layers.Linear`` runs it for every float32 CPU call and a row's result does not
+depend on its batch. It is plain C with AVX2 or AVX-512 intrinsics: one kind per process
+(``kernel_kind``: the widest the CPU has), built once per machine with the system's C compiler and
+loaded with ``ctypes``; its OpenMP pragmas run on PyTorch's own OpenMP runtime, so
+``torch.set_num_threads`` governs both.
 
 Everything here is optional: where there is no C compiler, no AVX2+FMA, no Linux x86-64, or no
 libgomp in the process (PyTorch's Linux wheels bring it), ``skinny_linear_kernel()`` returns None
-and the layers keep PyTorch's kernels. ``BLIP2_NATIVE=0`` turns it off; the build goes to
-``$BLIP2_CACHE`` (default ``~/.cache/blip2``).
+and the layers keep PyTorch's kernels. ``BLIP2_NATIVE=0`` turns it off, ``BLIP2_NATIVE=avx2`` picks
+the AVX2 kind on an AVX-512 CPU; the build goes to ``$BLIP2_CACHE`` (default ``~/.cache/blip2``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = "skinny_linear.c"
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+# The kernel's kinds, by the vector instructions each is built for: one per process (``kernel_kind``).
+KINDS = {"avx2": ["-mavx2", "-mfma"], "avx512": ["-mavx512f", "-mavx2", "-mfma"]}
+_OFF = ("0", "false", "no", "off")
 
 
 def cache_dir() -> Path:
@@ -43,14 +50,23 @@ def cache_dir() -> Path:
     return Path(base) / "blip2"
 
 
-def _unsupported_reason() -> str | None:
-    """Why the kernel cannot run here, or None if it can."""
-    if os.environ.get("BLIP2_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+def kernel_kind() -> str:
+    """The kind this process runs: ``BLIP2_NATIVE=avx2`` or ``avx512`` if set, else the widest the CPU has."""
+    wanted = os.environ.get("BLIP2_NATIVE", "").strip().lower()
+    if wanted in KINDS:
+        return wanted
+    return "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+
+
+def _unsupported_reason(kind: str) -> str | None:
+    """Why the ``kind`` kernel cannot run here, or None if it can."""
+    if os.environ.get("BLIP2_NATIVE", "1").strip().lower() in _OFF:
         return "turned off by BLIP2_NATIVE"
     if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
         return f"built for Linux x86-64 only, this is {sys.platform} {platform.machine()}"
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return "the CPU lacks AVX2"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512") or (kind == "avx512" and capability != "AVX512"):
+        return f"the CPU lacks {kind.upper()} (PyTorch reports {capability})"
     try:
         with open("/proc/self/maps") as maps:
             if "libgomp" not in maps.read():
@@ -67,13 +83,13 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(source: bytes, compiler: str) -> Path:
-    """The shared object for ``source``, compiled unless already in the cache.
+def _build(source: bytes, compiler: str, flags: list[str] = FLAGS, stem: str = "skinny_linear") -> Path:
+    """The shared object for ``source``, compiled with ``flags`` unless already in the cache.
 
     A cache folder that cannot be written (a read-only home) gives way to the temporary folder.
     """
-    key = hashlib.sha256(source + compiler.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    name = f"skinny_linear-{key}.so"
+    key = hashlib.sha256(source + compiler.encode() + " ".join(flags).encode()).hexdigest()[:16]
+    name = f"{stem}-{key}.so"
     folders = [cache_dir() / "native", Path(tempfile.gettempdir()) / f"blip2-{os.getuid()}"]
     for folder in folders:
         if (folder / name).exists() and _private(folder):
@@ -84,7 +100,7 @@ def _build(source: bytes, compiler: str) -> Path:
         except OSError:
             continue
         if os.access(folder, os.W_OK) and _private(folder):
-            return _compile(source, compiler, folder / name)
+            return _compile(source, compiler, flags, folder / name)
     raise OSError(f"no private writable folder for the native kernel among {', '.join(map(str, folders))}")
 
 
@@ -94,14 +110,14 @@ def _private(folder: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _compile(source: bytes, compiler: str, target: Path) -> Path:
+def _compile(source: bytes, compiler: str, flags: list[str], target: Path) -> Path:
     source_file = target.with_suffix(f".{os.getpid()}.c")
     partial = target.with_suffix(f".{os.getpid()}.tmp")
     source_file.write_bytes(source)
     t0 = time.perf_counter()
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(source_file), "-o", str(partial)],
+            [compiler, *flags, str(source_file), "-o", str(partial)],
             check=True,
             capture_output=True,
             timeout=120,
@@ -115,55 +131,63 @@ def _compile(source: bytes, compiler: str, target: Path) -> Path:
 
 
 def _self_check(kernel) -> bool:
-    """The built kernel against ``F.linear`` on a few shapes (a miscompile must not go unnoticed)."""
+    """The built kernel against ``F.linear``, and a row alone against it in a batch, on shapes with
+    every kind of tile edge and width tail (a miscompile must not go unnoticed)."""
     generator = torch.Generator().manual_seed(0)
-    for rows, in_features, out_features in [(1, 8, 1), (3, 24, 7), (4, 64, 10), (9, 16, 5)]:
+    for rows, in_features, out_features in [(1, 8, 1), (3, 24, 7), (7, 37, 13), (13, 100, 9)]:
         x = torch.randn(rows, in_features, generator=generator)
         weight = torch.randn(out_features, in_features, generator=generator)
         bias = torch.randn(out_features, generator=generator)
         got = skinny_linear(x, weight, bias, kernel)
         if not torch.allclose(got, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5):
             return False
+        if not torch.equal(skinny_linear(x[-1:], weight, bias, kernel), got[-1:]):
+            return False
     return True
 
 
 @functools.cache
-def skinny_linear_kernel():
-    """The compiled ``blip2_skinny_linear`` function, or None where it cannot be had (logged once)."""
-    reason = _unsupported_reason()
+def skinny_linear_kernel(kind: str | None = None):
+    """The compiled ``blip2_skinny_linear`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once: a warning where it should have worked)."""
+    kind = kind or kernel_kind()
+    reason = _unsupported_reason(kind)
     if reason is None and (compiler := _compiler()) is None:
         reason = "no C compiler (cc, gcc or clang; or $CC)"
-    if reason is None:
-        try:
-            source = (resources.files("blip2") / "csrc" / SOURCE).read_bytes()
-            library = ctypes.CDLL(str(_build(source, compiler)))
-            kernel = library.blip2_skinny_linear
-            kernel.argtypes = [
-                ctypes.c_void_p,
-                ctypes.c_long,
-                ctypes.c_long,
-                ctypes.c_void_p,
-                ctypes.c_void_p,
-                ctypes.c_long,
-                ctypes.c_void_p,
-                ctypes.c_int,
-            ]
-            kernel.restype = ctypes.c_int
-            if _self_check(kernel):
-                return kernel
-            reason = "the built kernel gave wrong results"
-        except subprocess.CalledProcessError as e:
-            reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
-        except (OSError, subprocess.SubprocessError) as e:
-            reason = f"{type(e).__name__}: {e}"
-    log.info("few-row linear layers use PyTorch's kernel: %s", reason)
+    if reason is not None:
+        log.info("no native %s linear kernel: %s", kind, reason)
+        return None
+    try:
+        source = (resources.files("blip2") / "csrc" / SOURCE).read_bytes()
+        library = ctypes.CDLL(str(_build(source, compiler, [*FLAGS, *KINDS[kind]])))
+        kernel = library.blip2_skinny_linear
+        kernel.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_long,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_long,
+            ctypes.c_void_p,
+            ctypes.c_int,
+        ]
+        kernel.restype = ctypes.c_int
+        if _self_check(kernel):
+            log.info("native %s linear kernel loaded", kind)
+            return kernel
+        reason = "the built kernel gave wrong results"
+    except subprocess.CalledProcessError as e:
+        reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
+    except (OSError, subprocess.SubprocessError) as e:
+        reason = f"{type(e).__name__}: {e}"
+    log.warning("no native %s linear kernel: %s", kind, reason)
     return None
 
 
 def skinny_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, kernel=None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for float32 CPU tensors, ``in_features`` a multiple of 8.
+    """``F.linear(x, weight, bias)`` for float32 CPU tensors, any number of rows.
 
     ``weight`` and ``bias`` must be contiguous; ``x`` is made so. Anything else is refused here: the
     kernel is handed raw pointers.
@@ -192,10 +216,9 @@ def skinny_linear(
         )
     x = x.contiguous()
     y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
-    rows = x.numel() // in_features
     status = kernel(
         x.data_ptr(),
-        rows,
+        x.numel() // in_features,
         in_features,
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -203,6 +226,41 @@ def skinny_linear(
         y.data_ptr(),
         torch.get_num_threads(),
     )
-    if status != 0:
-        raise ValueError(f"skinny_linear: in_features must be a multiple of 8, got {in_features}")
+    if status != 0:  # unreachable after the checks above: the C side's own guard
+        raise ValueError(
+            f"skinny_linear: the kernel refused the sizes {tuple(x.shape)}, {tuple(weight.shape)}"
+        )
     return y
+
+
+# ---- the low-bit kernels (csrc/lowbit_linear.c; used by blip2.quantize) ------------------------------
+
+LOWBIT_SOURCE = "lowbit_linear.c"
+# instruction sets are chosen per function in the source; no contraction but the written FMAs
+LOWBIT_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+
+
+@functools.cache
+def lowbit_library() -> ctypes.CDLL | None:
+    """The compiled ``lowbit_linear.c`` with its functions typed, or None where it cannot be had (logged
+    once). ``blip2.quantize.kernels`` checks its results before using it."""
+    reason = _unsupported_reason("avx2")  # it picks AVX-512 paths itself where the CPU has them
+    if reason is None and (compiler := _compiler()) is None:
+        reason = "no C compiler (cc, gcc or clang; or $CC)"
+    if reason is None:
+        try:
+            source = (resources.files("blip2") / "csrc" / LOWBIT_SOURCE).read_bytes()
+            library = ctypes.CDLL(str(_build(source, compiler, LOWBIT_FLAGS, "lowbit_linear")))
+            library.blip2_lowbit_cpu_kinds.argtypes = []
+            library.blip2_lowbit_cpu_kinds.restype = ctypes.c_int
+            # (layer description, x, rows, y, threads); the description is blip2.quantize.kernels.NativeLayer
+            p = ctypes.c_void_p
+            library.blip2_lowbit_linear.argtypes = [p, p, ctypes.c_long, p, ctypes.c_int]
+            library.blip2_lowbit_linear.restype = ctypes.c_int
+            return library
+        except subprocess.CalledProcessError as e:
+            reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
+        except (OSError, subprocess.SubprocessError, AttributeError) as e:
+            reason = f"{type(e).__name__}: {e}"
+    log.info("low-bit layers use PyTorch's kernels: %s", reason)
+    return None

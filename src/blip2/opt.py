@@ -18,8 +18,10 @@ from .layers import (
     Linear,
     attention,
     causal_mask,
+    decoder_mask,
     layer_caches,
     merge_heads,
+    run_layer,
     split_heads,
     window,
 )
@@ -28,6 +30,8 @@ POSITION_OFFSET = 2  # OPT reserves the first two rows of its position table
 
 
 class OPTAttention(nn.Module):
+    fast_kernels: bool = True  # False (exact=True): decode steps keep PyTorch's fused attention kernel
+
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         d = cfg.hidden_size
@@ -47,7 +51,7 @@ class OPTAttention(nn.Module):
         v = split_heads(self.v(x), self.num_heads)
         if cache is not None:
             k, v = cache.write(k, v, start)  # (B, H, S, D/H)
-        return self.out(merge_heads(attention(q, k, v, mask, scale=1.0)))
+        return self.out(merge_heads(attention(q, k, v, mask, scale=1.0, row_invariant=self.fast_kernels)))
 
 
 class OPTBlock(nn.Module):
@@ -117,11 +121,8 @@ class OPT(nn.Module):
         start: an int, or a 0-dim tensor for a decode step of static shapes (``attention_mask`` then
         covers every position the cache holds; see ``layers.window``).
         """
-        b, t, _ = inputs_embeds.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(b, start + t, dtype=torch.long, device=inputs_embeds.device)
-        if cache is None and not isinstance(start, torch.Tensor) and start:
-            raise ValueError("start > 0 needs a cache holding the earlier positions")
+        t = inputs_embeds.shape[1]
+        attention_mask = decoder_mask(inputs_embeds, attention_mask, cache, start)
         positions = window(self.positions(attention_mask), start, t)
         x = inputs_embeds
         if self.project_in is not None:
@@ -130,10 +131,7 @@ class OPT(nn.Module):
         mask = causal_mask(attention_mask, start, t)  # (B, 1, T, S)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, layer_cache, start, use_reentrant=False)
-            else:
-                x = layer(x, mask, layer_cache, start)
+            x = run_layer(self, layer, x, mask, layer_cache, start)
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:

@@ -40,7 +40,7 @@ from torch import nn
 from .config import Blip2Config, T5Config
 from .errors import InputError
 from .layers import device_of
-from .quantize_cuda import quantizable, quantized_bytes
+from .quantize_cuda import KERNELS, layer_bits, quantizable, quantized_bytes
 from .weights import target_dtype
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,9 @@ def _bytes(model, path, dtype, bits, kernel, quantized, seen: set[int]) -> int:
         if layer.bias is not None:
             seen.add(id(layer.bias))
         elem = torch.empty((), dtype=target_dtype(f"{p}.weight", dtype) if dtype else w.dtype).element_size()
-        total += quantized_bytes(w.shape[0], w.shape[1], layer.bias is not None, elem, bits, kernel)
+        b = layer_bits(p, bits)
+        k = kernel if kernel in KERNELS[b] else None
+        total += quantized_bytes(w.shape[0], w.shape[1], layer.bias is not None, elem, b, k)
     for name, t in named:
         if id(t) in seen:
             continue

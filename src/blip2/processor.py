@@ -15,6 +15,7 @@ Shapes: ``B`` batch, ``T`` text tokens, ``Q`` query (image) tokens.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,10 @@ from blip2.images import ImageProcessor
 __all__ = ["IMAGE_TOKEN", "ImageProcessor", "Processor", "TextTokenizer"]
 
 IMAGE_TOKEN = "<image>"
-QFORMER_TOKENIZER_DIR = "qformer_tokenizer"  # InstructBLIP's second tokenizer, in a folder of its own
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+_BYTE_TOKEN = re.compile(
+    r"<0x[0-9A-Fa-f]{2}>"
+)  # byte-fallback pieces (LLaMA)  # InstructBLIP's second tokenizer, in a folder of its own
 
 
 # ============================================================================ text
@@ -98,6 +102,7 @@ class TextTokenizer:
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
         self.image_token = image_token
         self._lock = threading.Lock()  # the backend's truncation setting is shared state
+        self._byte_tokens: frozenset[int] | None = None  # found on first use (decode_settled)
 
     # ------------------------------------------------------------------ loading
 
@@ -242,6 +247,24 @@ class TextTokenizer:
         if isinstance(sequences, torch.Tensor):
             sequences = sequences.tolist()
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
+
+    def decode_settled(self, ids: Sequence[int]) -> str | None:
+        """The text of ``ids`` if no later token can change it, else None (streaming: wait for more).
+
+        Unsettled: a character cut between tokens (the text ends in U+FFFD), or, with byte fallback
+        (LLaMA), a run of byte tokens, which decode together: one invalid byte more turns every byte
+        of the run into U+FFFD."""
+        if ids and ids[-1] in self._byte_token_ids():
+            return None
+        text = self.decode(ids)
+        return None if text.endswith("\ufffd") else text
+
+    def _byte_token_ids(self) -> frozenset[int]:
+        if self._byte_tokens is None:
+            byte_fallback = getattr(self.backend.model, "byte_fallback", False)
+            vocab = self.backend.get_vocab() if byte_fallback else {}
+            self._byte_tokens = frozenset(i for tok, i in vocab.items() if _BYTE_TOKEN.fullmatch(tok))
+        return self._byte_tokens
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -518,6 +541,9 @@ class Processor:
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_settled(self, ids: Sequence[int]) -> str | None:
+        return self.tokenizer.decode_settled(ids)
 
     def batch_decode(
         self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True

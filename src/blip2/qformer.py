@@ -8,12 +8,15 @@ only; queries and text have separate feed-forwards. It runs in float32 whatever 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import QFormerConfig
-from .layers import MLP, Linear, attention, merge_heads, padding_mask, split_heads
+from .layers import MLP, Linear, attention, attention_weights, merge_heads, padding_mask, split_heads
 
 
 class QFormerAttention(nn.Module):
@@ -30,12 +33,21 @@ class QFormerAttention(nn.Module):
         self.norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.dropout = 0.0  # on the attention weights (training only; see QFormer.set_dropout)
         self.hidden_dropout = 0.0  # on the output projection, before the residual
+        self.kept: list[torch.Tensor] | None = None  # weights go here (QFormer.keep_cross_attention)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         q = split_heads(self.q(x), self.num_heads)  # (B, H, T, D/H)
         k = split_heads(self.k(context), self.num_heads)
         v = split_heads(self.v(context), self.num_heads)
-        out = merge_heads(attention(q, k, v, mask, dropout=self.dropout if self.training else 0.0))
+        dropout = self.dropout if self.training else 0.0
+        if self.kept is None:
+            out = merge_heads(attention(q, k, v, mask, dropout=dropout))
+        else:
+            weights = attention_weights(q, k, mask)  # (B, H, T, S)
+            if torch.is_grad_enabled() and not weights.requires_grad:
+                weights.requires_grad_()  # frozen weights upstream: still let callers differentiate here
+            self.kept.append(weights)
+            out = merge_heads(F.dropout(weights, dropout, self.training) @ v)
         out = F.dropout(self.proj(out), self.hidden_dropout, self.training)
         return self.norm(x + out)
 
@@ -109,6 +121,22 @@ class QFormer(nn.Module):
                 m.dropout, m.hidden_dropout = attention, hidden
             elif isinstance(m, FeedForward):
                 m.hidden_dropout = hidden
+
+    @contextmanager
+    def keep_cross_attention(self) -> Iterator[list[torch.Tensor]]:
+        """Within the block, every forward appends each cross-attention layer's weights over the image
+        tokens, (B, H, Q, N), in layer order, to the list it yields. They are computed explicitly (SDPA
+        keeps none) and, when grad is enabled, are part of the graph: a score computed from the output
+        can be differentiated with respect to them (Grad-CAM). Outside the block nothing is kept."""
+        kept: list[torch.Tensor] = []
+        modules = [layer.cross_attn for layer in self.layers if layer.cross_attn is not None]
+        for m in modules:
+            m.kept = kept
+        try:
+            yield kept
+        finally:
+            for m in modules:
+                m.kept = None
 
     def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) token ids -> (B, T, D) word + absolute position embeddings."""

@@ -1,10 +1,11 @@
 """Weight-only int8 / int4 linear layers on CUDA (``blip2.load(..., device="cuda", quantize=...)``).
 
-The CPU's int8 layers live in ``blip2.quantize``; this module holds the GPU packings and kernels,
-so that the model files only ever see a ``Linear``-like module. The same layers as on the CPU are
-quantized (every linear layer of the vision encoder, the Q-Former and the language model; the
+The CPU's int8 / int4 layers live in ``blip2.quantize``; this module holds the GPU packings and
+kernels, so that the model files only ever see a ``Linear``-like module. The same layers as on the
+CPU are quantized, with the same bits (every linear layer of the vision encoder, the Q-Former and the
+language model; under int4 the Q-Former's stay int8, see ``blip2.quantize.model.INT4_PARTS``; the
 projection and the retrieval heads stay in float), one at a time on the device, so that the float
-model never sits on the GPU whole.
+model never sits on the GPU whole. Layers a placement puts on the CPU get ``blip2.quantize``'s.
 
 Kernels (``kernel=``; the defaults are the ones ``bench/gpu_bench.py`` is to confirm on the GPU
 machine, see bench/README.md):
@@ -35,6 +36,7 @@ from torch import nn
 from .errors import DependencyError
 from .layers import Linear
 from .quantize import QUANTIZED_PARTS, quantize_weight
+from .quantize.model import INT4_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ def has_cuda_kernel(op: str) -> bool:
 
 def check_kernel(bits: int, kernel: str) -> None:
     """A clear error when ``kernel`` cannot run here (unknown, a missing PyTorch kernel or package)."""
-    if kernel in ("fbgemm", "dequant"):  # the CPU's int8 (blip2.quantize), and plain PyTorch
+    if kernel in ("native", "dequant"):  # the CPU's layers (blip2.quantize), and plain PyTorch
         return
     if kernel not in KERNELS[bits]:
         raise ValueError(f"int{bits} kernel must be one of {KERNELS[bits]}, not {kernel!r}")
@@ -275,6 +277,11 @@ def quantizable(
                 yield (f"{part}.{name}" if name else part), module
 
 
+def cuda_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` holds layers of this module (which ``blip2.quantize.checkpoint`` cannot write)."""
+    return any(isinstance(m, CudaInt8Linear | CudaInt4Linear | BnbLinear) for m in model.modules())
+
+
 def quantized_bytes(
     out_features: int, in_features: int, bias: bool, element_size: int, bits: int, kernel: str | None = None
 ) -> int:
@@ -290,7 +297,12 @@ def quantized_bytes(
         group = int4_group(in_features, out_features)
         if group is not None:
             return out_features * in_features // 2 + in_features // group * out_features * 4 + bias_bytes
-    scale = 4 if kernel in ("bnb", "fbgemm") else element_size
+    if kernel == "native":  # blip2.quantize's CPU layers: float32 scales and bias (padding not counted)
+        bias_bytes = out_features * 4 if bias else 0
+        if bits == 4:
+            return out_features * in_features // 2 + -(-in_features // 128) * out_features * 4 + bias_bytes
+        return out_features * in_features + out_features * 4 + bias_bytes
+    scale = 4 if kernel == "bnb" else element_size
     return out_features * in_features + out_features * scale + bias_bytes
 
 
@@ -308,27 +320,36 @@ def quantize_layer(
 
 def layer_kernel(bits: int, device: torch.device, kernel: str | None = None) -> str:
     """The kernel a layer placed on ``device`` runs: the GPU kernel asked for (or the default) on CUDA;
-    on the CPU (a placement's last resort), fbgemm's int8 (``blip2.quantize``) or the int4 ``dequant``."""
+    on the CPU (a placement's last resort), ``"native"``: ``blip2.quantize``'s layers, as
+    ``load(quantize=...)`` on the CPU gives."""
     if device.type == "cpu":
-        return "fbgemm" if bits == 8 else "dequant"
+        return "native"
     return kernel or DEFAULT_KERNEL[bits]
+
+
+def layer_bits(path: str, bits: int) -> int:
+    """The bits the layer at ``path`` gets when the model is quantized to ``bits`` (int4 keeps the
+    Q-Former int8, as on the CPU)."""
+    return 4 if bits == 4 and path.split(".", 1)[0] in INT4_PARTS else 8
 
 
 @torch.no_grad()
 def quantize_model_(model: nn.Module, bits: int, device_of_layer, kernel: str | None = None) -> int:
     """Replace, in place, every float linear layer that quantization covers by its quantized version,
     made on ``device_of_layer(path)``. Returns how many were replaced."""
-    from .quantize import Int8Linear
+    from .quantize import Int4Linear, Int8Linear
 
     count = 0
     for path, linear in list(quantizable(model)):
         parent_path, _, name = path.rpartition(".")
         device = torch.device(device_of_layer(path))
-        chosen = layer_kernel(bits, device, kernel)
-        if chosen == "fbgemm":
-            layer = Int8Linear.from_linear(linear)
+        bits_here = layer_bits(path, bits)
+        # int4 with a kernel of its own (tinygemm): the Q-Former's int8 layers take int8's default
+        chosen = layer_kernel(bits_here, device, kernel if kernel in KERNELS[bits_here] else None)
+        if chosen == "native":
+            layer = (Int4Linear if bits_here == 4 else Int8Linear).from_linear(linear)
         else:
-            layer = quantize_layer(linear, bits, device, chosen)
+            layer = quantize_layer(linear, bits_here, device, chosen)
         setattr(model.get_submodule(parent_path), name, layer)
         count += 1
     log.info("int%d: replaced %d linear layers", bits, count)

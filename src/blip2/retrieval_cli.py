@@ -17,6 +17,8 @@ def _model_id(name: str) -> str:
 
 
 def _index(args: argparse.Namespace) -> int:
+    if args.from_bulk is not None or args.dir is None:
+        return _index_from_bulk(args)
     import blip2
     from blip2.index import write_lock
     from blip2.indexing import build_index
@@ -37,6 +39,24 @@ def _index(args: argparse.Namespace) -> int:
     print(
         f"blip2: {r.added} added, {r.unchanged} unchanged, {r.removed} removed, "
         f"{len(r.failed) + len(r.not_images)} skipped (unreadable or not images){reclaimed}; search: {r.search}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _index_from_bulk(args: argparse.Namespace) -> int:
+    """``blip2 index --from DIR``: the embeddings of ``blip2 bulk embed``, no model loaded."""
+    from blip2.errors import InputError
+
+    if args.dir is not None or args.from_bulk is None:
+        raise InputError("give a folder of images (DIR) or a `blip2 bulk embed` output (--from), one of them")
+    from blip2.bulk.to_index import index_from_bulk
+
+    r = index_from_bulk(args.from_bulk, args.out, ann=args.ann)
+    print(
+        f"blip2: {r.added} added, {r.unchanged} unchanged, {r.unreadable} unreadable in the bulk output; "
+        f"search: {r.search}"
+        + (f"; {r.missing_parts} parts of the bulk job not written yet" if r.missing_parts else ""),
         file=sys.stderr,
     )
     return 0
@@ -73,7 +93,9 @@ def register(subparsers) -> None:
     common = model_options()
     common.set_defaults(model=RETRIEVAL_MODEL)
     p = subparsers.add_parser("index", parents=[common], help="embed every image under a folder (resumable)")
-    p.add_argument("dir", metavar="DIR", help="folder of images (searched recursively)")
+    p.add_argument("dir", metavar="DIR", nargs="?", help="folder of images (searched recursively)")
+    p.add_argument("--from", dest="from_bulk", metavar="BULK_DIR", default=None,
+                   help="instead of DIR: the output of `blip2 bulk embed` (no model is loaded)")  # fmt: skip
     p.add_argument("--out", "-o", required=True, metavar="INDEX", help="index folder (created or resumed)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--ann", choices=["auto", "faiss", "exact"], default="auto",

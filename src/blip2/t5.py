@@ -77,6 +77,8 @@ class RelativeBias(nn.Module):
 
 
 class T5Attention(nn.Module):
+    fast_kernels: bool = True  # False (exact=True): decode steps keep PyTorch's fused attention kernel
+
     def __init__(self, cfg: T5Config):
         super().__init__()
         inner = cfg.num_heads * cfg.head_dim
@@ -105,7 +107,9 @@ class T5Attention(nn.Module):
                 k, v = cache.write(k, v, start)
         else:
             k, v = kv
-        return self.o(merge_heads(attention(q, k, v, bias.to(q.dtype), scale=1.0)))
+        return self.o(
+            merge_heads(attention(q, k, v, bias.to(q.dtype), scale=1.0, row_invariant=self.fast_kernels))
+        )
 
 
 def _clamp_half(x: torch.Tensor) -> torch.Tensor:

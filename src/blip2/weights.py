@@ -11,18 +11,22 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Collection, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .config import Blip2Config
 from .errors import CheckpointError
+from .json_fields import JsonFields, is_integer
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +55,7 @@ def weight_files(folder: Path) -> list[Path]:
     for index_name in WEIGHT_INDEXES:
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-            shards = sorted(set(weight_map.values()))
+            shards = shard_names(index)
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{index}: shard file(s) missing: {', '.join(missing)}")
@@ -73,7 +73,90 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
+def shard_names(index: Path) -> list[str]:
+    """The shard files a ``*.index.json`` lists, checked: a ``weight_map`` of tensor name -> file name,
+    every file inside the checkpoint folder (no absolute paths, no ``..``, either path syntax)."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
+    weight_map = JsonFields(data, str(index)).section("weight_map")
+    for tensor, shard in weight_map.data.items():
+        if not isinstance(shard, str) or not shard:
+            raise weight_map.fail(tensor, "a shard file name")
+    shards = sorted(set(weight_map.data.values()))
+    for shard in shards:
+        paths = (PurePosixPath(shard), PureWindowsPath(shard))
+        if any(p.is_absolute() or p.anchor or ".." in p.parts for p in paths):
+            raise CheckpointError(f"{index}: shard {shard!r} lies outside the checkpoint folder")
+    if not shards:
+        raise CheckpointError(f"{index}: the weight_map names no shard files")
+    return shards
+
+
 # ---- reading tensors ----------------------------------------------------------------------------
+
+
+class TensorSpan(NamedTuple):
+    """Where one tensor of a safetensors file lies: ``begin``/``end`` count from the end of the header."""
+
+    dtype: torch.dtype
+    shape: list[int]
+    begin: int
+    end: int
+
+
+def safetensors_spans(path: Path, header: object, data_size: int) -> dict[str, TensorSpan]:
+    """Check a safetensors header once, before any tensor is made: a JSON object whose entries each have a
+    known dtype, a shape of non-negative integers and two integer offsets inside the ``data_size`` bytes
+    after the header that span exactly the shape's bytes; no two tensors share a byte."""
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (must be a JSON object, not {type(header).__name__})"
+        )
+    if not isinstance(header.get("__metadata__") or {}, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must be a JSON object)")
+    spans = {
+        name: _span(f"{path}: corrupt safetensors header: tensor {name!r}", info, data_size)
+        for name, info in header.items()
+        if name != "__metadata__"
+    }
+    placed = sorted((s.begin, s.end, name) for name, s in spans.items() if s.end > s.begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(placed, placed[1:], strict=False):
+        if begin_b < end_a:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensors {a!r} and {b!r} overlap")
+    return spans
+
+
+def _span(where: str, info: object, data_size: int) -> TensorSpan:
+    """One header entry, checked; ``where`` opens every message."""
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} is described by {type(info).__name__}, not a JSON object")
+    dtype_name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{where} has dtype {dtype_name!r}; blip2 reads {', '.join(SAFETENSORS_DTYPES)}"
+        )
+    if not isinstance(shape, list) or not all(is_integer(s) and s >= 0 for s in shape):
+        raise CheckpointError(f"{where} has shape {shape!r}; a shape is a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_integer(o) for o in offsets)):
+        raise CheckpointError(f"{where} has data_offsets {offsets!r}; they are two integers [begin, end]")
+    begin, end = offsets
+    if 0 <= begin <= end and end > data_size:
+        raise CheckpointError(
+            f"{where} runs past the end of the file (data_offsets end {end} > {data_size}; truncated download?)"
+        )
+    if not 0 <= begin <= end <= data_size:
+        raise CheckpointError(
+            f"{where} has data_offsets [{begin}, {end}] outside the file's {data_size} data bytes"
+        )
+    dtype = SAFETENSORS_DTYPES[dtype_name]
+    nbytes = math.prod(shape) * dtype.itemsize
+    if end - begin != nbytes:
+        raise CheckpointError(
+            f"{where} spans {end - begin} bytes, but shape {shape} of {dtype_name} is {nbytes} bytes"
+        )
+    return TensorSpan(dtype, shape, begin, end)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -90,35 +173,21 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
                     f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)"
                 )
             header = json.loads(f.read(header_len))
+            data_start = 8 + header_len
+            spans = safetensors_spans(path, header, size - data_start)
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
     except CheckpointError:
         raise
-    except (OSError, ValueError, UnicodeDecodeError) as e:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-    data_start = 8 + header_len
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * dtype.itemsize
-        if end - begin != nbytes or data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} runs past the end of the file or has a wrong size (truncated download?)"
-            )
+    for name, span in spans.items():
+        numel = math.prod(span.shape)
         if numel == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
+            tensors[name] = torch.empty(span.shape, dtype=span.dtype)
             continue
-        t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=data_start + begin)
-        tensors[name] = t.view(shape)
+        t = torch.frombuffer(mm, dtype=span.dtype, count=numel, offset=data_start + span.begin)
+        tensors[name] = t.view(span.shape)
     return tensors
 
 
@@ -140,7 +209,8 @@ def read_bin(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_tensors(files: list[Path], origins: dict[str, Path] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint's files; ``origins``, if given, gets each tensor's file."""
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         part = read_safetensors(f) if f.suffix == ".safetensors" else read_bin(f)
@@ -148,6 +218,8 @@ def read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
         if dup:
             raise CheckpointError(f"{f}: tensor {sorted(dup)[0]!r} also appears in another shard")
         tensors.update(part)
+        if origins is not None:
+            origins.update(dict.fromkeys(part, f))
     return tensors
 
 
@@ -338,8 +410,23 @@ _COMPILED = [(re.compile(p), r) for p, r in RULES]
 ALIASED = {"language_model.embed_tokens.weight"}
 
 
+# Tensors of a low-bit layer (blip2.quantize) in a quantized checkpoint: named as the layer's ``weight``
+# with this last part instead.
+PACKED_NAMES = ("qweight", "scale", "scales", "mins")
+
+
 def our_name(hub_name: str, cfg: Blip2Config) -> str | None:
     """Map one hub tensor name to ours; None for tensors we deliberately skip. KeyError if unknown."""
+    layer, _, last = hub_name.rpartition(".")
+    if last in PACKED_NAMES:
+        weight = _our_name(f"{layer}.weight", cfg)
+        if weight is None or not weight.endswith(".weight"):
+            raise KeyError(hub_name)
+        return weight.removesuffix("weight") + last
+    return _our_name(hub_name, cfg)
+
+
+def _our_name(hub_name: str, cfg: Blip2Config) -> str | None:
     for pattern, repl in _COMPILED:
         m = pattern.fullmatch(hub_name)
         if m is None:
@@ -379,6 +466,28 @@ def map_state_dict(tensors: dict[str, torch.Tensor], cfg: Blip2Config) -> dict[s
 
 # ---- putting them into the model --------------------------------------------------------------
 
+
+class _SkipInit(TorchFunctionMode):
+    """Turns ``torch.nn.init`` calls into no-ops while a model is built to be filled from a checkpoint.
+
+    Random initialisation is work thrown away, and on the meta device ``normal_`` (``nn.Embedding``'s
+    init) goes through PyTorch's Python reference kernels, whose first use imports ``torch._dynamo``
+    (~1 s). A function mode is scoped to this thread and this ``with`` block: no global is patched.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def empty_modules() -> Iterator[None]:
+    """Build modules on the meta device without initialising them: shapes only, filled by ``load_into``."""
+    with torch.device("meta"), _SkipInit():
+        yield
+
+
 FLOAT32_PREFIXES = ("qformer.", "queries")  # kept in float32 whatever the model's dtype
 
 
@@ -395,9 +504,16 @@ def target_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def load_into(
-    model: nn.Module, tensors: dict[str, torch.Tensor], cfg: Blip2Config, dtype: torch.dtype
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    cfg: Blip2Config,
+    dtype: torch.dtype,
+    packed: Collection[str] = (),
 ) -> None:
-    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree)."""
+    """Fill a meta-device ``model`` from hub-named ``tensors`` (strict; no second copy when dtypes agree).
+
+    ``packed`` (our names: low-bit layers' tensors) keep the model's dtype exactly: never converted.
+    """
     mapped = map_state_dict(tensors, cfg)
     expected = model.state_dict()
     lm_head = "language_model.lm_head.weight"
@@ -431,7 +547,9 @@ def load_into(
             raise CheckpointError(
                 f"tensor {name!r} has shape {tuple(t.shape)} in the checkpoint, the config implies {tuple(ref.shape)}"
             )
-        want = target_dtype(name, dtype)
+        want = ref.dtype if name in packed else target_dtype(name, dtype)
+        if name in packed and t.dtype != want:
+            raise CheckpointError(f"tensor {name!r} is {t.dtype} in the checkpoint, its packing is {want}")
         if t.dtype != want:
             key = id(t)
             if key not in converted:
@@ -592,17 +710,30 @@ def save_checkpoint(
     was loaded from): ``model.safetensors`` with every tensor under its hub name, and the config, tokenizer,
     processor and generation-config files copied. ``trained`` (our names; default: parameters that require
     grad) are taken from the model, everything else from the source files, byte for byte."""
+    src = Path(src_folder)
+    cfg = Blip2Config.from_file(src / "config.json")
+    if trained is None:
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+    return write_checkpoint(state, src, out_folder)
+
+
+def write_checkpoint(
+    state: dict[str, torch.Tensor],
+    src_folder: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    config: dict | None = None,
+) -> Path:
+    """Write hub-named ``state`` as ``out_folder/model.safetensors`` with the side files of ``src_folder``
+    (config, tokenizer, processor, generation config) copied; ``config``, if given, is written as
+    ``config.json`` instead of the source's."""
     import shutil
 
     from safetensors.torch import save_file
 
     src, out = Path(src_folder), Path(out_folder)
     if src.resolve() == out.resolve():
-        raise CheckpointError(f"{out}: write the trained checkpoint to a new folder, not over its source")
-    cfg = Blip2Config.from_file(src / "config.json")
-    if trained is None:
-        trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = hub_state_dict(model, read_tensors(weight_files(src)), cfg, trained)
+        raise CheckpointError(f"{out}: write the new checkpoint to a new folder, not over its source")
     # safetensors wants contiguous CPU tensors that share no memory
     seen: set[int] = set()
     flat: dict[str, torch.Tensor] = {}
@@ -626,6 +757,8 @@ def save_checkpoint(
     for name in CHECKPOINT_SIDE_FOLDERS:
         if (src / name).is_dir():
             shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+    if config is not None:
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 

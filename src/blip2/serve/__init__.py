@@ -13,6 +13,8 @@ Endpoints
     ``GET /v1/models``, ``POST /v1/caption`` (multipart ``file`` or an ``image/*`` body),
     ``POST /v1/embeddings`` (retrieval checkpoints: texts, and ``image_url`` parts for images),
     ``GET /health``, ``GET /metrics`` (Prometheus). ``/health`` and ``/metrics`` need no key.
+    The web page (``GET /``, no key) and its routes ``POST /v1/attention`` (heat maps),
+    ``GET /v1/index``, ``POST /v1/search`` (with ``--index IDX``): :mod:`blip2.serve.web`.
 
 Chat
     One image per conversation (a base64 ``data:`` URI; http(s) URLs only with
@@ -22,7 +24,8 @@ Chat
     ``extra_body={"raw_prompt": true}``: the user text is the prompt itself (empty: a caption).
     ``temperature`` 0 or absent: greedy (the checkpoint's defaults); > 0: sampling (``top_p``,
     ``seed``; extras ``top_k``, ``repetition_penalty``). ``stop`` cuts the text (held back while
-    streaming). ``logprobs`` and tools are not supported (422).
+    streaming). Extra ``num_beams``: beam search (greedy only; streamed when done).
+    ``logprobs`` and tools are not supported (422).
 
 Batching (:mod:`blip2.serve.batcher`, :mod:`blip2.serve.engine`)
     One worker thread owns the model. Requests wait in a bounded queue (``--max-queue``; past it:

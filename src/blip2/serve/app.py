@@ -2,7 +2,7 @@
 
 Routes: ``POST /v1/chat/completions`` (streaming as server-sent events), ``GET /v1/models``,
 ``POST /v1/caption`` (an uploaded image), ``POST /v1/embeddings`` (retrieval checkpoints),
-``GET /health``, ``GET /metrics`` (Prometheus).
+``GET /health``, ``GET /metrics`` (Prometheus); the web page's routes come from :mod:`blip2.serve.web`.
 
 Handlers only parse, check and decode (images are decoded in the thread pool, off the event loop);
 the model runs on the batcher's one worker thread. Every error is OpenAI-format JSON with its status.
@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..errors import ImageError, InputError
+from . import web
 from .batcher import Batcher, Job
 from .config import ServeConfig
 from .engine import Engine, GenerationWork, RowResult, generation_key
@@ -57,7 +58,15 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/caption", "/v1/embeddings", "/v1/models", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/caption",
+    "/v1/embeddings",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    *web.ROUTES,
+)
 
 
 class ClientGone(Exception):
@@ -227,6 +236,7 @@ def create_app(pipe, cfg: ServeConfig | None = None) -> FastAPI:
     app.post("/v1/chat/completions")(server.chat_completions)
     app.post("/v1/caption")(server.caption)
     app.post("/v1/embeddings")(server.embeddings)
+    web.register(app, server)  # the page, heat maps, search
     app.add_middleware(Guard, cfg=cfg, metrics=server.metrics)
     return app
 
@@ -243,7 +253,7 @@ class Server:
         text = model_cfg.text
         self.context_limit = text.max_position_embeddings if self.pipe.config.is_decoder_only else None
         self.batcher = Batcher(
-            self.engine.handlers,
+            dict(self.engine.handlers),  # routes may add their own kinds of work (blip2.serve.web)
             max_batch=cfg.max_batch,
             max_queue=cfg.max_queue,
             wait_s=cfg.batch_wait_ms / 1000,
@@ -327,7 +337,7 @@ class Server:
         pixels = self.pipe.processor.image_processor(image)[0]
         q = self.pipe.config.num_query_tokens
         for skip in range(len(chat.history) + 1):
-            prompt = chat.text(skip, self.pipe.question_template)
+            prompt = chat.text(skip, self.pipe.question_template) or self.pipe.caption_prompt
             tokens = len(self.pipe.processor.tokenizer.encode([prompt])[0])
             length = q + tokens
             if self.context_limit is None or length < self.context_limit:
@@ -387,6 +397,13 @@ class Server:
         )
         self.batcher.submit(job)
         return job
+
+    async def run_job(self, kind: str, payload: Any, request: Request) -> Any:
+        """One job for the worker's ``kind`` handler; its result, or None when the client has left."""
+        deadline = time.perf_counter() + self.cfg.request_timeout
+        job = Job(kind, kind, payload, asyncio.get_running_loop())
+        self.batcher.submit(job)
+        return await self._result(job, request, deadline)
 
     async def _result(self, job: Job, request: Request, deadline: float) -> Any:
         try:
@@ -505,8 +522,8 @@ class Server:
                         if token is None or i not in open_rows:
                             continue
                         tokens[i].append(token)
-                        text = decode(tokens[i])
-                        if text.endswith("\ufffd"):
+                        text = self.pipe.processor.decode_settled(tokens[i])
+                        if text is None:
                             continue  # an incomplete character: wait for its other bytes
                         piece = scanners[i].feed(text)
                         if piece:

@@ -8,7 +8,11 @@ through a handler, and sends each job its events from the worker thread with ``c
 - The queue is bounded: past ``max_queue`` waiting jobs, :meth:`submit` raises :class:`QueueFull`.
 - A cancelled job (client gone, timeout) leaves the queue at once; in a running batch, generation
   stops as soon as every job of the batch is cancelled or finished.
-- A batch that fails is re-run one job at a time, so one bad request never fails the others.
+- A batch that fails is re-run one job at a time (its unfinished jobs), so one bad request never fails
+  the others. A job may have been sent events before the failure: a handler keeps each job's progress
+  on the job, so that its run alone continues from there and never sends an event twice (the engine's
+  generation resumes from the tokens already streamed). A job that fails alone gets an error event
+  after whatever it was sent.
 """
 
 from __future__ import annotations
@@ -199,10 +203,11 @@ class Batcher:
         try:
             handler(batch)
         except Exception as e:
-            if len(batch) > 1 and not any(j.finished for j in batch):
+            if len(batch) > 1:
                 log.info("a batch of %d failed (%s); running its jobs one at a time", len(batch), e)
                 for job in batch:
-                    self._run_alone(handler, job)
+                    if not job.finished:
+                        self._run_alone(handler, job)
                 return
             for job in batch:
                 if not job.finished:

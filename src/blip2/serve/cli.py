@@ -28,7 +28,8 @@ def register(subparsers) -> None:
         parents=[model_options()],
         help="serve the model over HTTP (OpenAI-compatible API)",
         description="OpenAI-compatible HTTP server: /v1/chat/completions, /v1/models, /v1/caption, "
-        "/v1/embeddings (retrieval checkpoints), /health, /metrics.",
+        "/v1/embeddings (retrieval checkpoints), /v1/attention, /v1/search (with --index), /health, "
+        "/metrics; and a web page at / to try the model in a browser.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
@@ -110,6 +111,13 @@ def register(subparsers) -> None:
         default=_D.remote_image_timeout,
         help=f"seconds to download a remote image (default {_D.remote_image_timeout:g})",
     )
+    p.add_argument(
+        "--index",
+        default=None,
+        metavar="IDX",
+        help="an index folder (blip2 index) to search on the web page and at /v1/search",
+    )
+    p.add_argument("--open", action="store_true", help="open the web page in a browser once the server is up")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=serve)
 
@@ -140,6 +148,8 @@ def serve(args: argparse.Namespace) -> int:
     # uvicorn stops gracefully on SIGTERM, then raises the signal again under the handler it found:
     # a no-op one makes a graceful stop exit 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    if args.open:
+        _open_when_up(args.host, args.port)
     uvicorn.run(
         app,
         host=args.host,
@@ -149,3 +159,29 @@ def serve(args: argparse.Namespace) -> int:
         access_log=args.log_level == "debug",
     )
     return 0
+
+
+def _open_when_up(host: str, port: int, wait_s: float = 60.0) -> None:
+    """Open the page in the user's browser once the port takes connections (in a background thread)."""
+    import socket
+    import threading
+    import time
+    import webbrowser
+
+    address = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    url = f"http://{'[' + address + ']' if ':' in address else address}:{port}/"
+
+    def wait_and_open() -> None:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((address, port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            return
+        log.warning("the page: %s", url)
+        webbrowser.open(url)
+
+    threading.Thread(target=wait_and_open, name="blip2-open", daemon=True).start()

@@ -31,6 +31,9 @@ class ServeConfig:
     max_embedding_inputs: int = 256  # texts and images in one /v1/embeddings request
     max_images: int = 16  # images in one /v1/embeddings request
 
+    # the web page's search view: an index folder built by ``blip2 index`` (None: no search)
+    index: str | None = None
+
     # remote images (off unless the operator turns them on)
     allow_remote_images: bool = False
     remote_image_timeout: float = 5.0  # seconds for the whole download

@@ -7,6 +7,14 @@ step's tokens go to the streaming jobs as they come, and a job is answered as so
 done (EOS or its own ``max_tokens``), without waiting for the rest of the batch. Batched rows equal
 rows run alone (the pipeline's design), and a greedy row cut at ``max_tokens`` equals a run with that
 budget, so jobs with different ``max_tokens`` share a batch at the budget of the largest.
+
+Never twice: a job keeps the tokens it has been given (``GenerationWork.tokens``). When a batch fails
+partway, the batcher runs its unfinished jobs again one at a time, and such a run *resumes*: the
+pipeline takes the job's tokens as forced (``generate_steps(forced=...)``), the engine does not send
+them again, and generation goes on from them. A streaming client therefore reads what it was sent
+followed by the rest, which for greedy decoding is exactly the text of a run that never failed (and for
+sampling, a continuation of what it has); if the run alone fails too, the stream ends with an error
+event after the text already sent. Text is never sent twice, and a stream never restarts.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ class GenerationWork:
     prompt: str
     gen: dict[str, Any]  # generation options shared by the batch (the job key)
     copies: int = 1  # identical answers to hand out (greedy n > 1 computes one row)
+    tokens: list[list[int]] | None = None  # per row, the tokens produced (and streamed) so far
 
 
 @dataclass
@@ -62,10 +71,16 @@ class Engine:
         for j in jobs:
             starts.append(offset)
             offset += j.rows
-        tokens: list[list[list[int]]] = [[[] for _ in range(j.rows)] for j in jobs]
-        done: list[list[bool]] = [[False] * j.rows for j in jobs]
+        for j in jobs:
+            if j.payload.tokens is None:
+                j.payload.tokens = [[] for _ in range(j.rows)]
+        tokens = [j.payload.tokens for j in jobs]  # kept on the jobs: a re-run resumes from them
+        done = [[self._row_done(ids, j.max_new) for ids in t] for j, t in zip(jobs, tokens, strict=True)]
+        forced = [list(ids) for t in tokens for ids in t]
+        # the forced tokens come back as the first steps: counted down per row, not sent again
+        replay = [[len(ids) for ids in t] for t in tokens]
 
-        steps = self.pipe.generate_steps(pixels, prompts, **gen)
+        steps = self.pipe.generate_steps(pixels, prompts, forced=forced if any(forced) else None, **gen)
         try:
             for step in steps:
                 for n, job in enumerate(jobs):
@@ -74,6 +89,10 @@ class Engine:
                     new: list[int | None] = []
                     for r in range(job.rows):
                         token = step[starts[n] + r]
+                        if replay[n][r]:
+                            replay[n][r] -= 1
+                            new.append(None)
+                            continue
                         if done[n][r] or token is None:
                             done[n][r] = True
                             new.append(None)
@@ -82,7 +101,7 @@ class Engine:
                         new.append(token)
                         if token in self.eos or len(tokens[n][r]) >= job.max_new:
                             done[n][r] = True
-                    if job.stream:
+                    if job.stream and any(t is not None for t in new):
                         job.send("tokens", self._copies(new, job.payload.copies))
                     if all(done[n]):
                         job.finish(self._result(tokens[n], job))
@@ -93,6 +112,9 @@ class Engine:
         for n, job in enumerate(jobs):
             if not job.finished:
                 job.finish(self._result(tokens[n], job))
+
+    def _row_done(self, ids: list[int], max_new: int) -> bool:
+        return bool(ids) and (ids[-1] in self.eos or len(ids) >= max_new)
 
     @staticmethod
     def _copies(rows: list, copies: int) -> list:

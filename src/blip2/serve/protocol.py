@@ -81,6 +81,7 @@ class ChatRequest(_Body):
     # BLIP-2 extras (``extra_body`` in the openai client)
     top_k: int | None = None
     repetition_penalty: float | None = None
+    num_beams: int | None = None  # beam search (greedy decoding only); streamed at the end
     raw_prompt: bool = False
 
 
@@ -102,6 +103,8 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         where = ".".join(str(p) for p in first["loc"])
         raise APIError(422, f"{where}: {first['msg']}", param=where or None, code="invalid_field") from None
 
+
+MAX_BEAMS = 8  # the widest beam search a request may ask for (``num_beams``)
 
 # ---- generation options -----------------------------------------------------------------------------
 
@@ -148,7 +151,22 @@ def generation_options(req: ChatRequest, cfg: ServeConfig, default_max: int) -> 
     if req.logprobs:
         raise APIError(422, "logprobs are not supported", param="logprobs", code="unsupported")
     sample = bool(req.temperature) or (req.temperature is None and req.top_p is not None and req.top_p < 1)
-    gen: dict[str, Any] = {"do_sample": sample, "num_beams": 1}
+    beams = 1 if req.num_beams is None else req.num_beams
+    if not 1 <= beams <= MAX_BEAMS:
+        raise APIError(
+            422,
+            f"num_beams must lie in [1, {MAX_BEAMS}], not {beams}",
+            param="num_beams",
+            code="invalid_value",
+        )
+    if beams > 1 and sample:
+        raise APIError(
+            422,
+            "num_beams > 1 is beam search: it takes temperature 0",
+            param="num_beams",
+            code="invalid_value",
+        )
+    gen: dict[str, Any] = {"do_sample": sample, "num_beams": beams}
     if sample:
         gen.update(temperature=req.temperature or 1.0, top_p=req.top_p or 1.0, seed=req.seed)
         if req.top_k is not None:

@@ -38,6 +38,7 @@ from PIL import Image
 
 from ..errors import Blip2Error, InputError
 from ..images import load_image
+from ..shards import expand_braces, read_member, split_key
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +100,6 @@ def read_jsonl(path: Path, skipped: Counter) -> list[Sample]:
     return samples
 
 
-def _split_key(name: str) -> tuple[str, str]:
-    folder, base = os.path.split(name)
-    stem, _, ext = base.partition(".")
-    return os.path.join(folder, stem), ext.lower()
-
-
 def read_tar(path: Path, skipped: Counter) -> list[Sample]:
     """Index one WebDataset shard: image offsets, and the (small) text members read now."""
     groups: dict[str, dict[str, Any]] = {}
@@ -113,7 +108,7 @@ def read_tar(path: Path, skipped: Counter) -> list[Sample]:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _split_key(member.name)
+                key, ext = split_key(member.name)
                 group = groups.setdefault(key, {})
                 if ext in IMAGE_EXTENSIONS:
                     group["image"] = (member.offset_data, member.size)
@@ -176,13 +171,8 @@ def _expand(spec: str) -> list[Path]:
         return sorted(path.glob("*.tar")) or sorted(path.glob("*.jsonl"))
     if path.is_file():
         return [path]
-    # WebDataset brace form: shards-{000000..000009}.tar
-    if "{" in spec and ".." in spec:
-        head, rest = spec.split("{", 1)
-        body, tail = rest.split("}", 1)
-        lo, hi = body.split("..")
-        width = len(lo)
-        names = [f"{head}{i:0{width}d}{tail}" for i in range(int(lo), int(hi) + 1)]
+    names = expand_braces(spec)
+    if names is not None:
         return [Path(n) for n in names if Path(n).is_file()]
     return [Path(p) for p in sorted(glob.glob(spec))]
 
@@ -197,10 +187,7 @@ def _describe(skipped: Counter) -> str:
 def read_sample_image(sample: Sample) -> Image.Image:
     if sample.offset < 0:
         return load_image(sample.image)
-    with open(sample.image, "rb") as f:
-        f.seek(sample.offset)
-        data = f.read(sample.size)
-    return load_image(data)
+    return load_image(read_member(sample.image, sample.offset, sample.size))
 
 
 def random_resized_crop(

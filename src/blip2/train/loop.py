@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import signal
 import time
@@ -30,7 +31,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..api import _load_processor, build_model
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..model import Blip2
 from ..weights import resolve_checkpoint, save_checkpoint
 from .data import Batch, EpochBatches, ImageTextData, ImageTransform, collate, open_dataset
@@ -181,15 +182,30 @@ def param_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float) -> 
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator's state as tensors and plain numbers, so that it loads with ``weights_only``."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -198,47 +214,113 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ---- training state ---------------------------------------------------------------------------------
 
 RESUME_MUST_MATCH = ("stage", "batch_size", "grad_accum", "seed", "world")
+PROGRESS_KEYS = ("step", "epoch", "batch", "skipped", "setup")
+
+
+def _save(obj: Any, path: Path) -> None:
+    torch.save(obj, path.with_name(path.name + ".tmp"))
+    os.replace(path.with_name(path.name + ".tmp"), path)
 
 
 def save_state(
     out: Path, stage: Stage, optimizer: torch.optim.Optimizer, progress: dict[str, Any], rng
 ) -> None:
-    """Trained tensors (model and stage-only), optimizer, position and per-rank RNG, written atomically."""
+    """Trained tensors (model and stage-only), optimizer, position and per-rank RNG (with the step it was
+    taken at), written atomically. Tensors, containers and plain numbers only: resuming never unpickles
+    code (``weights_only=True``)."""
     rank, _ = dist_info()
     folder = out / STATE_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(rng, folder / f"rng.{rank}.pt.tmp")
-    os.replace(folder / f"rng.{rank}.pt.tmp", folder / f"rng.{rank}.pt")
+    _save({"step": progress["step"], "rng": rng}, folder / f"rng.{rank}.pt")
     if rank == 0:
         trained = {n: p.detach().cpu() for n, p in stage.named_parameters() if p.requires_grad}
-        state = {"progress": progress, "trained": trained, "optimizer": optimizer.state_dict()}
-        torch.save(state, folder / "state.pt.tmp")
-        os.replace(folder / "state.pt.tmp", folder / "state.pt")
+        _save(
+            {"progress": progress, "trained": trained, "optimizer": optimizer.state_dict()},
+            folder / "state.pt",
+        )
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """One file of the training state, loaded safely: tensors and plain data only, never code."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing; the training state is incomplete and cannot resume exactly")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects other than tensors and plain data, which could run "
+            "code when loaded (or it was written by an older blip2); start this run afresh"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a corrupt or truncated file: any failure means unusable
+        raise CheckpointError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: not a blip2 training state (holds {type(data).__name__})")
+    return data
+
+
+def _check_state(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """The progress record of ``state.pt``, after checking the file has every part."""
+    progress, trained = state.get("progress"), state.get("trained")
+    if (
+        not isinstance(progress, dict)
+        or not all(k in progress for k in PROGRESS_KEYS)
+        or not isinstance(progress["setup"], dict)
+        or not isinstance(trained, dict)
+        or not all(isinstance(t, torch.Tensor) for t in trained.values())
+        or not isinstance(state.get("optimizer"), dict)
+    ):
+        raise CheckpointError(
+            f"{path}: not a complete blip2 training state (progress {', '.join(PROGRESS_KEYS)}; "
+            "trained tensors; optimizer)"
+        )
+    return progress
 
 
 def load_state(out: Path, stage: Stage, optimizer: torch.optim.Optimizer, check: dict[str, Any]) -> dict:
-    rank, _ = dist_info()
+    """Put back what :func:`save_state` wrote. Every rank's RNG file must be there and taken at the same
+    step as the weights: each rank checks them all, so a broken state stops every rank, not just one."""
+    rank, world = dist_info()
     folder = out / STATE_DIR
-    if not (folder / "state.pt").is_file():
+    state_file = folder / "state.pt"
+    if not state_file.is_file():
         raise InputError(f"{out}: nothing to resume (no {STATE_DIR}/state.pt); run without --resume")
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-    progress = state["progress"]
+    state = _load(state_file)
+    progress = _check_state(state_file, state)
     for key in RESUME_MUST_MATCH:
         if progress["setup"].get(key) != check[key]:
             raise InputError(
                 f"cannot resume: {key} was {progress['setup'].get(key)!r}, now {check[key]!r} "
                 "(the data position depends on it)"
             )
+    rngs = {}
+    for r in range(world):
+        rng_file = folder / f"rng.{r}.pt"
+        rngs[r] = _load(rng_file)
+        if rngs[r].get("step") != progress["step"] or not isinstance(rngs[r].get("rng"), dict):
+            raise CheckpointError(
+                f"{rng_file}: random state of step {rngs[r].get('step')!r}, but the weights are of step "
+                f"{progress['step']} (a save was cut short); cannot resume exactly"
+            )
     params = dict(stage.named_parameters())
     with torch.no_grad():
         for name, value in state["trained"].items():
             if name not in params or not params[name].requires_grad:
                 raise InputError(f"cannot resume: {name} was trained before but is not trainable now")
+            if value.shape != params[name].shape:
+                raise CheckpointError(
+                    f"{state_file}: {name} has shape {tuple(value.shape)}, the model {tuple(params[name].shape)}"
+                )
             params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    rng_file = folder / f"rng.{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+    for what, path, put_back in (
+        ("optimizer state", state_file, lambda: optimizer.load_state_dict(state["optimizer"])),
+        ("random state", folder / f"rng.{rank}.pt", lambda: set_rng_state(rngs[rank]["rng"])),
+    ):
+        try:
+            put_back()
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(
+                f"{path}: the {what} does not fit this run ({type(e).__name__}: {e})"
+            ) from None
     return progress
 
 

@@ -70,7 +70,7 @@ class Stage2(Stage):
         ):  # InstructBLIP: the Q-Former reads the prompt (instruction tuning)
             prompts = [p if p is not None else self.opts.prompt for p in batch.prompts]
             instruction = tuple(t.to(self.device) for t in self.processor.qformer_ids(prompts))
-        prefix = self.model.features_from_vision(vision, *instruction).prefix  # (B, Q, D_lm)
+        prefix = self.model.query_features(vision, *instruction).prefix  # (B, Q, D_lm)
         out = self.model(image_prefix=prefix, **enc)
         return out.loss, {}
 

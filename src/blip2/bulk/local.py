@@ -1,0 +1,242 @@
+"""The local engine: decode workers (processes) feed full batches of ready pixels to the model here.
+
+Decoding starts before the model is loaded and runs ahead of it by a bounded window, so the model does not
+wait on JPEG decoding and memory stays bounded. The workers run at a lower priority (``nice``): where
+cores are few, the model keeps them and decoding fills the time the model leaves idle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .tasks import Task, decode
+
+if TYPE_CHECKING:
+    from ..images import ImageProcessor
+    from .store import Sink, Store
+
+log = logging.getLogger(__name__)
+
+DECODE_CHUNK = 8  # inputs per job sent to a decode worker
+WORKER_NICE = 10
+
+_processor: ImageProcessor | None = None  # a decode worker's image processor (set by _init_worker)
+
+Item = tuple[int, int, str, str, int, int, Any]  # unit, position, key, path, offset, size, error
+Decoded = tuple[np.ndarray | None, str | None]  # pixels, or None and why
+
+
+def default_decoders() -> int:
+    """Decode processes: the cores the model leaves (at least one), at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProcessor, load, *,
+              batch_size: int, decoders: int) -> None:  # fmt: skip
+    """Process ``units`` of ``store`` into ``sink``; ``load()`` returns the Pipeline (called once)."""
+    task = store.task
+    pool = Decoders(decoders, processor)
+    tuner = None
+    try:
+        jobs = _chunks(_items(store, units), DECODE_CHUNK)
+        window: deque[tuple[list[Item], Future]] = deque()
+        depth = 2 * decoders + -(-2 * batch_size // DECODE_CHUNK)
+
+        def fill() -> None:
+            while len(window) < depth:
+                job = next(jobs, None)
+                if job is None:
+                    return
+                window.append((job, pool.submit(job)))
+
+        # the workers start (the first one waits for the fork server's imports) and decode while the
+        # model loads here
+        starter = threading.Thread(target=fill, name="blip2-bulk-decode-start", daemon=True)
+        starter.start()
+        try:
+            pipe = load()
+        finally:
+            starter.join()
+        tuner = ThreadTuner(decoders)
+        batch: list[tuple[Item, np.ndarray]] = []
+        while window:
+            job, future = window.popleft()
+            try:
+                results, seconds = future.result()
+                tuner.decoded(len(job), seconds)
+            except BrokenProcessPool:  # a file killed its decoder: find it, and go on without it
+                pool.restart()
+                results = pool.one_by_one(job)
+                window = deque((j, pool.submit(j)) for j, _ in window)  # they died with the pool
+            fill()
+            for item, (pixels, error) in zip(job, results, strict=True):
+                if pixels is None:
+                    sink.add_image(item[0], item[1], task.rows(item[2], None, error))
+                    continue
+                batch.append((item, pixels))
+                if len(batch) == batch_size:
+                    run_batch(pipe, task, batch, sink)
+                    tuner.batch_done(len(batch))
+                    batch = []
+        if batch:
+            run_batch(pipe, task, batch, sink)
+    finally:
+        pool.close()
+        if tuner is not None:
+            tuner.restore()
+
+
+class ThreadTuner:
+    """Picks the model's torch threads: every core, or the cores the decode processes leave.
+
+    A model that takes long per image next to decoding one wants every core, and the (niced) decoders
+    fill the gaps; one about as quick as decoding loses more to its threads waiting on cores the decoders
+    hold than it gains from them. When decoding an image takes under a tenth of the model's time for it,
+    every core it is; otherwise, after a warm-up batch, batches run with each setting in turn and the
+    faster is kept (time per full batch, waiting for decoded images included)."""
+
+    MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
+
+    def __init__(self, decoders: int, probes: int = 2):
+        self.initial = torch.get_num_threads()
+        self.lean = max(1, self.initial - decoders)
+        # interleaved, so that a busy spell of the machine weighs on both alike
+        self.plan = [] if self.lean == self.initial else [0] + [self.initial, self.lean] * probes
+        self.seconds = dict.fromkeys((self.initial, self.lean), 0.0)
+        self.decode_seconds, self.decode_images = 0.0, 0
+        self.last = time.perf_counter()
+
+    def decoded(self, images: int, seconds: float) -> None:
+        self.decode_images += images
+        self.decode_seconds += seconds
+
+    def batch_done(self, images: int) -> None:
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        if not self.plan:
+            return
+        threads = self.plan.pop(0)
+        if threads:
+            self.seconds[threads] += elapsed
+        if threads == self.initial and self.decode_images:
+            decode = self.decode_seconds / self.decode_images
+            if decode < self.MINOR_DECODE * elapsed / images:
+                self.plan = []  # decoding is a minor share: no need to try fewer threads
+                self._choose(self.initial, f"decoding {1000 * decode:.1f} ms/image")
+                return
+        if self.plan:
+            torch.set_num_threads(self.plan[0] or self.initial)
+        else:
+            self._choose(min(self.seconds, key=self.seconds.get), f"seconds per probe: {self.seconds}")
+
+    def _choose(self, threads: int, why: str) -> None:
+        torch.set_num_threads(threads)
+        log.info("model threads: %d (%s)", threads, why)
+
+    def restore(self) -> None:
+        torch.set_num_threads(self.initial)
+
+
+class Decoders:
+    """The pool of decode processes. One that dies (a file crashed the image library) is replaced; the
+    file that did it becomes an error row instead of ending the job."""
+
+    CRASHED = "the image decoder crashed on this file (its process died)"
+
+    def __init__(self, n: int, processor: ImageProcessor):
+        self.n, self.processor = n, processor
+        self.pool = self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.n, mp_context=_context(), initializer=_init_worker,
+                                   initargs=(self.processor,))  # fmt: skip
+
+    def submit(self, job: list[Item]) -> Future:
+        return self.pool.submit(_decode_job, [item[3:] for item in job])
+
+    def restart(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = self._start()
+
+    def one_by_one(self, job: list[Item]) -> list[Decoded]:
+        results = []
+        for item in job:
+            try:
+                results += self.submit([item]).result()[0]
+            except BrokenProcessPool:
+                log.warning("%s: %s", item[2], self.CRASHED)
+                self.restart()
+                results.append((None, self.CRASHED))
+        return results
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _context() -> multiprocessing.context.BaseContext:
+    """Fresh worker processes (never a fork of this one, whose torch threads a fork would break): from a
+    fork server that has imported this module once, so a second pool in the same process starts fast."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
+def run_batch(pipe, task: Task, batch: list[tuple[Item, np.ndarray]], sink: Sink) -> None:
+    """The model on one batch of decoded images; their rows into the sink."""
+    pixels = torch.from_numpy(np.stack([p for _, p in batch]))
+    results = task.run(pipe, pixels)
+    per = task.rows_per_image
+    for i, (item, _) in enumerate(batch):
+        sink.add_image(item[0], item[1], task.rows(item[2], results[i * per : (i + 1) * per], None))
+
+
+def _items(store: Store, units: list[int]) -> Iterator[Item]:
+    for unit in units:
+        t = store.unit_inputs(unit)
+        columns = [t.column(name).to_pylist() for name in ("key", "path", "offset", "size", "error")]
+        for pos, (key, path, offset, size, error) in enumerate(zip(*columns, strict=True)):
+            yield unit, pos, key, path, offset, size, error
+
+
+def _chunks(items: Iterator[Item], n: int) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---- in the decode workers -------------------------------------------------------------------------
+
+
+def _init_worker(processor: ImageProcessor) -> None:
+    global _processor
+    _processor = processor
+    with contextlib.suppress(OSError):  # not permitted here: run at the same priority
+        os.nice(WORKER_NICE)
+
+
+def _decode_job(records: list[tuple[str, int, int, Any]]) -> tuple[list[Decoded], float]:
+    """The job's images decoded, and the seconds that took."""
+    assert _processor is not None
+    t0 = time.perf_counter()
+    results = [decode(path, offset, size, error, _processor) for path, offset, size, error in records]
+    return results, time.perf_counter() - t0

@@ -1,0 +1,513 @@
+/* Weight-only low-bit linear layers for CPU inference: y = x W^T + b, x and y float32.
+ *
+ * Weights are stored in blocks of 16 outputs (rows of W), the outputs padded with zero rows to a
+ * multiple of 16 and the inputs with zeros to `padded` (a multiple of 128). Within a block, each
+ * 64-byte vector holds a few inputs of all 16 outputs: 4 bytes per output ("lane"), so that one
+ * `vpdpbusd` multiplies 4 inputs of one row of x (broadcast) with 16 outputs at once.
+ *   int8: vector v of block B holds w[16B + i][4v + b] at byte 4i + b;
+ *         w = q * scale[n], q in [-127, 127], scale float32 (one per output).
+ *   int4: vector v of block B holds, at byte 4i + b, w[16B + i][8v + b] in the low nibble and
+ *         w[16B + i][8v + 4 + b] in the high one; w = q * scale + min, q in [0, 15], scale and min
+ *         float16 per output and group of `group` inputs (a multiple of 128), stored per block:
+ *         [block][group][16 outputs].
+ * The input is quantized per row and per block of 128 inputs (int8) or per group (int4) to int8
+ * with a scale of max|x| / 127 (rounded half to even), and multiplied in integers: AVX-512 VNNI
+ * `vpdpbusd`, or AVX2 `vpmaddubsw` + `vpmaddwd`. Each block's integer dot product is exact; it is
+ * scaled into a float accumulator per block, so the result is the product of the dequantized input
+ * and weights up to float32 rounding.
+ *
+ * A row's result depends on that row alone: every (row, output) pair goes through the same
+ * operations whatever the number of rows, the tile it falls in, or the thread count.
+ *
+ * Built by blip2.native with `cc -O3 -ffp-contract=off -fopenmp -shared -fPIC` (no fused
+ * multiply-adds but the written ones: every tile instance rounds alike); the instruction sets are
+ * chosen per function (target attributes) and the caller picks the kind the CPU has.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define AVX2 __attribute__((target("avx2,fma,f16c")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline))
+
+enum { KIND_AVX2 = 1, KIND_AVX512 = 2 };
+enum { LANES = 16, INT8_BLOCK = 128, INT4_CHUNK = 128, ROW_CHUNK = 64 };
+
+/* Bit 0: the AVX2 kernels can run here; bit 1: the AVX-512 (VNNI) kernels can. */
+int blip2_lowbit_cpu_kinds(void)
+{
+    __builtin_cpu_init();
+    int kinds = 0;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+        kinds |= KIND_AVX2;
+    if ((kinds & KIND_AVX2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        kinds |= KIND_AVX512;
+    return kinds;
+}
+
+/* ---- activations ------------------------------------------------------------------------------ */
+
+typedef struct {
+    int8_t *q;     /* (rows, padded) */
+    float *scale;  /* (rows, blocks) */
+    int32_t *sum;  /* (rows, blocks): sum of q over the block */
+    long padded, blocks;
+} Activations;
+
+/* One row: blocks of `block` inputs (a multiple of 8) to int8, past `in_features` zeros. */
+AVX2 static void quantize_row(const float *x, long in_features, long padded, long block, int8_t *q,
+                              float *scale, int32_t *sum)
+{
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (long b = 0; b * block < padded; b++) {
+        long k0 = b * block, k1 = k0 + block < in_features ? k0 + block : in_features;
+        long full = k0 + (k1 > k0 ? (k1 - k0) / 8 * 8 : 0);
+        __m256 vmax = _mm256_setzero_ps();
+        for (long k = k0; k < full; k += 8)
+            vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, vmax);
+        float amax = 0.0f;
+        for (int i = 0; i < 8; i++)
+            amax = lanes[i] > amax ? lanes[i] : amax;
+        for (long k = full; k < k1; k++) {
+            float a = x[k] < 0 ? -x[k] : x[k];
+            amax = a > amax ? a : amax;
+        }
+        float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+        scale[b] = amax / 127.0f;
+        const __m256 vinv = _mm256_set1_ps(inv);
+        const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+        __m256i vsum = _mm256_setzero_si256();
+        for (long k = k0; k < full; k += 8) {
+            __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + k), vinv)); /* nearest even */
+            v = _mm256_min_epi32(_mm256_max_epi32(v, lo), hi);
+            vsum = _mm256_add_epi32(vsum, v);
+            int32_t ints[8];
+            _mm256_storeu_si256((__m256i *)ints, v);
+            for (int i = 0; i < 8; i++)
+                q[k + i] = (int8_t)ints[i];
+        }
+        int32_t sums[8];
+        _mm256_storeu_si256((__m256i *)sums, vsum);
+        int32_t total = 0;
+        for (int i = 0; i < 8; i++)
+            total += sums[i];
+        for (long k = full; k < k1; k++) {
+            int iv = _mm_cvtss_si32(_mm_set_ss(x[k] * inv)); /* nearest even, as the vector path */
+            iv = iv < -127 ? -127 : (iv > 127 ? 127 : iv);
+            q[k] = (int8_t)iv;
+            total += iv;
+        }
+        for (long k = k1 > k0 ? k1 : k0; k < k0 + block; k++)
+            q[k] = 0;
+        sum[b] = total;
+    }
+}
+
+static int quantize_activations(const float *x, long rows, long in_features, long padded, long block,
+                                Activations *a, int threads)
+{
+    a->padded = padded;
+    a->blocks = padded / block;
+    a->q = aligned_alloc(64, (size_t)((rows * padded + 63) / 64 * 64));
+    a->scale = malloc(sizeof(float) * (size_t)(rows * a->blocks));
+    a->sum = malloc(sizeof(int32_t) * (size_t)(rows * a->blocks));
+    if (!a->q || !a->scale || !a->sum)
+        return -1;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 8)
+    for (long r = 0; r < rows; r++)
+        quantize_row(x + r * in_features, in_features, padded, block, a->q + r * padded, a->scale + r * a->blocks,
+                     a->sum + r * a->blocks);
+    return 0;
+}
+
+static void free_activations(Activations *a)
+{
+    free(a->q);
+    free(a->scale);
+    free(a->sum);
+}
+
+/* 4 quantized inputs of a row, as one 32-bit word (to broadcast to every lane) */
+INLINE int32_t four(const int8_t *q)
+{
+    int32_t v;
+    memcpy(&v, q, 4);
+    return v;
+}
+
+typedef struct {
+    const void *w;           /* packed blocks */
+    const float *wscale;     /* int8: (out_features,) */
+    const uint16_t *scales;  /* int4: (blocks, groups, 16) */
+    const uint16_t *mins;
+    const float *bias;       /* (out_features,) or NULL */
+    long out_features, group;
+    float *y;                /* (rows, out_features) */
+} Layer;
+
+/* ---- AVX-512 VNNI ------------------------------------------------------------------------------------ */
+
+/* Stores 16 outputs of a row (fewer at the end of the layer), with the bias. */
+AVX512 INLINE void store16(const Layer *p, long row, long n0, __m512 v)
+{
+    long valid = p->out_features - n0;
+    __mmask16 m = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+    if (p->bias)
+        v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p->bias + n0));
+    _mm512_mask_storeu_ps(p->y + row * p->out_features + n0, m, v);
+}
+
+/* int8: vpdpbusd takes unsigned bytes on one side; the weights are flipped to w + 128 (xor 0x80) and
+ * each block's accumulators start at -128 * sum(x), so they end exact. */
+AVX512 INLINE void int8_tile_avx512(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                    const int RT, const int NB)
+{
+    const long padded = a->padded, vectors = padded / 4, per_block = INT8_BLOCK / 4;
+    const int8_t *w = p->w;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 facc[4][4];
+    for (int r = 0; r < RT; r++)
+        for (int j = 0; j < NB; j++)
+            facc[r][j] = _mm512_setzero_ps();
+    for (long b = 0; b < a->blocks; b++) {
+        __m512i acc[4][4];
+        for (int r = 0; r < RT; r++) {
+            long row = r0 + (r < rt ? r : 0);
+            __m512i start = _mm512_set1_epi32(-128 * a->sum[row * a->blocks + b]);
+            for (int j = 0; j < NB; j++)
+                acc[r][j] = start;
+        }
+        for (long v = b * per_block; v < (b + 1) * per_block; v++) {
+            __m512i wv[4];
+            for (int j = 0; j < NB; j++) {
+                long blk = b0 + (j < nb ? j : 0);
+                wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (blk * vectors + v) * 64), flip);
+                /* the next tile's blocks at this offset: the hardware prefetcher starts over at every
+                 * page (decode steps read ~2x faster with this) */
+                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_T0);
+            }
+            for (int r = 0; r < RT; r++) {
+                long row = r0 + (r < rt ? r : 0);
+                __m512i x = _mm512_set1_epi32(four(a->q + row * padded + 4 * v));
+                for (int j = 0; j < NB; j++)
+                    acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wv[j], x);
+            }
+        }
+        for (int r = 0; r < RT; r++) {
+            long row = r0 + (r < rt ? r : 0);
+            __m512 s = _mm512_set1_ps(a->scale[row * a->blocks + b]);
+            for (int j = 0; j < NB; j++)
+                facc[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), s, facc[r][j]);
+        }
+    }
+    for (int j = 0; j < nb && j < NB; j++) {
+        long n0 = (b0 + j) * LANES, valid = p->out_features - n0;
+        __mmask16 m = valid >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << valid) - 1);
+        __m512 ws = _mm512_maskz_loadu_ps(m, p->wscale + n0);
+        for (int r = 0; r < rt && r < RT; r++)
+            store16(p, r0 + r, n0, _mm512_mul_ps(facc[r][j], ws));
+    }
+}
+
+/* int4: two vpdpbusd per vector (low nibbles: inputs 8v..8v+3, high: 8v+4..8v+7); per group, the
+ * integer dot products scaled by the input's and the weights' scales, and the minimum's term added. */
+AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                    const int RT, const int NB)
+{
+    const long padded = a->padded, vectors = padded / 8, groups = a->blocks, per_group = p->group / 8;
+    const uint8_t *w = p->w;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512 facc[4][4];
+    for (int r = 0; r < RT; r++)
+        for (int j = 0; j < NB; j++)
+            facc[r][j] = _mm512_setzero_ps();
+    for (long g = 0; g < groups; g++) {
+        __m512i acc[4][4];
+        for (int r = 0; r < RT; r++)
+            for (int j = 0; j < NB; j++)
+                acc[r][j] = _mm512_setzero_si512();
+        for (long v = g * per_group; v < (g + 1) * per_group; v++) {
+            __m512i wlo[4], whi[4];
+            for (int j = 0; j < NB; j++) {
+                long blk = b0 + (j < nb ? j : 0);
+                __m512i packed = _mm512_loadu_si512(w + (blk * vectors + v) * 64);
+                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_T0);
+                wlo[j] = _mm512_and_si512(packed, low);
+                whi[j] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
+            }
+            for (int r = 0; r < RT; r++) {
+                long row = r0 + (r < rt ? r : 0);
+                const int8_t *xq = a->q + row * padded + 8 * v;
+                __m512i xlo = _mm512_set1_epi32(four(xq)), xhi = _mm512_set1_epi32(four(xq + 4));
+                for (int j = 0; j < NB; j++)
+                    acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], wlo[j], xlo), whi[j], xhi);
+            }
+        }
+        __m512 sv[4], mv[4];
+        for (int j = 0; j < NB; j++) {
+            long blk = b0 + (j < nb ? j : 0);
+            sv[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p->scales + (blk * groups + g) * LANES)));
+            mv[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p->mins + (blk * groups + g) * LANES)));
+        }
+        for (int r = 0; r < RT; r++) {
+            long row = r0 + (r < rt ? r : 0);
+            float xs = a->scale[row * groups + g];
+            __m512 vxs = _mm512_set1_ps(xs), vsum = _mm512_set1_ps(xs * (float)a->sum[row * groups + g]);
+            for (int j = 0; j < NB; j++) {
+                __m512 dot = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][j]), vxs);
+                facc[r][j] = _mm512_fmadd_ps(mv[j], vsum, _mm512_fmadd_ps(dot, sv[j], facc[r][j]));
+            }
+        }
+    }
+    for (int j = 0; j < nb && j < NB; j++)
+        for (int r = 0; r < rt && r < RT; r++)
+            store16(p, r0 + r, (b0 + j) * LANES, facc[r][j]);
+}
+
+/* ---- AVX2: the same blocks, each 64-byte vector as two halves of 8 outputs ---------------------------- */
+
+AVX2 INLINE void store8(const Layer *p, long row, long n0, __m256 v)
+{
+    long valid = p->out_features - n0;
+    if (valid >= 8) {
+        if (p->bias)
+            v = _mm256_add_ps(v, _mm256_loadu_ps(p->bias + n0));
+        _mm256_storeu_ps(p->y + row * p->out_features + n0, v);
+        return;
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, v);
+    for (long i = 0; i < valid; i++)
+        p->y[row * p->out_features + n0 + i] = p->bias ? lanes[i] + p->bias[n0 + i] : lanes[i];
+}
+
+/* int8: vpmaddubsw takes unsigned bytes on one side: |w| against x with w's sign (pairs stay below
+ * 2 * 127 * 127: no saturation). */
+AVX2 INLINE void int8_tile_avx2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                const int RT)
+{
+    const long padded = a->padded, vectors = padded / 4, per_block = INT8_BLOCK / 4;
+    const int8_t *w = p->w;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 facc[2][2];
+    for (int r = 0; r < RT; r++)
+        facc[r][0] = facc[r][1] = _mm256_setzero_ps();
+    (void)nb;
+    for (long b = 0; b < a->blocks; b++) {
+        __m256i acc[2][2];
+        for (int r = 0; r < RT; r++)
+            acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (long v = b * per_block; v < (b + 1) * per_block; v++) {
+            const int8_t *vec = w + (b0 * vectors + v) * 64;
+            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_T0);
+            __m256i wv[2], wabs[2];
+            for (int h = 0; h < 2; h++) {
+                wv[h] = _mm256_loadu_si256((const __m256i *)(vec + 32 * h));
+                wabs[h] = _mm256_abs_epi8(wv[h]);
+            }
+            for (int r = 0; r < RT; r++) {
+                long row = r0 + (r < rt ? r : 0);
+                __m256i x = _mm256_set1_epi32(four(a->q + row * padded + 4 * v));
+                for (int h = 0; h < 2; h++) {
+                    __m256i pairs = _mm256_maddubs_epi16(wabs[h], _mm256_sign_epi8(x, wv[h]));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        for (int r = 0; r < RT; r++) {
+            long row = r0 + (r < rt ? r : 0);
+            __m256 s = _mm256_set1_ps(a->scale[row * a->blocks + b]);
+            for (int h = 0; h < 2; h++)
+                facc[r][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][h]), s, facc[r][h]);
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        long n0 = b0 * LANES + 8 * h, valid = p->out_features - n0;
+        if (valid <= 0)
+            break;
+        float scale[8] = {0};
+        memcpy(scale, p->wscale + n0, sizeof(float) * (size_t)(valid < 8 ? valid : 8));
+        __m256 ws = _mm256_loadu_ps(scale);
+        for (int r = 0; r < rt && r < RT; r++)
+            store8(p, r0 + r, n0, _mm256_mul_ps(facc[r][h], ws));
+    }
+}
+
+AVX2 INLINE void int4_tile_avx2(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb,
+                                const int RT)
+{
+    const long padded = a->padded, vectors = padded / 8, groups = a->blocks, per_group = p->group / 8;
+    const uint8_t *w = p->w;
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 facc[2][2];
+    for (int r = 0; r < RT; r++)
+        facc[r][0] = facc[r][1] = _mm256_setzero_ps();
+    (void)nb;
+    for (long g = 0; g < groups; g++) {
+        __m256i acc[2][2];
+        for (int r = 0; r < RT; r++)
+            acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+        for (long v = g * per_group; v < (g + 1) * per_group; v++) {
+            const uint8_t *vec = w + (b0 * vectors + v) * 64;
+            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_T0);
+            __m256i wlo[2], whi[2];
+            for (int h = 0; h < 2; h++) {
+                __m256i packed = _mm256_loadu_si256((const __m256i *)(vec + 32 * h));
+                wlo[h] = _mm256_and_si256(packed, low);
+                whi[h] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+            }
+            for (int r = 0; r < RT; r++) {
+                long row = r0 + (r < rt ? r : 0);
+                const int8_t *xq = a->q + row * padded + 8 * v;
+                __m256i xlo = _mm256_set1_epi32(four(xq)), xhi = _mm256_set1_epi32(four(xq + 4));
+                for (int h = 0; h < 2; h++) {
+                    __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(wlo[h], xlo), _mm256_maddubs_epi16(whi[h], xhi));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+        __m256 sv[2], mv[2];
+        for (int h = 0; h < 2; h++) {
+            long at = (b0 * groups + g) * LANES + 8 * h;
+            sv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->scales + at)));
+            mv[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p->mins + at)));
+        }
+        for (int r = 0; r < RT; r++) {
+            long row = r0 + (r < rt ? r : 0);
+            float xs = a->scale[row * groups + g];
+            __m256 vxs = _mm256_set1_ps(xs), vsum = _mm256_set1_ps(xs * (float)a->sum[row * groups + g]);
+            for (int h = 0; h < 2; h++) {
+                __m256 dot = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][h]), vxs);
+                facc[r][h] = _mm256_fmadd_ps(mv[h], vsum, _mm256_fmadd_ps(dot, sv[h], facc[r][h]));
+            }
+        }
+    }
+    for (int h = 0; h < 2; h++) {
+        long n0 = b0 * LANES + 8 * h;
+        if (n0 >= p->out_features)
+            break;
+        for (int r = 0; r < rt && r < RT; r++)
+            store8(p, r0 + r, n0, facc[r][h]);
+    }
+}
+
+/* Tiles of RT rows x NB blocks of 16 outputs; a smaller edge tile runs the same code with its rows and
+ * blocks repeated (their results are not stored), so every stored value took the same operations. */
+typedef void (*TileFn)(const Activations *, const Layer *, long, int, long, int);
+
+AVX512 static void int8_avx512_4x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int8_tile_avx512(a, p, r0, rt, b0, nb, 4, 4);
+}
+
+AVX512 static void int8_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int8_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
+}
+
+AVX512 static void int4_avx512_4x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 4, 4);
+}
+
+AVX512 static void int4_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
+}
+
+AVX2 static void int8_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int8_tile_avx2(a, p, r0, rt, b0, nb, 2);
+}
+
+AVX2 static void int8_avx2_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int8_tile_avx2(a, p, r0, rt, b0, nb, 1);
+}
+
+AVX2 static void int4_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx2(a, p, r0, rt, b0, nb, 2);
+}
+
+AVX2 static void int4_avx2_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx2(a, p, r0, rt, b0, nb, 1);
+}
+
+/* ---- the loop over tiles ------------------------------------------------------------------------- */
+
+/* Blocks of outputs are split among threads; each thread walks its blocks once per chunk of
+ * ROW_CHUNK rows (whose activations stay in cache), `wide_rows` rows at a time, then one at a time. */
+static void run_tiles(const Activations *a, const Layer *p, long rows, TileFn wide, int wide_rows, int wide_blocks,
+                      TileFn single, int threads)
+{
+    const long blocks = (p->out_features + LANES - 1) / LANES;
+    const long steps = (blocks + wide_blocks - 1) / wide_blocks;
+#pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nth = omp_get_num_threads();
+        long first = steps * t / nth * wide_blocks, last = steps * (t + 1) / nth * wide_blocks;
+        if (last > blocks)
+            last = blocks;
+        for (long c = 0; c < rows; c += ROW_CHUNK) {
+            long c_end = c + ROW_CHUNK < rows ? c + ROW_CHUNK : rows;
+            for (long b = first; b < last; b += wide_blocks) {
+                int nb = last - b < wide_blocks ? (int)(last - b) : wide_blocks;
+                long r = c;
+                for (; r + wide_rows <= c_end; r += wide_rows)
+                    wide(a, p, r, wide_rows, b, nb);
+                for (; r < c_end; r++)
+                    single(a, p, r, 1, b, nb);
+            }
+        }
+    }
+}
+
+/* A layer as the caller describes it once (blip2.quantize.kernels.NativeLayer mirrors it). */
+typedef struct {
+    int kind;                 /* KIND_AVX2 or KIND_AVX512 */
+    int bits;                 /* 8 or 4 */
+    long in_features, padded, group, out_features;
+    const void *w;            /* packed blocks */
+    const float *wscale;      /* int8: (out_features,) */
+    const uint16_t *scales;   /* int4: (blocks, groups, 16) float16 */
+    const uint16_t *mins;
+    const float *bias;        /* (out_features,) or NULL */
+} Blip2LowbitLayer;
+
+/* y (rows, out_features) = x (rows, in_features) W^T + bias. Returns 0, or -1 for sizes the layout does
+ * not allow, -2 when memory runs out. */
+int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, float *y, int threads)
+{
+    int int4 = l->bits == 4;
+    long block = int4 ? l->group : INT8_BLOCK;
+    if (rows < 0 || l->in_features <= 0 || l->out_features <= 0 || l->padded < l->in_features || block <= 0 ||
+        block % INT4_CHUNK || l->padded % block || (l->bits != 4 && l->bits != 8) ||
+        (l->kind != KIND_AVX2 && l->kind != KIND_AVX512))
+        return -1;
+    if (rows == 0)
+        return 0;
+    Activations a = {0};
+    if (quantize_activations(x, rows, l->in_features, l->padded, block, &a, threads)) {
+        free_activations(&a);
+        return -2;
+    }
+    Layer p = {l->w, l->wscale, l->scales, l->mins, l->bias, l->out_features, l->group, y};
+    if (l->kind == KIND_AVX512 && int4)
+        run_tiles(&a, &p, rows, int4_avx512_4x4, 4, 4, int4_avx512_1x4, threads);
+    else if (l->kind == KIND_AVX512)
+        run_tiles(&a, &p, rows, int8_avx512_4x4, 4, 4, int8_avx512_1x4, threads);
+    else if (int4)
+        run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
+    else
+        run_tiles(&a, &p, rows, int8_avx2_2x1, 2, 1, int8_avx2_1x1, threads);
+    free_activations(&a);
+    return 0;
+}

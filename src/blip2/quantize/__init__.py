@@ -1,0 +1,33 @@
+"""Weight-only low-bit linear layers for CPU inference: the one place that knows the packings (int8,
+int4) and their kernels. The model files see only ``nn.Linear``-like modules.
+
+``blip2.load(..., quantize="int8")``: every linear layer of the vision encoder, the Q-Former and the
+language model int8 (per output channel). ``quantize="int4"``: the vision encoder's and the language
+model's int4 (group-wise, ``group_size`` 128 by default), the Q-Former's int8 (see
+``model.INT4_PARTS``). The projection and the retrieval heads stay float. ``blip2 quantize SRC DST --bits 8|4`` writes a checkpoint that holds the packed tensors
+(``checkpoint``), which ``blip2.load`` maps into memory without quantizing anything.
+
+Kernels (``kernels``, ``csrc/lowbit_linear.c``): weights are stored in blocks of 16 outputs; the input
+is quantized to int8 per row and block of 128 inputs (int8) or group (int4) and multiplied in integers
+(AVX-512 VNNI or AVX2), each stored weight read once; measurements in ``bench/README.md``.
+"""
+
+from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, pack_int4
+from .int8 import Int8Linear, fbgemm_available, pack_int8, quantize_weight
+from .model import METHODS, QUANTIZED_PARTS, QuantizedLinear, check_method, plan, quantize_model_
+
+__all__ = [
+    "DEFAULT_GROUP_SIZE",
+    "METHODS",
+    "QUANTIZED_PARTS",
+    "Int4Linear",
+    "Int8Linear",
+    "QuantizedLinear",
+    "check_method",
+    "fbgemm_available",
+    "pack_int4",
+    "pack_int8",
+    "plan",
+    "quantize_model_",
+    "quantize_weight",
+]
