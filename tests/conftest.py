@@ -110,3 +110,11 @@ def instruct_llama_ckpt(tmp_path_factory) -> Path:
     from factory_instruct import build_instruct_checkpoint
 
     return build_instruct_checkpoint(tmp_path_factory.mktemp("instruct_llama"), lm="llama", lm_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
+def instruct_t5_ckpt(tmp_path_factory) -> Path:
+    """InstructBLIP with a Flan-T5."""
+    from factory_instruct import build_instruct_checkpoint
+
+    return build_instruct_checkpoint(tmp_path_factory.mktemp("instruct_t5"), lm="t5", seed=2)

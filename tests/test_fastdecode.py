@@ -22,9 +22,14 @@ GEN = [
 ]
 
 
-@pytest.fixture(scope="module", params=["opt", "t5", "llama"])
+@pytest.fixture(scope="module", params=["opt", "t5", "llama", "instruct_t5"])
 def pipes(request):
-    name = {"opt": "opt_ckpt", "t5": "t5_ckpt", "llama": "instruct_llama_ckpt"}[request.param]
+    name = {
+        "opt": "opt_ckpt",
+        "t5": "t5_ckpt",
+        "llama": "instruct_llama_ckpt",
+        "instruct_t5": "instruct_t5_ckpt",
+    }[request.param]
     path = request.getfixturevalue(name)
     return blip2.load(path), blip2.load(path, compile="static")
 
@@ -49,6 +54,19 @@ def test_static_steps_give_the_plain_tokens(pipes):
     assert len(after) == len(steps) + 1 and not reused  # one new shape (one row), used twice
     one_row = next(k for k in after if k not in steps)
     assert after[one_row] > 9
+
+
+def test_forced_tokens_through_static_steps(pipes):
+    """A resumed run (``forced`` tokens, rows forced to different lengths) on static steps gives the
+    plain decode's steps."""
+    plain, static = pipes
+    images = make_images(3, seed=10)
+    whole = plain.generate_ids(images, PROMPTS, max_new_tokens=8)
+    forced = [row[:k] for row, k in zip(whole, (3, 0, 5), strict=True)]
+    gen = dict(forced=forced, max_new_tokens=8)
+    steps = list(static.generate_steps(images, PROMPTS, **gen))
+    assert steps == list(plain.generate_steps(images, PROMPTS, **gen))
+    assert [[t for t in col if t is not None] for col in zip(*steps, strict=True)] == whole
 
 
 def test_static_step_logits_equal_the_plain_step(pipes):

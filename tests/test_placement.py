@@ -239,9 +239,14 @@ def test_load_auto_on_a_machine_without_gpus_is_the_cpu_load(opt_ckpt):
 # ---- the hooks -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["opt", "t5", "llama"])
+@pytest.fixture(scope="module", params=["opt", "t5", "llama", "instruct_t5"])
 def ckpt(request):
-    name = {"opt": "opt_ckpt", "t5": "t5_ckpt", "llama": "instruct_llama_ckpt"}[request.param]
+    name = {
+        "opt": "opt_ckpt",
+        "t5": "t5_ckpt",
+        "llama": "instruct_llama_ckpt",
+        "instruct_t5": "instruct_t5_ckpt",
+    }[request.param]
     return request.param, request.getfixturevalue(name)
 
 
@@ -289,7 +294,7 @@ def test_activations_and_caches_cross_a_device_boundary(ckpt):
         ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
         embeds, mask = pipe.model.merge_prefix(prefix, ids, torch.ones_like(ids))
         assert embeds.device == CPU
-        if kind == "t5":
+        if kind.endswith("t5"):
             runner = T5Runner(lm, embeds, mask, 4)
             caches = runner.cache.self_attn
             cross = [k.device for k, _ in runner.cache.cross_kv]
@@ -297,7 +302,7 @@ def test_activations_and_caches_cross_a_device_boundary(ckpt):
         else:
             runner = OPTRunner(lm, embeds, mask, 4, shared=2)
             caches = runner.cache
-        stack = "decoder" if kind == "t5" else "layers"
+        stack = "decoder" if kind.endswith("t5") else "layers"
         assert [c.k.device for c in caches] == [
             plan.devices[f"language_model.{stack}.{i}"] for i in range(len(caches))
         ]
@@ -309,7 +314,7 @@ def test_activations_and_caches_cross_a_device_boundary(ckpt):
         logits = runner.step(torch.tensor([3, 4]))
         assert logits.shape == (2, lm.lm_head.out_features)
         inputs = {"input_ids": ids, "image_prefix": prefix}
-        if kind == "t5":
+        if kind.endswith("t5"):
             inputs["decoder_input_ids"] = torch.tensor([[0, 5, 6], [0, 7, 8]])
         out = pipe.model(**inputs).logits
         assert out.device.type == "meta" and out.shape[0] == 2
