@@ -118,3 +118,16 @@ def instruct_t5_ckpt(tmp_path_factory) -> Path:
     from factory_instruct import build_instruct_checkpoint
 
     return build_instruct_checkpoint(tmp_path_factory.mktemp("instruct_t5"), lm="t5", seed=2)
+
+
+@pytest.fixture(scope="module", params=["opt", "t5", "llama", "instruct_t5"])
+def lm_kind_ckpt(request) -> tuple[str, Path]:
+    """(kind, checkpoint) for each language model the placement and static-decode tests cover: OPT, T5,
+    and InstructBLIP's LLaMA and Flan-T5."""
+    name = {
+        "opt": "opt_ckpt",
+        "t5": "t5_ckpt",
+        "llama": "instruct_llama_ckpt",
+        "instruct_t5": "instruct_t5_ckpt",
+    }
+    return request.param, request.getfixturevalue(name[request.param])

@@ -22,15 +22,9 @@ GEN = [
 ]
 
 
-@pytest.fixture(scope="module", params=["opt", "t5", "llama", "instruct_t5"])
-def pipes(request):
-    name = {
-        "opt": "opt_ckpt",
-        "t5": "t5_ckpt",
-        "llama": "instruct_llama_ckpt",
-        "instruct_t5": "instruct_t5_ckpt",
-    }[request.param]
-    path = request.getfixturevalue(name)
+@pytest.fixture(scope="module")
+def pipes(lm_kind_ckpt):
+    _, path = lm_kind_ckpt
     return blip2.load(path), blip2.load(path, compile="static")
 
 

@@ -239,22 +239,11 @@ def test_load_auto_on_a_machine_without_gpus_is_the_cpu_load(opt_ckpt):
 # ---- the hooks -------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["opt", "t5", "llama", "instruct_t5"])
-def ckpt(request):
-    name = {
-        "opt": "opt_ckpt",
-        "t5": "t5_ckpt",
-        "llama": "instruct_llama_ckpt",
-        "instruct_t5": "instruct_t5_ckpt",
-    }[request.param]
-    return request.param, request.getfixturevalue(name)
-
-
 PROMPTS = ["a photo of", "question: what colour is the ball? answer:"]
 
 
-def test_split_code_path_on_one_device_equals_the_plain_load(ckpt):
-    _, path = ckpt
+def test_split_code_path_on_one_device_equals_the_plain_load(lm_kind_ckpt):
+    _, path = lm_kind_ckpt
     images = make_images(2, seed=3)
     plain = blip2.load(path)
     hooked = blip2.load(path)
@@ -281,10 +270,10 @@ def _meta_split(pipe):
     return plan
 
 
-def test_activations_and_caches_cross_a_device_boundary(ckpt):
+def test_activations_and_caches_cross_a_device_boundary(lm_kind_ckpt):
     """cpu -> meta late in the language model: ops mixing devices raise (as with two GPUs), so every
     tensor must cross the boundary, and each layer's cache must be on its layer's device."""
-    kind, path = ckpt
+    kind, path = lm_kind_ckpt
     pipe = blip2.load(path)
     lm = pipe.model.language_model
     images = make_images(2, seed=3)

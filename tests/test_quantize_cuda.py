@@ -183,3 +183,13 @@ def test_cuda_layers_follow_the_cpus_choice_of_bits(opt_ckpt):
         int4_here = not name.startswith("qformer") and int4_group(layer.in_features, layer.out_features)
         assert isinstance(layer, CudaInt4Linear if int4_here else CudaInt8Linear), name
     assert any(isinstance(m, CudaInt4Linear) for m in layers.values())
+
+
+def test_cuda_layers_are_not_saved_as_a_float_checkpoint(opt_ckpt, tmp_path):
+    """``Pipeline.save`` writes only the CPU's packings: a model holding CUDA layers is refused, not
+    written as its float source."""
+    pipe = blip2.load(opt_ckpt)
+    quantize_model_(pipe.model, 8, lambda path: "meta" if path.startswith("language_model") else "cpu")
+    with pytest.raises(ValueError, match="CUDA int8 / int4 layers are not saved"):
+        pipe.save(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
