@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import blip2
-from blip2.errors import DependencyError
+from blip2.errors import DependencyError, InputError
 from blip2.quantize_cuda import (
     CudaInt4Linear,
     CudaInt8Linear,
@@ -114,6 +114,9 @@ def test_kernels_that_cannot_run_here_are_clear_errors():
     except ImportError:
         with pytest.raises(DependencyError, match="pip install bitsandbytes"):
             check_kernel(8, "bnb")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="sees no CUDA device"):
+            blip2.load("demo", device="cuda", quantize="int8")
     with pytest.raises(ValueError, match="kernels are chosen for CUDA layers"):
         blip2.load("demo", quantize="int4:tinygemm")
     with pytest.raises(ValueError, match="group_size is for the CPU's int4 layers"):

@@ -502,6 +502,8 @@ def _place(
 
             quantize_model_(model, f"int{bits}", group_size or DEFAULT_GROUP_SIZE)
         return device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={str(device)!r}: this PyTorch ({torch.__version__}) sees no CUDA device")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if bits:
