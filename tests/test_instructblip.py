@@ -200,6 +200,35 @@ def test_cli_caption(llama_ckpt, tmp_path, capsys):
     assert line["text"] == blip2.load(llama_ckpt).caption(path, max_new_tokens=6)[0]
 
 
+@pytest.mark.parametrize("name", ["llama_ckpt", "t5_instruct_ckpt"])
+def test_bulk_caption_and_ask(name, request, tmp_path):
+    """`blip2 bulk` rows equal caption / ask (the instruction-worded prompts) image by image."""
+    from blip2.bulk import Task, read_output, run_bulk
+
+    ckpt = request.getfixturevalue(name)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    paths = []
+    for i, image in enumerate(make_images(3, seed=21)):
+        paths.append(folder / f"{i}.png")
+        image.save(paths[-1])
+    m = blip2.load(ckpt)
+    questions = ["what colour is the cube?", "Where is the red dog? Describe it."]
+
+    run_bulk(Task.make("caption", max_new_tokens=6), str(folder), tmp_path / "cap", model=str(ckpt),
+             batch_size=2, progress=False)  # fmt: skip
+    rows = read_output(tmp_path / "cap").to_pylist()
+    assert [r["key"] for r in rows] == [str(p) for p in paths]
+    assert [r["text"] for r in rows] == [m.caption(p, max_new_tokens=6)[0] for p in paths]
+
+    run_bulk(Task.make("ask", questions=questions, max_new_tokens=6), str(folder), tmp_path / "ask",
+             model=str(ckpt), batch_size=2, progress=False)  # fmt: skip
+    rows = read_output(tmp_path / "ask").to_pylist()
+    want = [(str(p), q, m.ask(p, q, max_new_tokens=6)) for p in paths for q in questions]
+    assert [(r["key"], r["question"], r["text"]) for r in rows] == want
+    assert len({t for _, _, t in want}) > 1
+
+
 @pytest.mark.parametrize("method,bound", [("int8", 0.99), ("int4", 0.98)])
 def test_low_bit(llama_ckpt, method, bound):
     m = blip2.load(llama_ckpt)

@@ -80,10 +80,9 @@ class Task:
         if self.verb == "caption":
             return pipe.caption(pixels, prompt=self.prompt, **gen)
         if self.verb == "ask":
-            from ..chat import QUESTION_TEMPLATE
-
             q = len(self.questions)
-            prompts = [QUESTION_TEMPLATE.format(text) for text in self.questions] * pixels.shape[0]
+            template = pipe.question_template
+            prompts = [template.format(text) for text in self.questions] * pixels.shape[0]
             return pipe.generate(pixels.repeat_interleave(q, dim=0), prompts, **gen)
         from ..retrieval import embed_image_batch, normalized
 
