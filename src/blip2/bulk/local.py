@@ -109,23 +109,26 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
 
 
 class ThreadTuner:
-    """Picks the model's torch threads: every core, or the cores the decode processes leave.
+    """Picks the model's torch threads: every core, or the cores the decode processes leave (lean).
 
     A model that takes long per image next to decoding one wants every core, and the decoders (niced
     then) fill the gaps; one quicker than decoding had better leave the cores to the decoders, its
-    threads would mostly wait on cores they hold. So: when decoding an image takes under a tenth of the
-    model's time for it, every core; when it takes longer than the model (even on the warm-up batch),
-    the lean setting; otherwise, after the warm-up batch, batches run with each setting in turn and the
-    faster is kept (time per full batch, waiting for decoded images included)."""
+    threads would mostly wait on cores they hold. The warm-up batch runs lean (every core next to busy
+    decoders is the costly mistake: a model thread that waits for a core holds up the others). Then: when
+    decoding an image takes longer than the model, lean; when it takes under a tenth of the model's time,
+    every core; otherwise batches run with each setting in turn and the faster is kept (time per full
+    batch, waiting for decoded images included)."""
 
     MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
 
     def __init__(self, decoders: int, probes: int = 2):
         self.initial = torch.get_num_threads()
         self.lean = max(1, self.initial - decoders)
-        # interleaved, so that a busy spell of the machine weighs on both alike
+        # interleaved, so that a busy spell of the machine weighs on both alike; 0: the warm-up batch
         self.plan = [] if self.lean == self.initial else [0] + [self.initial, self.lean] * probes
-        self.threads: int | None = self.initial if not self.plan else None  # the choice, once made
+        self.threads: int | None = None if self.plan else self.initial  # the choice, once made
+        if self.plan:
+            torch.set_num_threads(self.lean)
         self.seconds = dict.fromkeys((self.initial, self.lean), 0.0)
         self.decode_seconds, self.decode_images = 0.0, 0
         self.last = time.perf_counter()
@@ -149,11 +152,11 @@ class ThreadTuner:
             if decode >= model:
                 self.plan = []  # decoding is the larger share: the cores are for the decoders
                 return self._choose(self.lean, why)
-            if threads == self.initial and decode < self.MINOR_DECODE * model:
+            if decode < self.MINOR_DECODE * model:
                 self.plan = []  # decoding is a minor share: no need to try fewer threads
                 return self._choose(self.initial, why)
         if self.plan:
-            torch.set_num_threads(self.plan[0] or self.initial)
+            torch.set_num_threads(self.plan[0])
         else:
             self._choose(min(self.seconds, key=self.seconds.get), f"seconds per probe: {self.seconds}")
 
