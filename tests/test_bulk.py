@@ -393,9 +393,11 @@ def test_thread_tuner_gives_the_cores_to_the_larger_share(decode_ms, model_ms, c
     try:
         tuner = ThreadTuner(decoders=2)
         assert tuner.threads is None and tuner.lean == 1
-        assert torch.get_num_threads() == 1  # the warm-up batch runs lean
-        tuner.decoded(16, 16 * decode_ms / 1000)
-        tuner.batch_done(16, 16 * model_ms / 1000)
+        for _ in range(2):  # the warm-up batch on every core, then one lean
+            tuner.decoded(16, 16 * decode_ms / 1000)
+            tuner.batch_done(16, 16 * model_ms / 1000)
+            if tuner.threads is not None:
+                break
         assert tuner.threads == chosen and torch.get_num_threads() == chosen
         tuner.restore()
         assert torch.get_num_threads() == 2

@@ -18,6 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,7 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
             if starter.is_alive():
                 starter.join()
         tuner = ThreadTuner(decoders)
+        warm_up = bool(tuner.plan)  # the first full batch runs alone, the decoders idle: a clean measure
         batch: list[tuple[Item, np.ndarray]] = []
         while window:
             job, future = window.popleft()
@@ -89,17 +91,22 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                 pool.restart()
                 results = pool.one_by_one(job)
                 window = deque((j, pool.submit(j)) for j, _ in window)  # they died with the pool
-            fill()
+            if not warm_up:
+                fill()
             for item, (pixels, error) in zip(job, results, strict=True):
                 if pixels is None:
                     sink.add_image(item[0], item[1], task.rows(item[2], None, error))
                     continue
                 batch.append((item, pixels))
                 if len(batch) == batch_size:
+                    if warm_up:  # the decoders finish the jobs they have, and get no more until it ran
+                        futures.wait([f for _, f in window])
+                        warm_up = False
                     tuner.batch_done(len(batch), run_batch(pipe, task, batch, sink))
                     if tuner.threads == tuner.initial:  # the model takes every core: decoders yield to it
                         pool.nice = WORKER_NICE
                     batch = []
+            fill()
         if batch:
             run_batch(pipe, task, batch, sink)
     finally:
@@ -112,12 +119,12 @@ class ThreadTuner:
     """Picks the model's torch threads: every core, or the cores the decode processes leave (lean).
 
     A model that takes long per image next to decoding one wants every core, and the decoders (niced
-    then) fill the gaps; one quicker than decoding had better leave the cores to the decoders, its
-    threads would mostly wait on cores they hold. The warm-up batch runs lean (every core next to busy
-    decoders is the costly mistake: a model thread that waits for a core holds up the others). Then: when
-    decoding an image takes longer than the model, lean; when it takes under a tenth of the model's time,
-    every core; otherwise batches run with each setting in turn and the faster is kept (time per full
-    batch, waiting for decoded images included)."""
+    then) fill the gaps; one quicker than decoding had better leave the cores to the decoders: next to
+    busy decoders its threads would mostly wait for cores (a thread that waits holds up the others). The
+    warm-up batch runs on every core with the decoders idle; when decoding an image takes under a tenth
+    of the model's time for it, every core it is. The next batch runs lean: when decoding an image takes
+    longer than the model, lean it is. Otherwise batches run with each setting in turn and the faster
+    is kept (time per full batch, waiting for decoded images included)."""
 
     MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
 
@@ -125,10 +132,8 @@ class ThreadTuner:
         self.initial = torch.get_num_threads()
         self.lean = max(1, self.initial - decoders)
         # interleaved, so that a busy spell of the machine weighs on both alike; 0: the warm-up batch
-        self.plan = [] if self.lean == self.initial else [0] + [self.initial, self.lean] * probes
+        self.plan = [] if self.lean == self.initial else [0] + [self.lean, self.initial] * probes
         self.threads: int | None = None if self.plan else self.initial  # the choice, once made
-        if self.plan:
-            torch.set_num_threads(self.lean)
         self.seconds = dict.fromkeys((self.initial, self.lean), 0.0)
         self.decode_seconds, self.decode_images = 0.0, 0
         self.last = time.perf_counter()
@@ -149,10 +154,10 @@ class ThreadTuner:
         if self.decode_images:
             decode, model = self.decode_seconds / self.decode_images, model_seconds / images
             why = f"decoding {1000 * decode:.1f} ms/image, the model {1000 * model:.1f}"
-            if decode >= model:
+            if threads == self.lean and decode >= model:
                 self.plan = []  # decoding is the larger share: the cores are for the decoders
                 return self._choose(self.lean, why)
-            if decode < self.MINOR_DECODE * model:
+            if threads != self.lean and decode < self.MINOR_DECODE * model:
                 self.plan = []  # decoding is a minor share: no need to try fewer threads
                 return self._choose(self.initial, why)
         if self.plan:
