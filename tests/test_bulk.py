@@ -19,7 +19,7 @@ from PIL import Image
 
 import blip2
 from blip2.bulk import Task, job, read_output, run_bulk
-from blip2.bulk.local import Decoders
+from blip2.bulk.local import Decoders, ThreadTuner, _decode_job, _init_worker
 from blip2.bulk.read import dense_embeddings
 from blip2.bulk.sources import scan
 from blip2.bulk.tasks import ModelInfo
@@ -379,3 +379,49 @@ def test_load_options_reach_the_model(opt_ckpt, photos, tmp_path, monkeypatch):
     assert main(["bulk", "caption", str(photos / "sub"), "-o", str(out), *args]) == 0
     assert seen == {"device": "cpu", "dtype": None, "quantize": "int8", "exact": False}
     assert json.loads((out / "_job.json").read_text())["quantize"] == "int8"
+
+
+@pytest.mark.parametrize(
+    ("decode_ms", "model_ms", "chosen"),
+    [(5.0, 1.0, 1), (5.0, 100.0, 2)],  # decoding most of the work: the lean setting; a minor part: every core
+)
+def test_thread_tuner_gives_the_cores_to_the_larger_share(decode_ms, model_ms, chosen):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        tuner = ThreadTuner(decoders=2)
+        assert tuner.threads is None and tuner.lean == 1
+        for _ in range(2):  # the warm-up batch on every core, then one lean
+            tuner.decoded(16, 16 * decode_ms / 1000)
+            tuner.batch_done(16, 16 * model_ms / 1000)
+            if tuner.threads is not None:
+                break
+        assert tuner.threads == chosen and torch.get_num_threads() == chosen
+        tuner.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_decode_job_raises_its_workers_niceness_only(photos):
+    """A decode job runs at the niceness it is sent with or more (a worker never lowers its own)."""
+    import multiprocessing
+
+    def worker(queue) -> None:  # in a process of its own, to renice
+        _init_worker(ImageProcessor(size=(32, 32)))
+        seen = []
+        for nice in (3, 0):
+            results, _ = _decode_job([(str(photos / "img0.png"), -1, -1, None)], nice)
+            seen.append((results[0][0].shape, os.getpriority(os.PRIO_PROCESS, 0)))
+        queue.put(seen)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=worker, args=(queue,))
+    process.start()
+    seen = queue.get(timeout=60)
+    process.join()
+    start = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [((3, 32, 32), max(3, start)), ((3, 32, 32), max(3, start))]

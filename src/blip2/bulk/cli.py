@@ -31,7 +31,7 @@ def _job_options() -> argparse.ArgumentParser:
     p.add_argument("--worker-cpus", type=float, default=None,
                    help="Ray: CPUs each model actor asks for (default 1, less where the cluster is smaller)")  # fmt: skip
     p.add_argument("--decoders", type=int, default=None,
-                   help="local: image decoding processes (default: the cores but one, at least 1)")  # fmt: skip
+                   help="local: image decoding processes (default: one per core, at most 8)")  # fmt: skip
     p.add_argument("--part-size", type=int, default=1000,
                    help="images per Parquet part file, the unit of resuming (default 1000; fixed by the first run)")  # fmt: skip
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

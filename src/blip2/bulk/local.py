@@ -1,8 +1,10 @@
 """The local engine: decode workers (processes) feed full batches of ready pixels to the model here.
 
 Decoding starts before the model is loaded and runs ahead of it by a bounded window, so the model does not
-wait on JPEG decoding and memory stays bounded. The workers run at a lower priority (``nice``): where
-cores are few, the model keeps them and decoding fills the time the model leaves idle.
+wait on JPEG decoding and memory stays bounded. Once the model turns out to take most of the time, the
+workers drop to a lower priority (``nice``): where cores are few, the model keeps them and decoding fills
+the time the model leaves idle. Until then they run at the model's priority, where decoding is most of the
+work (and where other programs share the machine, which niced decoders would yield to as well).
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent import futures
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
@@ -40,8 +44,9 @@ Decoded = tuple[np.ndarray | None, str | None]  # pixels, or None and why
 
 
 def default_decoders() -> int:
-    """Decode processes: the cores the model leaves (at least one), at most 8."""
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
+    """Decode processes: one per core, at most 8; the model's threads and the decoders share the cores as
+    :class:`ThreadTuner` finds best."""
+    return max(1, min(8, os.cpu_count() or 2))
 
 
 def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProcessor, load, *,
@@ -62,15 +67,20 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                     return
                 window.append((job, pool.submit(job)))
 
-        # the workers start (the first one waits for the fork server's imports) and decode while the
-        # model loads here
+        # the workers decode while the model loads here; forked ones start at once (so from this thread),
+        # others wait for the fork server's imports (so from another)
         starter = threading.Thread(target=fill, name="blip2-bulk-decode-start", daemon=True)
-        starter.start()
+        if pool.forks:
+            fill()
+        else:
+            starter.start()
         try:
             pipe = load()
         finally:
-            starter.join()
+            if starter.is_alive():
+                starter.join()
         tuner = ThreadTuner(decoders)
+        warm_up = bool(tuner.plan)  # the first full batch runs alone, the decoders idle: a clean measure
         batch: list[tuple[Item, np.ndarray]] = []
         while window:
             job, future = window.popleft()
@@ -81,16 +91,22 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                 pool.restart()
                 results = pool.one_by_one(job)
                 window = deque((j, pool.submit(j)) for j, _ in window)  # they died with the pool
-            fill()
+            if not warm_up:
+                fill()
             for item, (pixels, error) in zip(job, results, strict=True):
                 if pixels is None:
                     sink.add_image(item[0], item[1], task.rows(item[2], None, error))
                     continue
                 batch.append((item, pixels))
                 if len(batch) == batch_size:
-                    run_batch(pipe, task, batch, sink)
-                    tuner.batch_done(len(batch))
+                    if warm_up:  # the decoders finish the jobs they have, and get no more until it ran
+                        futures.wait([f for _, f in window])
+                        warm_up = False
+                    tuner.batch_done(len(batch), run_batch(pipe, task, batch, sink))
+                    if tuner.threads == tuner.initial:  # the model takes every core: decoders yield to it
+                        pool.nice = WORKER_NICE
                     batch = []
+            fill()
         if batch:
             run_batch(pipe, task, batch, sink)
     finally:
@@ -100,21 +116,24 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
 
 
 class ThreadTuner:
-    """Picks the model's torch threads: every core, or the cores the decode processes leave.
+    """Picks the model's torch threads: every core, or the cores the decode processes leave (lean).
 
-    A model that takes long per image next to decoding one wants every core, and the (niced) decoders
-    fill the gaps; one about as quick as decoding loses more to its threads waiting on cores the decoders
-    hold than it gains from them. When decoding an image takes under a tenth of the model's time for it,
-    every core it is; otherwise, after a warm-up batch, batches run with each setting in turn and the
-    faster is kept (time per full batch, waiting for decoded images included)."""
+    A model that takes long per image next to decoding one wants every core, and the decoders (niced
+    then) fill the gaps; one quicker than decoding had better leave the cores to the decoders: next to
+    busy decoders its threads would mostly wait for cores (a thread that waits holds up the others). The
+    warm-up batch runs on every core with the decoders idle; when decoding an image takes under a tenth
+    of the model's time for it, every core it is. The next batch runs lean: when decoding an image takes
+    longer than the model, lean it is. Otherwise batches run with each setting in turn and the faster
+    is kept (time per full batch, waiting for decoded images included)."""
 
     MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
 
     def __init__(self, decoders: int, probes: int = 2):
         self.initial = torch.get_num_threads()
         self.lean = max(1, self.initial - decoders)
-        # interleaved, so that a busy spell of the machine weighs on both alike
-        self.plan = [] if self.lean == self.initial else [0] + [self.initial, self.lean] * probes
+        # interleaved, so that a busy spell of the machine weighs on both alike; 0: the warm-up batch
+        self.plan = [] if self.lean == self.initial else [0] + [self.lean, self.initial] * probes
+        self.threads: int | None = None if self.plan else self.initial  # the choice, once made
         self.seconds = dict.fromkeys((self.initial, self.lean), 0.0)
         self.decode_seconds, self.decode_images = 0.0, 0
         self.last = time.perf_counter()
@@ -123,7 +142,8 @@ class ThreadTuner:
         self.decode_images += images
         self.decode_seconds += seconds
 
-    def batch_done(self, images: int) -> None:
+    def batch_done(self, images: int, model_seconds: float) -> None:
+        """A batch of ``images`` ran; the model took ``model_seconds`` of it."""
         now = time.perf_counter()
         elapsed, self.last = now - self.last, now
         if not self.plan:
@@ -131,18 +151,22 @@ class ThreadTuner:
         threads = self.plan.pop(0)
         if threads:
             self.seconds[threads] += elapsed
-        if threads == self.initial and self.decode_images:
-            decode = self.decode_seconds / self.decode_images
-            if decode < self.MINOR_DECODE * elapsed / images:
+        if self.decode_images:
+            decode, model = self.decode_seconds / self.decode_images, model_seconds / images
+            why = f"decoding {1000 * decode:.1f} ms/image, the model {1000 * model:.1f}"
+            if threads == self.lean and decode >= model:
+                self.plan = []  # decoding is the larger share: the cores are for the decoders
+                return self._choose(self.lean, why)
+            if threads != self.lean and decode < self.MINOR_DECODE * model:
                 self.plan = []  # decoding is a minor share: no need to try fewer threads
-                self._choose(self.initial, f"decoding {1000 * decode:.1f} ms/image")
-                return
+                return self._choose(self.initial, why)
         if self.plan:
-            torch.set_num_threads(self.plan[0] or self.initial)
+            torch.set_num_threads(self.plan[0])
         else:
             self._choose(min(self.seconds, key=self.seconds.get), f"seconds per probe: {self.seconds}")
 
     def _choose(self, threads: int, why: str) -> None:
+        self.threads = threads
         torch.set_num_threads(threads)
         log.info("model threads: %d (%s)", threads, why)
 
@@ -158,14 +182,17 @@ class Decoders:
 
     def __init__(self, n: int, processor: ImageProcessor):
         self.n, self.processor = n, processor
+        self.nice = 0  # the niceness jobs sent from now on run at (a worker can only raise its own)
+        self.context = _context()
+        self.forks = self.context.get_start_method() == "fork"  # its workers start at once
         self.pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.n, mp_context=_context(), initializer=_init_worker,
+        return ProcessPoolExecutor(self.n, mp_context=self.context, initializer=_init_worker,
                                    initargs=(self.processor,))  # fmt: skip
 
     def submit(self, job: list[Item]) -> Future:
-        return self.pool.submit(_decode_job, [item[3:] for item in job])
+        return self.pool.submit(_decode_job, [item[3:] for item in job], self.nice)
 
     def restart(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -187,22 +214,32 @@ class Decoders:
 
 
 def _context() -> multiprocessing.context.BaseContext:
-    """Fresh worker processes (never a fork of this one, whose torch threads a fork would break): from a
-    fork server that has imported this module once, so a second pool in the same process starts fast."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
+    """Forks of this process where fork is safe to use (Linux): they start at once, with nothing to import.
+
+    The model process may hold torch's thread pools (a pool restarted after a crash forks it with the model
+    loaded): a fork's child that ran torch ops could hang on their locks, but decode workers never do, they
+    run Pillow and numpy only. Elsewhere (macOS, Windows), fresh processes from a fork server that imports
+    this module once, so that a second pool in the same process starts fast."""
+    methods = multiprocessing.get_all_start_methods()
+    if sys.platform.startswith("linux") and "fork" in methods:
+        return multiprocessing.get_context("fork")
+    if "forkserver" not in methods:
         return multiprocessing.get_context("spawn")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
 
 
-def run_batch(pipe, task: Task, batch: list[tuple[Item, np.ndarray]], sink: Sink) -> None:
-    """The model on one batch of decoded images; their rows into the sink."""
+def run_batch(pipe, task: Task, batch: list[tuple[Item, np.ndarray]], sink: Sink) -> float:
+    """The model on one batch of decoded images; their rows into the sink. Returns the model's seconds."""
     pixels = torch.from_numpy(np.stack([p for _, p in batch]))
+    t0 = time.perf_counter()
     results = task.run(pipe, pixels)
+    seconds = time.perf_counter() - t0
     per = task.rows_per_image
     for i, (item, _) in enumerate(batch):
         sink.add_image(item[0], item[1], task.rows(item[2], results[i * per : (i + 1) * per], None))
+    return seconds
 
 
 def _items(store: Store, units: list[int]) -> Iterator[Item]:
@@ -230,13 +267,14 @@ def _chunks(items: Iterator[Item], n: int) -> Iterator[list[Item]]:
 def _init_worker(processor: ImageProcessor) -> None:
     global _processor
     _processor = processor
-    with contextlib.suppress(OSError):  # not permitted here: run at the same priority
-        os.nice(WORKER_NICE)
 
 
-def _decode_job(records: list[tuple[str, int, int, Any]]) -> tuple[list[Decoded], float]:
-    """The job's images decoded, and the seconds that took."""
+def _decode_job(records: list[tuple[str, int, int, Any]], nice: int) -> tuple[list[Decoded], float]:
+    """The job's images decoded (at niceness ``nice`` or more), and the seconds that took."""
     assert _processor is not None
+    with contextlib.suppress(OSError):  # not permitted here: run at the same priority
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
     t0 = time.perf_counter()
     results = [decode(path, offset, size, error, _processor) for path, offset, size, error in records]
     return results, time.perf_counter() - t0
