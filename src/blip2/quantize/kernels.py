@@ -316,6 +316,18 @@ class LowbitLinear(nn.Module):
         return self.kernel == "native" or (self.kernel is None and native_kind() is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.__dict__.get("_native")
+        if layer is not None and x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == self.in_features:
+            # the common case, kept short: a decode step makes ~150 of these calls
+            x = x.contiguous()
+            y = torch.empty(x.shape[:-1] + (self.out_features,))
+            status = native.lowbit_library().blip2_lowbit_linear(
+                ctypes.byref(layer), x.data_ptr(), x.numel() // self.in_features, y.data_ptr(),
+                torch.get_num_threads(),
+            )  # fmt: skip
+            if status:
+                _raise_on(status)
+            return y
         dtype, shape = x.dtype, x.shape
         x = x.reshape(-1, self.in_features)
         x = (x if x.dtype == torch.float32 else x.float()).contiguous()
