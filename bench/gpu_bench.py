@@ -6,7 +6,7 @@
 Two parts, each stopping where ``--budget`` seconds run out (what was measured is kept):
 
 - ``linear``: one linear layer of the released models' shapes, a decode step's few rows and an image
-  encoder's many, float16 against each weight-only kernel blip2 offers on CUDA (``blip2.quantize_cuda``:
+  encoder's many, float16 against each weight-only kernel blip2 offers on CUDA (``blip2.quantize.cuda``:
   int8 ``dequant`` eager and under ``torch.compile``, ``int8pack``, bitsandbytes LLM.int8, int4
   ``tinygemm``, bitsandbytes NF4) and, when importable, torchao's int8 / int4 weight-only: time per call
   and the weight bytes read per second. The numbers that pick the defaults.
@@ -40,7 +40,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests"), str(ROOT / "bench")]
 from make_checkpoint import write  # noqa: E402
 
 import blip2  # noqa: E402
-from blip2 import quantize_cuda as qc  # noqa: E402
+from blip2.quantize import cuda as qc  # noqa: E402
 from factory import make_images  # noqa: E402
 
 # (rows, in, out): OPT-2.7b's decode (1 and 8 rows) and its MLP, ViT-g's MLP over 257 tokens x 8 images

@@ -33,7 +33,7 @@ for name in ("transformers", "bitsandbytes", "torchao", "fastapi", "triton"):
         print(name, getattr(module, "__version__", "?"))
     except Exception as e:  # noqa: BLE001
         print(name, "missing:", type(e).__name__, str(e)[:200])
-from blip2.quantize_cuda import has_cuda_kernel
+from blip2.quantize.cuda import has_cuda_kernel
 
 for op in ("_weight_int8pack_mm", "_weight_int4pack_mm", "_convert_weight_to_int4pack"):
     print(op, "CUDA kernel:", has_cuda_kernel(op))

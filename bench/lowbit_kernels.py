@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from blip2.layers import Linear
+from blip2.models.layers import Linear
 from blip2.quantize import Int4Linear, Int8Linear, kernels
 
 

@@ -81,7 +81,8 @@ def opt_sharded_st_ckpt(tmp_path_factory) -> Path:
 
 def reset_kernel_choice() -> None:
     """Forget the process's float32 kernel choice (and built kernels): the next use decides again."""
-    from blip2 import layers, native
+    from blip2 import native
+    from blip2.models import layers
 
     native.skinny_linear_kernel.cache_clear()
     layers.float32_kernel.cache_clear()
@@ -91,7 +92,8 @@ def reset_kernel_choice() -> None:
 def native_kind(request, monkeypatch) -> str:
     """Linear layers on the native kernel of each kind the CPU has, for one test; the process's own
     choice comes back after."""
-    from blip2 import layers, native
+    from blip2 import native
+    from blip2.models import layers
 
     kind = request.param
     if (reason := native._unsupported_reason(kind)) is not None:

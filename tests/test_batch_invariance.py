@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import blip2
-from blip2 import layers
 from blip2.demo import scenes
+from blip2.models import layers
 from factory import make_images
 
 

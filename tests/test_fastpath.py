@@ -127,7 +127,7 @@ def test_a_caption_is_prefilled_in_one_pass(opt_ckpt):
 
 
 def test_linear_matches_plain_linear_and_still_trains():
-    from blip2.layers import Linear
+    from blip2.models.layers import Linear
 
     torch.manual_seed(0)
     layer = Linear(64, 48)

@@ -347,7 +347,7 @@ def test_server_answers_as_the_pipeline(checkpoints):
 
 
 def _kernels():
-    from blip2.quantize_cuda import has_cuda_kernel
+    from blip2.quantize.cuda import has_cuda_kernel
 
     out = [("int8", "dequant"), ("int4", "tinygemm"), ("int4", "dequant")]
     if has_cuda_kernel("_weight_int8pack_mm"):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from blip2.weights import empty_modules
+from blip2.models.weights import empty_modules
 
 IMAGE = Path(__file__).resolve().parent.parent / "examples" / "scene1.png"
 

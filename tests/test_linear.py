@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from blip2 import layers, native
+from blip2 import native
 from blip2.errors import InputError
+from blip2.models import layers
 from conftest import reset_kernel_choice
 
 # around both kinds' old row limits (16 where PyTorch reports AVX-512, 256 on AVX2) and past them

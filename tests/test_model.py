@@ -12,7 +12,7 @@ import torch
 
 import blip2
 from blip2.errors import CheckpointError
-from blip2.layers import Linear
+from blip2.models.layers import Linear
 from factory import build_checkpoint, load_reference, make_images
 
 TOL = 1e-4
@@ -356,7 +356,7 @@ def test_hub_id_from_cache(tmp_path, monkeypatch, opt_ckpt):
 def test_config_written_back_reads_the_same(request, fixture):
     """``Blip2Config.to_dict`` writes the hub's keys: read back it is the same config, and each key it
     writes has the value the reference wrote in the original ``config.json``."""
-    from blip2.config import Blip2Config
+    from blip2.models.config import Blip2Config
 
     path = request.getfixturevalue(fixture) / "config.json"
     cfg = Blip2Config.from_file(path)

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import blip2
-from blip2 import layers, native
+from blip2 import native
 from blip2.errors import InputError
+from blip2.models import layers
 from conftest import reset_kernel_choice
 from factory import make_images
 

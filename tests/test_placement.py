@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import blip2
-from blip2.config import Blip2Config, LlamaConfig, OPTConfig, T5Config
 from blip2.generate import OPTRunner, T5Runner
+from blip2.models.config import Blip2Config, LlamaConfig, OPTConfig, T5Config
 from blip2.placement import (
     GiB,
     PlacementError,

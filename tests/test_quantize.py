@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import blip2
-from blip2.layers import Linear
+from blip2.models.layers import Linear
 from blip2.quantize import Int4Linear, Int8Linear, kernels, pack_int4, plan, quantize_model_, quantize_weight
 from blip2.quantize.int8 import fbgemm_available
 from factory import make_images

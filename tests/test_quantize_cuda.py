@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import blip2
 from blip2.errors import DependencyError, InputError
-from blip2.quantize_cuda import (
+from blip2.quantize.cuda import (
     CudaInt4Linear,
     CudaInt8Linear,
     check_kernel,

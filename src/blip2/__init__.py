@@ -1,9 +1,9 @@
 """blip2: BLIP-2 written from scratch in PyTorch, loading the released checkpoints."""
 
 from .api import Pipeline, load
-from .config import Blip2Config
 from .errors import Blip2Error, CheckpointError, ImageError, InputError
-from .model import Blip2
+from .models.blip2 import Blip2
+from .models.config import Blip2Config
 
 __all__ = [
     "Blip2",

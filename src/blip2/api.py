@@ -17,11 +17,18 @@ from .chat import (
     Conversation,
     PrefixCache,
 )
-from .config import Blip2Config
 from .errors import CheckpointError, InputError
 from .generate import GenerationConfig, PrefillCache, check_forced, generate_ids, stream_ids
-from .model import Blip2
-from .weights import empty_modules, load_into, read_tensors, resolve_checkpoint, resolve_dtype, weight_files
+from .models.blip2 import Blip2
+from .models.config import Blip2Config
+from .models.weights import (
+    empty_modules,
+    load_into,
+    read_tensors,
+    resolve_checkpoint,
+    resolve_dtype,
+    weight_files,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +85,7 @@ class Pipeline:
         packed tensors (``blip2.load(folder)`` then maps them, quantizing nothing), the rest as the source
         checkpoint has it; tokenizer, processor and generation files copied."""
         from .quantize.checkpoint import save
-        from .quantize_cuda import cuda_quantized
+        from .quantize.cuda import cuda_quantized
 
         if cuda_quantized(self.model):
             raise ValueError("CUDA int8 / int4 layers are not saved: save a CPU-quantized or float model")
@@ -398,7 +405,7 @@ def load(
     ``quantize="int8"``: weight-only 8-bit linear layers in the vision encoder, the Q-Former and the
     language model; ``"int4"``: the vision encoder's and the language model's 4-bit with a scale and
     minimum per ``group_size`` inputs (128 by default on the CPU), the Q-Former's 8-bit. On the CPU
-    these are ``blip2.quantize``'s native kernels; on CUDA ``blip2.quantize_cuda``'s layers
+    these are ``blip2.quantize``'s native kernels; on CUDA ``blip2.quantize.cuda``'s layers
     (``"int8:bnb"``, ``"int4:tinygemm"``... pick a kernel; int4 groups of 128, else 64 or 32). A
     checkpoint written by ``blip2 quantize`` / :meth:`Pipeline.save` loads quantized as it was saved,
     with nothing to pass (a CPU format).
@@ -471,7 +478,7 @@ def _quantize_spec(quantize: str | None) -> tuple[int | None, str | None]:
     """``"int8"`` -> (8, None); ``"int4:bnb"`` -> (4, "bnb")."""
     if quantize is None:
         return None, None
-    from .quantize_cuda import KERNELS, bits_of
+    from .quantize.cuda import KERNELS, bits_of
 
     name, _, kernel = str(quantize).partition(":")
     bits = bits_of(name)
@@ -507,7 +514,7 @@ def _place(
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if bits:
-        from .quantize_cuda import check_kernel, layer_kernel, quantize_model_
+        from .quantize.cuda import check_kernel, layer_kernel, quantize_model_
 
         check_kernel(bits, layer_kernel(bits, device, kernel))
         quantize_model_(model, bits, lambda _: device, kernel)

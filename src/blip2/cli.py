@@ -58,7 +58,7 @@ def model_options() -> argparse.ArgumentParser:
         choices=["int8", "int4"],
         help="int8: weight-only 8-bit vision encoder, Q-Former and language model; int4: the vision encoder "
         "and language model 4-bit, the Q-Former 8-bit (CPU: native kernels, ~4x / ~6x less memory, faster; "
-        "CUDA: blip2.quantize_cuda's layers). Not for a checkpoint `blip2 quantize` wrote",
+        "CUDA: blip2.quantize.cuda's layers). Not for a checkpoint `blip2 quantize` wrote",
     )
     p.add_argument(
         "--group-size",

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 
 from .generate import OPTRunner, T5Runner
-from .layers import KVCache
-from .t5 import T5DecoderCache
+from .models.language.t5 import T5DecoderCache
+from .models.layers import KVCache
 
 log = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, InputError
 from .json_fields import JsonFields, is_integer
-from .opt import OPT
-from .t5 import T5
+from .models.language.opt import OPT
+from .models.language.t5 import T5
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A decode step multiplies a handful of rows by every weight of the language model
 the time to read the weights. PyTorch's CPU kernels reach about half of the memory bandwidth at 2-8
 rows; ``skinny_linear.c`` reaches nearly all of it, and with many rows (an image encoder) it is on
 par with oneDNN (bench/README.md). It computes every output element the same way whatever the row
-count, so ``blip2.layers.Linear`` runs it for every float32 CPU call and a row's result does not
+count, so ``blip2.models.layers.Linear`` runs it for every float32 CPU call and a row's result does not
 depend on its batch. It is plain C with AVX2 or AVX-512 intrinsics: one kind per process
 (``kernel_kind``: the widest the CPU has), built once per machine with the system's C compiler and
 loaded with ``ctypes``; its OpenMP pragmas run on PyTorch's own OpenMP runtime, so

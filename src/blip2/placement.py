@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .config import Blip2Config, T5Config
 from .errors import InputError
-from .layers import device_of
-from .quantize_cuda import KERNELS, layer_bits, quantizable, quantized_bytes
-from .weights import target_dtype
+from .models.config import Blip2Config, T5Config
+from .models.layers import device_of
+from .models.weights import target_dtype
+from .quantize.cuda import KERNELS, layer_bits, quantizable, quantized_bytes
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _bytes(model, path, dtype, bits, kernel, quantized, seen: set[int]) -> int:
 
 def meta_model(cfg: Blip2Config) -> nn.Module:
     """A model of ``cfg`` on the meta device (sizes, no memory), its head tied as loading ties it."""
-    from .model import Blip2
+    from .models.blip2 import Blip2
 
     with torch.device("meta"):
         model = Blip2(cfg)
@@ -441,7 +441,7 @@ def place(
         if device.type == "cuda" and device.index >= count:
             raise PlacementError(f"the plan names {device}; this machine has {count} CUDA device(s)")
     if bits:
-        from .quantize_cuda import check_kernel, layer_kernel, quantize_model_
+        from .quantize.cuda import check_kernel, layer_kernel, quantize_model_
 
         for device in set(plan.devices.values()):
             check_kernel(bits, layer_kernel(bits, device, kernel))

@@ -175,9 +175,9 @@ class ModelInfo:
 
 def describe(model: str) -> ModelInfo:
     """Read a checkpoint's config and processor files (the decode workers need the image processor)."""
-    from ..config import Blip2Config
+    from ..models.config import Blip2Config
+    from ..models.weights import resolve_checkpoint
     from ..processor import Processor
-    from ..weights import resolve_checkpoint
 
     folder = resolve_checkpoint(model)
     cfg = Blip2Config.from_file(folder / "config.json")

@@ -3,7 +3,7 @@
 Two layouts, as the released checkpoints: ``Blip2ForImageTextRetrieval`` (stage 1: vision encoder,
 Q-Former with its text branch, ITC/ITM heads, a BERT-style WordPiece tokenizer) and
 ``Blip2ForConditionalGeneration`` (stage 2: vision encoder, Q-Former, projection, OPT, a byte-level BPE
-tokenizer that prepends ``</s>`` as OPT's does). Tensor names come from :func:`blip2.weights.hub_name`.
+tokenizer that prepends ``</s>`` as OPT's does). Tensor names come from :func:`blip2.models.weights.hub_name`.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from tokenizers import (
     trainers,
 )
 
-from ..config import CLIP_MEAN, CLIP_STD, Blip2Config
-from ..model import Blip2
+from ..models.blip2 import Blip2
+from ..models.config import CLIP_MEAN, CLIP_STD, Blip2Config
+from ..models.weights import hub_tensors
 from ..processor import IMAGE_TOKEN
-from ..weights import hub_tensors
 
 OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3; </s> is BOS and EOS
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import OPTConfig, VisionConfig
 from ..images import ImageProcessor
-from ..layers import normal_init_
-from ..opt import OPT
-from ..vision import VisionTransformer
+from ..models.config import OPTConfig, VisionConfig
+from ..models.language.opt import OPT
+from ..models.layers import normal_init_
+from ..models.vision import VisionTransformer
 from .scenes import PATCH_CLASSES, PLACES, SLOT_CLASSES, Scene
 
 log = logging.getLogger(__name__)

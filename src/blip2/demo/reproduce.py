@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from ..chat import QUESTION_TEMPLATE, chat_prompt
-from ..config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
 from ..images import ImageProcessor
-from ..model import Blip2
-from ..opt import OPT
-from ..vision import VisionTransformer
+from ..models.blip2 import Blip2
+from ..models.config import Blip2Config, OPTConfig, QFormerConfig, VisionConfig
+from ..models.language.opt import OPT
+from ..models.vision import VisionTransformer
 from . import checkpoint, scenes
 from .pretrain import lm_sequences, pretrain_language, pretrain_vision
 

@@ -183,8 +183,8 @@ def _vqa(args: argparse.Namespace) -> int:
 def _retrieval(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..models.weights import retrieval_checkpoint
     from ..retrieval_cli import RETRIEVAL_MODEL
-    from ..weights import retrieval_checkpoint
     from .data import ImageReader, clean_caption, image_paths, read_karpathy
     from .report import Run, format_table
     from .retrieval import DEFAULT_K, rank_retrieval, recall_scores

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import Blip2Config
 from ..errors import CheckpointError
-from ..weights import PACKED_NAMES, hub_name, our_name, read_tensors, weight_files, write_checkpoint
+from ..models.config import Blip2Config
+from ..models.weights import PACKED_NAMES, hub_name, our_name, read_tensors, weight_files, write_checkpoint
 from .int4 import Int4Linear
 from .int8 import Int8Linear
 from .kernels import INT4_CHUNK, INT8_BLOCK

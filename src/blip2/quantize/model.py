@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..layers import Linear
+from ..models.layers import Linear
 from . import memory
 from .int4 import DEFAULT_GROUP_SIZE, Int4Linear
 from .int8 import Int8Linear

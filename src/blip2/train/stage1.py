@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import QFormerConfig
 from ..errors import InputError
-from ..layers import activation
+from ..models.config import QFormerConfig
+from ..models.layers import activation
 from .data import Batch
 from .loop import Stage, gather
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
-from .errors import InputError
+from .. import native
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..errors import CheckpointError
+from ..json_fields import JsonFields, is_integer
 from .config import Blip2Config
-from .errors import CheckpointError
-from .json_fields import JsonFields, is_integer
 
 log = logging.getLogger(__name__)
 
@@ -609,7 +609,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path).expanduser()
     named = NAMED_CHECKPOINTS.get(str(name_or_path))
     if named is not None and not (path / "config.json").is_file():
-        folder = Path(__file__).parent / named
+        folder = Path(__file__).parent.parent / named
         if not (folder / "config.json").is_file():
             raise CheckpointError(
                 f"{folder}: the shipped {name_or_path!r} checkpoint is missing from this install"

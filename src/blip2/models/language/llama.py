@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import LlamaConfig
-from .layers import (
+from ..config import LlamaConfig
+from ..layers import (
     GatedMLP,
     KVCache,
     Linear,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import OPTConfig
-from .layers import (
+from ..config import OPTConfig
+from ..layers import (
     MLP,
     KVCache,
     Linear,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import T5Config
-from .layers import (
+from ..config import T5Config
+from ..layers import (
     MLP,
     GatedMLP,
     KVCache,

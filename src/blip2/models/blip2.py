@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from .config import Blip2Config
-from .errors import InputError
+from .language.llama import Llama
+from .language.opt import OPT
+from .language.t5 import T5
 from .layers import Linear
-from .llama import Llama
-from .opt import OPT
 from .qformer import QFormer
-from .t5 import T5
 from .vision import VisionTransformer
 
 _LANGUAGE_MODELS = {"opt": OPT, "t5": T5, "llama": Llama}

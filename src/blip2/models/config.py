@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
-from .json_fields import JsonFields, is_integer
+from ..errors import CheckpointError
+from ..json_fields import JsonFields, is_integer
 from .layers import ACTIVATIONS
 
 # Architectures we can build, keyed by the hub's class name.

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import DependencyError
-from .layers import Linear
-from .quantize import QUANTIZED_PARTS, quantize_weight
-from .quantize.model import INT4_PARTS
+from ..errors import DependencyError
+from ..models.layers import Linear
+from . import QUANTIZED_PARTS, quantize_weight
+from .model import INT4_PARTS
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ def layer_bits(path: str, bits: int) -> int:
 def quantize_model_(model: nn.Module, bits: int, device_of_layer, kernel: str | None = None) -> int:
     """Replace, in place, every float linear layer that quantization covers by its quantized version,
     made on ``device_of_layer(path)``. Returns how many were replaced."""
-    from .quantize import Int4Linear, Int8Linear
+    from . import Int4Linear, Int8Linear
 
     count = 0
     for path, linear in list(quantizable(model)):
