@@ -1,9 +1,11 @@
 """The local engine: decode workers (processes) feed full batches of ready pixels to the model here.
 
 Decoding starts before the model is loaded and runs ahead of it by a bounded window, so the model does not
-wait on JPEG decoding and memory stays bounded. Once the model turns out to take most of the time, the
-workers drop to a lower priority (``nice``): where cores are few, the model keeps them and decoding fills
-the time the model leaves idle. Until then they run at the model's priority, where decoding is most of the
+wait on JPEG decoding and memory stays bounded. On Linux the workers are forks of this process made before
+torch is imported (``blip2 bulk`` gets here without it), so the first images are decoded while torch
+imports and the model loads. Once the model turns out to take most of the time, the workers drop to a
+lower priority (``nice``): where cores are few, the model keeps them and decoding fills the time the
+model leaves idle. Until then they run at the model's priority, where decoding is most of the
 work (and where other programs share the machine, which niced decoders would yield to as well).
 """
 
@@ -24,7 +26,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .tasks import Task, decode
 
@@ -129,6 +130,8 @@ class ThreadTuner:
     MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
 
     def __init__(self, decoders: int, probes: int = 2):
+        import torch  # (loaded with the model by now)
+
         self.initial = torch.get_num_threads()
         self.lean = max(1, self.initial - decoders)
         # interleaved, so that a busy spell of the machine weighs on both alike; 0: the warm-up batch
@@ -161,17 +164,23 @@ class ThreadTuner:
                 self.plan = []  # decoding is a minor share: no need to try fewer threads
                 return self._choose(self.initial, why)
         if self.plan:
-            torch.set_num_threads(self.plan[0])
+            _set_threads(self.plan[0])
         else:
             self._choose(min(self.seconds, key=self.seconds.get), f"seconds per probe: {self.seconds}")
 
     def _choose(self, threads: int, why: str) -> None:
         self.threads = threads
-        torch.set_num_threads(threads)
+        _set_threads(threads)
         log.info("model threads: %d (%s)", threads, why)
 
     def restore(self) -> None:
-        torch.set_num_threads(self.initial)
+        _set_threads(self.initial)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 class Decoders:
@@ -232,6 +241,8 @@ def _context() -> multiprocessing.context.BaseContext:
 
 def run_batch(pipe, task: Task, batch: list[tuple[Item, np.ndarray]], sink: Sink) -> float:
     """The model on one batch of decoded images; their rows into the sink. Returns the model's seconds."""
+    import torch
+
     pixels = torch.from_numpy(np.stack([p for _, p in batch]))
     t0 = time.perf_counter()
     results = task.run(pipe, pixels)
