@@ -12,6 +12,7 @@ work (and where other programs share the machine, which niced decoders would yie
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 8  # inputs per job sent to a decode worker
+LOAD_AHEAD_BYTES = 256 << 20  # decoded pixels the workers may get ready while the model loads
 WORKER_NICE = 10
 
 _processor: ImageProcessor | None = None  # a decode worker's image processor (set by _init_worker)
@@ -59,27 +61,59 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
     try:
         jobs = _chunks(_items(store, units), DECODE_CHUNK)
         window: deque[tuple[list[Item], Future]] = deque()
-        depth = 2 * decoders + -(-2 * batch_size // DECODE_CHUNK)
+        depth = 2 * decoders + -(-2 * batch_size // DECODE_CHUNK)  # jobs in the window (grown after the load)
+
+        def submit_next() -> bool:
+            """The next job to the workers; False when there is none, or the pool broke (the loop below
+            restarts it, and the job is sent again)."""
+            nonlocal jobs
+            job = next(jobs, None)
+            if job is None:
+                return False
+            try:
+                window.append((job, pool.submit(job)))
+            except BrokenProcessPool:
+                jobs = itertools.chain([job], jobs)
+                return False
+            return True
 
         def fill() -> None:
-            while len(window) < depth:
-                job = next(jobs, None)
-                if job is None:
-                    return
-                window.append((job, pool.submit(job)))
+            while len(window) < depth and submit_next():
+                pass
 
-        # the workers decode while the model loads here; forked ones start at once (so from this thread),
-        # others wait for the fork server's imports (so from another)
-        starter = threading.Thread(target=fill, name="blip2-bulk-decode-start", daemon=True)
+        loaded: Future = Future()
+        ready = [0]  # bytes of pixels decoded while the model loads
+
+        def count(future: Future) -> None:  # (in the pool's thread)
+            if not future.cancelled() and future.exception() is None:
+                ready[0] += sum(pixels.nbytes for pixels, _ in future.result()[0] if pixels is not None)
+
+        def fill_while_loading() -> None:
+            """Keep ``depth`` jobs with the workers until the model is loaded, the pixels made ready by then
+            bounded by LOAD_AHEAD_BYTES: decoding has the time of torch's import and the model's load."""
+            fill()
+            while not loaded.done() and ready[0] < LOAD_AHEAD_BYTES:
+                busy = [f for _, f in window if not f.done()]
+                if len(busy) >= depth:
+                    futures.wait([loaded, *busy], return_when=futures.FIRST_COMPLETED)
+                elif submit_next():
+                    window[-1][1].add_done_callback(count)
+                else:
+                    return
+
+        # Forked workers start at once, so from this thread: before load() imports torch. Others wait for
+        # the fork server's imports, so from the other thread.
         if pool.forks:
             fill()
-        else:
-            starter.start()
+        ahead = threading.Thread(target=fill_while_loading, name="blip2-bulk-decode-ahead", daemon=True)
+        ahead.start()
         try:
             pipe = load()
         finally:
-            if starter.is_alive():
-                starter.join()
+            loaded.set_result(None)
+            ahead.join()
+        # what was decoded meanwhile is the window's size from now on: as it is used up, decoding goes on
+        depth = max(depth, len(window))
         tuner = ThreadTuner(decoders)
         warm_up = bool(tuner.plan)  # the first full batch runs alone, the decoders idle: a clean measure
         batch: list[tuple[Item, np.ndarray]] = []
@@ -281,11 +315,12 @@ def _init_worker(processor: ImageProcessor) -> None:
 
 
 def _decode_job(records: list[tuple[str, int, int, Any]], nice: int) -> tuple[list[Decoded], float]:
-    """The job's images decoded (at niceness ``nice`` or more), and the seconds that took."""
+    """The job's images decoded (at niceness ``nice`` or more), and the CPU seconds that took (not the
+    wall time, which counts the waits for a core: while the model loads, or next to its threads)."""
     assert _processor is not None
     with contextlib.suppress(OSError):  # not permitted here: run at the same priority
         if os.getpriority(os.PRIO_PROCESS, 0) < nice:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     results = [decode(path, offset, size, error, _processor) for path, offset, size, error in records]
-    return results, time.perf_counter() - t0
+    return results, time.process_time() - t0
