@@ -82,6 +82,7 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
                 pass
 
         loaded: Future = Future()
+        failed: list[BaseException] = []
         ready = [0]  # bytes of pixels decoded while the model loads
 
         def count(future: Future) -> None:  # (in the pool's thread)
@@ -91,15 +92,18 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
         def fill_while_loading() -> None:
             """Keep ``depth`` jobs with the workers until the model is loaded, the pixels made ready by then
             bounded by LOAD_AHEAD_BYTES: decoding has the time of torch's import and the model's load."""
-            fill()
-            while not loaded.done() and ready[0] < LOAD_AHEAD_BYTES:
-                busy = [f for _, f in window if not f.done()]
-                if len(busy) >= depth:
-                    futures.wait([loaded, *busy], return_when=futures.FIRST_COMPLETED)
-                elif submit_next():
-                    window[-1][1].add_done_callback(count)
-                else:
-                    return
+            try:
+                fill()
+                while not loaded.done() and ready[0] < LOAD_AHEAD_BYTES:
+                    busy = [f for _, f in window if not f.done()]
+                    if len(busy) >= depth:
+                        futures.wait([loaded, *busy], return_when=futures.FIRST_COMPLETED)
+                    elif submit_next():
+                        window[-1][1].add_done_callback(count)
+                    else:
+                        return
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                failed.append(e)
 
         # Forked workers start at once, so from this thread: before load() imports torch. Others wait for
         # the fork server's imports, so from the other thread.
@@ -112,6 +116,8 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
         finally:
             loaded.set_result(None)
             ahead.join()
+        if failed:
+            raise failed[0]
         # what was decoded meanwhile is the window's size from now on: as it is used up, decoding goes on
         depth = max(depth, len(window))
         tuner = ThreadTuner(decoders)
