@@ -111,3 +111,20 @@ def test_bulk_forks_its_decoders_before_torch_is_imported(tmp_path):
     assert seen.read_text().split() == ["False", "False"]  # both forks: no torch in them
     texts = pq.read_table(tmp_path / "out" / "part-00000.parquet").column("text").to_pylist()
     assert len(texts) == 3 and len(set(texts)) == 1 and texts[0]
+
+
+def test_the_program_freezes_the_heap_before_exiting(monkeypatch, capsys):
+    """Run as the program (no argv given), ``main`` leaves the interpreter's last garbage collections
+    nothing to walk; called with arguments (as here, in-process), it does not."""
+    import gc
+
+    from blip2.cli import main
+
+    missing = str(IMAGE.with_name("no-such-image.png"))
+    try:
+        assert main(["caption", missing]) == 1 and gc.get_freeze_count() == 0
+        monkeypatch.setattr(sys, "argv", ["blip2", "caption", missing])
+        assert main() == 1 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert "no-such-image.png" in capsys.readouterr().err
