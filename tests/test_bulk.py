@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -425,3 +426,53 @@ def test_decode_job_raises_its_workers_niceness_only(photos):
     process.join()
     start = os.getpriority(os.PRIO_PROCESS, 0)
     assert seen == [((3, 32, 32), max(3, start)), ((3, 32, 32), max(3, start))]
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingProcessor(ImageProcessor):
+    """Notes each image it preprocesses in ``log`` (one line each, from any decode process)."""
+
+    log: str = ""
+
+    def preprocess(self, image):
+        with open(self.log, "a") as f:
+            f.write("x\n")
+        return super().preprocess(image)
+
+
+def test_decoding_goes_on_while_the_model_loads(opt_ckpt, tmp_path, monkeypatch):
+    """The decoders do not stop at the window's size (40 images here) while the model loads: the load
+    below waits for all 64 images to be decoded (a window that stops early would only time out)."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(make_images(4, seed=6) * 16):
+        im.save(folder / f"img{i:02d}.png")
+    log = tmp_path / "decoded"
+    describe, load = job.describe, job._load
+
+    def counting(model):
+        info = describe(model)
+        fields = {f.name: getattr(info.image_processor, f.name) for f in dataclasses.fields(ImageProcessor)}
+        return ModelInfo(CountingProcessor(**fields, log=str(log)), info.embedding)
+
+    decoded_by_load = []
+
+    def slow_load(*args):
+        for _ in range(600):  # at most a minute
+            n = len(log.read_text().split()) if log.exists() else 0
+            if n == 64:
+                break
+            time.sleep(0.1)
+        decoded_by_load.append(n)
+        return load(*args)
+
+    monkeypatch.setattr(job, "describe", counting)
+    monkeypatch.setattr(job, "_load", slow_load)
+    task = Task.make("caption", max_new_tokens=3)
+    s = run_bulk(task, str(folder), tmp_path / "out", model=str(opt_ckpt), batch_size=2, decoders=2,
+                 progress=False)  # fmt: skip
+    assert decoded_by_load == [64] and (s.images, s.errors) == (64, 0)
+    assert len(log.read_text().split()) == 64  # each image decoded once
+    rows = read_output(tmp_path / "out").to_pylist()
+    assert [r["key"] for r in rows] == sorted(str(p) for p in folder.iterdir())
+    assert all(isinstance(r["text"], str) for r in rows)

@@ -20,15 +20,9 @@ from .chat import (
 from .errors import CheckpointError, InputError
 from .generate import GenerationConfig, PrefillCache, check_forced, generate_ids, stream_ids
 from .models.blip2 import Blip2
+from .models.checkpoint import resolve_checkpoint
 from .models.config import Blip2Config
-from .models.weights import (
-    empty_modules,
-    load_into,
-    read_tensors,
-    resolve_checkpoint,
-    resolve_dtype,
-    weight_files,
-)
+from .models.weights import empty_modules, load_into, read_tensors, resolve_dtype, weight_files
 
 log = logging.getLogger(__name__)
 

@@ -21,22 +21,27 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from blip2.errors import CheckpointError, ImageError, InputError
 
+if TYPE_CHECKING:  # torch is imported where it is needed: decode processes never need it
+    import torch
+
 # Largest image (width × height) read from a file or bytes; the same default as Pillow's own bomb guard.
 MAX_IMAGE_PIXELS = 89_478_485
 
-ImageSource = Image.Image | str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | torch.Tensor
+ImageSource: TypeAlias = (
+    "Image.Image | str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | torch.Tensor"
+)
 
 
 def load_image(source: Any, *, max_pixels: int | None = None) -> Image.Image:
@@ -55,7 +60,7 @@ def load_image(source: Any, *, max_pixels: int | None = None) -> Image.Image:
         return _open_file(Path(source), max_pixels)
     if isinstance(source, bytes | bytearray | memoryview):
         return _open_bytes(bytes(source), max_pixels)
-    if isinstance(source, torch.Tensor):
+    if _is_tensor(source):
         return _array_to_rgb(source.detach().cpu().numpy(), "tensor")
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source, "array")
@@ -81,7 +86,12 @@ def _is_single(source: Any) -> bool:
     if isinstance(source, Image.Image | str | os.PathLike | bytes | bytearray | memoryview):
         return True
     # An array or tensor of rank 4 is a batch; anything of lower rank is one image.
-    return isinstance(source, np.ndarray | torch.Tensor) and source.ndim <= 3
+    return (isinstance(source, np.ndarray) or _is_tensor(source)) and source.ndim <= 3
+
+
+def _is_tensor(source: Any) -> bool:
+    torch = sys.modules.get("torch")  # no tensor exists before torch is imported
+    return torch is not None and isinstance(source, torch.Tensor)
 
 
 # --------------------------------------------------------------------------- files and bytes
@@ -264,6 +274,8 @@ class ImageProcessor:
 
     def __call__(self, images: Any) -> torch.Tensor:
         """Pixels ``(B, 3, H, W)`` float32 for one image or a list of anything :func:`load_image` reads."""
+        import torch
+
         arrays = [self.preprocess(image) for image in load_images(images)]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:

@@ -20,13 +20,15 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 
 from blip2.errors import CheckpointError, InputError
 from blip2.images import ImageProcessor
+
+if TYPE_CHECKING:  # imported where used: reading the files needs no torch (see blip2.bulk)
+    import torch
 
 __all__ = ["IMAGE_TOKEN", "ImageProcessor", "Processor", "TextTokenizer"]
 
@@ -215,6 +217,8 @@ class TextTokenizer:
         self, ids: Sequence[Sequence[int]], padding_side: str | None = None, length: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad to the longest (or ``length``); ``(input_ids, attention_mask)`` as ``(B, T)`` int64."""
+        import torch
+
         side = padding_side or self.padding_side
         if side not in ("left", "right"):
             raise InputError(f"padding_side must be 'left' or 'right', not {side!r}")
@@ -233,7 +237,7 @@ class TextTokenizer:
         return input_ids, mask
 
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):  # a tensor or array
             ids = ids.tolist()
         text = self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
         # The reference skips this cleanup for BPE models, where it would eat real spaces.
@@ -244,7 +248,7 @@ class TextTokenizer:
     def batch_decode(
         self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = True
     ) -> list[str]:
-        if isinstance(sequences, torch.Tensor):
+        if hasattr(sequences, "tolist"):  # a tensor or array
             sequences = sequences.tolist()
         return [self.decode(seq, skip_special_tokens=skip_special_tokens) for seq in sequences]
 
@@ -492,6 +496,8 @@ class Processor:
         ``padding``: True/"longest" pads to the longest prompt, "max_length" to ``max_length``, False
         requires equal lengths. ``max_length`` counts the image tokens, as in the reference.
         """
+        import torch
+
         if images is None and text is None:
             raise InputError("give images, text or both")
         out: dict[str, torch.Tensor] = {}

@@ -22,7 +22,7 @@ def _index(args: argparse.Namespace) -> int:
     import blip2
     from blip2.index import write_lock
     from blip2.indexing import build_index
-    from blip2.models.weights import retrieval_checkpoint
+    from blip2.models.checkpoint import retrieval_checkpoint
 
     def report(path: str, message: str) -> None:
         print(f"blip2: skipped {path}: {message}", file=sys.stderr)
@@ -66,7 +66,7 @@ def _search(args: argparse.Namespace) -> int:
     import blip2
     from blip2.index import Index
     from blip2.indexing import search_index
-    from blip2.models.weights import retrieval_checkpoint
+    from blip2.models.checkpoint import retrieval_checkpoint
 
     index = Index.open(args.index)
     pipe = blip2.load(

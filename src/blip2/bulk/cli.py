@@ -46,7 +46,7 @@ def _run(args: argparse.Namespace) -> int:
         from . import Task, run_bulk
     except ImportError as e:  # pyarrow missing
         raise InputError(f"blip2 bulk needs pyarrow: pip install 'blip2[bulk]' ({e})") from None
-    from ..models.weights import retrieval_checkpoint
+    from ..models.checkpoint import retrieval_checkpoint
 
     gen = _gen_kwargs(args) if args.verb != "embed" else {}
     task = Task.make(args.verb, getattr(args, "prompt", None), getattr(args, "question", None) or (), **gen)

@@ -1,15 +1,18 @@
 """The local engine: decode workers (processes) feed full batches of ready pixels to the model here.
 
 Decoding starts before the model is loaded and runs ahead of it by a bounded window, so the model does not
-wait on JPEG decoding and memory stays bounded. Once the model turns out to take most of the time, the
-workers drop to a lower priority (``nice``): where cores are few, the model keeps them and decoding fills
-the time the model leaves idle. Until then they run at the model's priority, where decoding is most of the
+wait on JPEG decoding and memory stays bounded. On Linux the workers are forks of this process made before
+torch is imported (``blip2 bulk`` gets here without it), so the first images are decoded while torch
+imports and the model loads. Once the model turns out to take most of the time, the workers drop to a
+lower priority (``nice``): where cores are few, the model keeps them and decoding fills the time the
+model leaves idle. Until then they run at the model's priority, where decoding is most of the
 work (and where other programs share the machine, which niced decoders would yield to as well).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -24,7 +27,6 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from .tasks import Task, decode
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DECODE_CHUNK = 8  # inputs per job sent to a decode worker
+LOAD_AHEAD_BYTES = 256 << 20  # decoded pixels the workers may get ready while the model loads
 WORKER_NICE = 10
 
 _processor: ImageProcessor | None = None  # a decode worker's image processor (set by _init_worker)
@@ -58,27 +61,65 @@ def run_local(store: Store, sink: Sink, units: list[int], processor: ImageProces
     try:
         jobs = _chunks(_items(store, units), DECODE_CHUNK)
         window: deque[tuple[list[Item], Future]] = deque()
-        depth = 2 * decoders + -(-2 * batch_size // DECODE_CHUNK)
+        depth = 2 * decoders + -(-2 * batch_size // DECODE_CHUNK)  # jobs in the window (grown after the load)
+
+        def submit_next() -> bool:
+            """The next job to the workers; False when there is none, or the pool broke (the loop below
+            restarts it, and the job is sent again)."""
+            nonlocal jobs
+            job = next(jobs, None)
+            if job is None:
+                return False
+            try:
+                window.append((job, pool.submit(job)))
+            except BrokenProcessPool:
+                jobs = itertools.chain([job], jobs)
+                return False
+            return True
 
         def fill() -> None:
-            while len(window) < depth:
-                job = next(jobs, None)
-                if job is None:
-                    return
-                window.append((job, pool.submit(job)))
+            while len(window) < depth and submit_next():
+                pass
 
-        # the workers decode while the model loads here; forked ones start at once (so from this thread),
-        # others wait for the fork server's imports (so from another)
-        starter = threading.Thread(target=fill, name="blip2-bulk-decode-start", daemon=True)
+        loaded: Future = Future()
+        failed: list[BaseException] = []
+        ready = [0]  # bytes of pixels decoded while the model loads
+
+        def count(future: Future) -> None:  # (in the pool's thread)
+            if not future.cancelled() and future.exception() is None:
+                ready[0] += sum(pixels.nbytes for pixels, _ in future.result()[0] if pixels is not None)
+
+        def fill_while_loading() -> None:
+            """Keep ``depth`` jobs with the workers until the model is loaded, the pixels made ready by then
+            bounded by LOAD_AHEAD_BYTES: decoding has the time of torch's import and the model's load."""
+            try:
+                fill()
+                while not loaded.done() and ready[0] < LOAD_AHEAD_BYTES:
+                    busy = [f for _, f in window if not f.done()]
+                    if len(busy) >= depth:
+                        futures.wait([loaded, *busy], return_when=futures.FIRST_COMPLETED)
+                    elif submit_next():
+                        window[-1][1].add_done_callback(count)
+                    else:
+                        return
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                failed.append(e)
+
+        # Forked workers start at once, so from this thread: before load() imports torch. Others wait for
+        # the fork server's imports, so from the other thread.
         if pool.forks:
             fill()
-        else:
-            starter.start()
+        ahead = threading.Thread(target=fill_while_loading, name="blip2-bulk-decode-ahead", daemon=True)
+        ahead.start()
         try:
             pipe = load()
         finally:
-            if starter.is_alive():
-                starter.join()
+            loaded.set_result(None)
+            ahead.join()
+        if failed:
+            raise failed[0]
+        # what was decoded meanwhile is the window's size from now on: as it is used up, decoding goes on
+        depth = max(depth, len(window))
         tuner = ThreadTuner(decoders)
         warm_up = bool(tuner.plan)  # the first full batch runs alone, the decoders idle: a clean measure
         batch: list[tuple[Item, np.ndarray]] = []
@@ -129,6 +170,8 @@ class ThreadTuner:
     MINOR_DECODE = 0.1  # decoding / model time per image below which the decoders need no core of their own
 
     def __init__(self, decoders: int, probes: int = 2):
+        import torch  # (loaded with the model by now)
+
         self.initial = torch.get_num_threads()
         self.lean = max(1, self.initial - decoders)
         # interleaved, so that a busy spell of the machine weighs on both alike; 0: the warm-up batch
@@ -161,17 +204,23 @@ class ThreadTuner:
                 self.plan = []  # decoding is a minor share: no need to try fewer threads
                 return self._choose(self.initial, why)
         if self.plan:
-            torch.set_num_threads(self.plan[0])
+            _set_threads(self.plan[0])
         else:
             self._choose(min(self.seconds, key=self.seconds.get), f"seconds per probe: {self.seconds}")
 
     def _choose(self, threads: int, why: str) -> None:
         self.threads = threads
-        torch.set_num_threads(threads)
+        _set_threads(threads)
         log.info("model threads: %d (%s)", threads, why)
 
     def restore(self) -> None:
-        torch.set_num_threads(self.initial)
+        _set_threads(self.initial)
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
 
 
 class Decoders:
@@ -232,6 +281,8 @@ def _context() -> multiprocessing.context.BaseContext:
 
 def run_batch(pipe, task: Task, batch: list[tuple[Item, np.ndarray]], sink: Sink) -> float:
     """The model on one batch of decoded images; their rows into the sink. Returns the model's seconds."""
+    import torch
+
     pixels = torch.from_numpy(np.stack([p for _, p in batch]))
     t0 = time.perf_counter()
     results = task.run(pipe, pixels)
@@ -270,11 +321,12 @@ def _init_worker(processor: ImageProcessor) -> None:
 
 
 def _decode_job(records: list[tuple[str, int, int, Any]], nice: int) -> tuple[list[Decoded], float]:
-    """The job's images decoded (at niceness ``nice`` or more), and the seconds that took."""
+    """The job's images decoded (at niceness ``nice`` or more), and the CPU seconds that took (not the
+    wall time, which counts the waits for a core: while the model loads, or next to its threads)."""
     assert _processor is not None
     with contextlib.suppress(OSError):  # not permitted here: run at the same priority
         if os.getpriority(os.PRIO_PROCESS, 0) < nice:
             os.setpriority(os.PRIO_PROCESS, 0, nice)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     results = [decode(path, offset, size, error, _processor) for path, offset, size, error in records]
-    return results, time.perf_counter() - t0
+    return results, time.process_time() - t0

@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from ..errors import CheckpointError, InputError
 from ..shards import read_member
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # no torch at import: the local engine starts its decode processes before torch loads
+    import torch
+
     from ..api import Pipeline
     from ..images import ImageProcessor
 
@@ -175,8 +176,8 @@ class ModelInfo:
 
 def describe(model: str) -> ModelInfo:
     """Read a checkpoint's config and processor files (the decode workers need the image processor)."""
+    from ..models.checkpoint import resolve_checkpoint
     from ..models.config import Blip2Config
-    from ..models.weights import resolve_checkpoint
     from ..processor import Processor
 
     folder = resolve_checkpoint(model)

@@ -13,10 +13,27 @@ and a function that produces the predictions with a loaded :class:`blip2.api.Pip
 :mod:`.data` reads the usual file formats, :mod:`.report` writes reports, :mod:`.cli` is ``blip2 eval``.
 """
 
-from .caption import CaptionScores, caption_images, score_captions
-from .retrieval import Rankings, rank_retrieval, recall_scores
-from .vqa import VqaReference, answer_questions, normalize_answer, vqa_accuracy
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .caption import CaptionScores, caption_images, score_captions
+    from .retrieval import Rankings, rank_retrieval, recall_scores
+    from .vqa import VqaReference, answer_questions, normalize_answer, vqa_accuracy
+
+_EXPORTS = {
+    "CaptionScores": ".caption",
+    "Rankings": ".retrieval",
+    "VqaReference": ".vqa",
+    "answer_questions": ".vqa",
+    "caption_images": ".caption",
+    "normalize_answer": ".vqa",
+    "rank_retrieval": ".retrieval",
+    "recall_scores": ".retrieval",
+    "score_captions": ".caption",
+    "vqa_accuracy": ".vqa",
+}
 __all__ = [
     "CaptionScores",
     "Rankings",
@@ -29,3 +46,4 @@ __all__ = [
     "score_captions",
     "vqa_accuracy",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -183,7 +183,7 @@ def _vqa(args: argparse.Namespace) -> int:
 def _retrieval(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..models.weights import retrieval_checkpoint
+    from ..models.checkpoint import retrieval_checkpoint
     from ..retrieval_cli import RETRIEVAL_MODEL
     from .data import ImageReader, clean_caption, image_paths, read_karpathy
     from .report import Run, format_table

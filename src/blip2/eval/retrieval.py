@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 
 if TYPE_CHECKING:
+    import torch
+
     from ..api import Pipeline
 
 RECALL_AT = (1, 5, 10)
@@ -93,6 +94,8 @@ def _bar(total: int, desc: str, unit: str, progress: bool):
 def itc_scores(pipe: Pipeline, images: Sequence[Any], texts: Sequence[str], batch_size: int = 32,
                progress: bool = True) -> torch.Tensor:  # fmt: skip
     """(I, T) ITC similarity of every image with every text, embedding images in batches."""
+    import torch
+
     from ..retrieval import similarity
 
     text_embeds = pipe.embed_texts(list(texts))
@@ -108,8 +111,8 @@ def itc_scores(pipe: Pipeline, images: Sequence[Any], texts: Sequence[str], batc
 def candidates(itc: torch.Tensor, keep: int) -> tuple[np.ndarray, np.ndarray]:
     """ITC's best ``keep`` texts per image (I, L) and images per text (T, L'), best first."""
     n_images, n_texts = itc.shape
-    i2t = torch.topk(itc, min(keep, n_texts), dim=1).indices.numpy()
-    t2i = torch.topk(itc.T, min(keep, n_images), dim=1).indices.numpy()
+    i2t = itc.topk(min(keep, n_texts), dim=1).indices.numpy()
+    t2i = itc.T.topk(min(keep, n_images), dim=1).indices.numpy()
     return i2t, t2i
 
 

@@ -13,7 +13,10 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..json_fields import JsonFields, is_integer
-from .layers import ACTIVATIONS
+
+# The activation functions a config may name (``layers.ACTIVATIONS`` holds them); a plain tuple here, so
+# that reading a config needs no torch.
+ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "quick_gelu", "relu", "silu")
 
 # Architectures we can build, keyed by the hub's class name.
 GENERATION_ARCHITECTURES = {"Blip2ForConditionalGeneration", "Blip2Model"}

@@ -12,16 +12,36 @@ is quantized to int8 per row and block of 128 inputs (int8) or group (int4) and 
 (AVX-512 VNNI or AVX2), each stored weight read once; measurements in ``bench/README.md``.
 """
 
-from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, pack_int4
-from .int8 import Int8Linear, fbgemm_available, pack_int8, quantize_weight
-from .model import METHODS, QUANTIZED_PARTS, QuantizedLinear, check_method, plan, quantize_model_
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, pack_int4
+    from .int8 import Int8Linear, fbgemm_available, pack_int8, quantize_weight
+    from .model import METHODS, QUANTIZED_PARTS, QuantizedLinear, check_method, plan, quantize_model_
+
+_EXPORTS = {
+    "DEFAULT_GROUP_SIZE": ".int4",
+    "Int4Linear": ".int4",
+    "Int8Linear": ".int8",
+    "METHODS": ".model",
+    "QUANTIZED_PARTS": ".model",
+    "QuantizedLinear": ".model",
+    "check_method": ".model",
+    "fbgemm_available": ".int8",
+    "pack_int4": ".int4",
+    "pack_int8": ".int8",
+    "plan": ".model",
+    "quantize_model_": ".model",
+    "quantize_weight": ".int8",
+}
 __all__ = [
     "DEFAULT_GROUP_SIZE",
-    "METHODS",
-    "QUANTIZED_PARTS",
     "Int4Linear",
     "Int8Linear",
+    "METHODS",
+    "QUANTIZED_PARTS",
     "QuantizedLinear",
     "check_method",
     "fbgemm_available",
@@ -31,3 +51,4 @@ __all__ = [
     "quantize_model_",
     "quantize_weight",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

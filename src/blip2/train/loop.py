@@ -33,7 +33,8 @@ from torch import nn
 from ..api import _load_processor, build_model
 from ..errors import CheckpointError, InputError
 from ..models.blip2 import Blip2
-from ..models.weights import resolve_checkpoint, save_checkpoint
+from ..models.checkpoint import resolve_checkpoint
+from ..models.weights import save_checkpoint
 from .data import Batch, EpochBatches, ImageTextData, ImageTransform, collate, open_dataset
 
 log = logging.getLogger(__name__)
