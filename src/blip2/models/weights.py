@@ -26,10 +26,6 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import CheckpointError
 from ..json_fields import JsonFields, is_integer
-
-# re-exported: where they were before they moved to .checkpoint
-from .checkpoint import resolve_checkpoint as resolve_checkpoint
-from .checkpoint import retrieval_checkpoint as retrieval_checkpoint
 from .config import Blip2Config
 
 log = logging.getLogger(__name__)

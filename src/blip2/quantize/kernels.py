@@ -198,11 +198,17 @@ def run(layer: NativeLayer, x: torch.Tensor) -> torch.Tensor:
     """(R, in_features) float32 contiguous CPU input -> (R, out_features) on the native kernel."""
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != layer.in_features or not x.is_contiguous():
         raise ValueError(f"low-bit kernels take a contiguous (rows, {layer.in_features}) float32 input")
-    y = torch.empty(x.shape[0], layer.out_features)
+    return _launch(layer, x, x.shape[0], (x.shape[0], layer.out_features))
+
+
+def _launch(layer: NativeLayer, x: torch.Tensor, rows: int, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """The kernel on ``rows`` rows of contiguous float32 ``x``, unchecked (callers check)."""
+    y = torch.empty(out_shape)
     status = native.lowbit_library().blip2_lowbit_linear(
-        ctypes.byref(layer), x.data_ptr(), x.shape[0], y.data_ptr(), torch.get_num_threads()
+        ctypes.byref(layer), x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads()
     )
-    _raise_on(status)
+    if status:
+        _raise_on(status)
     return y
 
 
@@ -320,14 +326,7 @@ class LowbitLinear(nn.Module):
         if layer is not None and x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == self.in_features:
             # the common case, kept short: a decode step makes ~150 of these calls
             x = x.contiguous()
-            y = torch.empty(x.shape[:-1] + (self.out_features,))
-            status = native.lowbit_library().blip2_lowbit_linear(
-                ctypes.byref(layer), x.data_ptr(), x.numel() // self.in_features, y.data_ptr(),
-                torch.get_num_threads(),
-            )  # fmt: skip
-            if status:
-                _raise_on(status)
-            return y
+            return _launch(layer, x, x.numel() // self.in_features, (*x.shape[:-1], self.out_features))
         dtype, shape = x.dtype, x.shape
         x = x.reshape(-1, self.in_features)
         x = (x if x.dtype == torch.float32 else x.float()).contiguous()
