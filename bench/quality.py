@@ -7,7 +7,13 @@ something) and the logits of the random test checkpoints.
 Demo: caption exact match and VQA accuracy (``blip2.demo.evaluate``) on held-out scenes of each seed.
 Test checkpoints: ``tests/factory.py`` OPT and T5 ones (seeds 0-3), two images and prompts each; the
 cosine of the logits to float32's, flattened per sample (as ``tests/test_quantize.py``), the mean and
-the lowest over samples and checkpoints.
+the lowest over samples and checkpoints. The demo model's logits likewise, on 8 held-out scenes.
+
+What 4 bits can do on those checkpoints (``--bound``): the language model's weights (where int4 costs the
+most) replaced, in the float model, by int4's dequantized weights; by the best affine 4-bit grid per group
+that an exhaustive search finds (any scale and minimum; the format every int4 kernel uses); and by
+Gaussian noise at the rate-distortion bound for 4 bits a weight (rms = the group's spread / 16: no code
+of 4 bits a weight does better on Gaussian weights, whatever its format).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 METHODS = (None, "int8", "int4")
+PROMPTS = ["a photo of", "Question: what? Answer:"]
+T5_DECODER_INPUT = [[0, 5, 9, 3], [0, 7, 2, 4]]
 
 
 def demo_scores(seeds: list[int], count: int) -> list[str]:
@@ -40,6 +49,29 @@ def demo_scores(seeds: list[int], count: int) -> list[str]:
     return lines
 
 
+def _cells(found: dict[str, list[float]]) -> list[str]:
+    return [f"{sum(v) / len(v):.4f} / {min(v):.4f}" for v in found.values()]
+
+
+def demo_cosines(seed: int) -> list[str]:
+    import blip2
+    from blip2.chat import QUESTION_TEMPLATE
+    from blip2.demo.scenes import generate
+
+    scenes = generate(seed, 8, "heldout")
+    rng = np.random.default_rng(seed)
+    questions = [QUESTION_TEMPLATE.format(s.sample_questions(rng, 1)[0][0]) for s in scenes[4:]]
+    ref = blip2.load("demo")
+    enc = ref.processor(images=[s.render() for s in scenes], text=["a photo of"] * 4 + questions)
+    found: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        a = ref.model(**enc).logits
+        for method in METHODS[1:]:
+            b = blip2.load("demo", quantize=method).model(**enc).logits
+            found[method] = F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).tolist()
+    return ["| demo, seed " + str(seed) + " | " + " | ".join(_cells(found)) + " |"]
+
+
 def logit_cosines(checkpoints: int) -> list[str]:
     import blip2
     from factory import build_checkpoint, make_images
@@ -51,19 +83,93 @@ def logit_cosines(checkpoints: int) -> list[str]:
             for seed in range(checkpoints):
                 path = build_checkpoint(Path(tmp) / f"{lm}{seed}", lm=lm, seed=seed)
                 ref = blip2.load(path)
-                enc = ref.processor(
-                    images=make_images(2, seed=seed), text=["a photo of", "Question: what? Answer:"]
-                )
-                kwargs = (
-                    {"decoder_input_ids": torch.tensor([[0, 5, 9, 3], [0, 7, 2, 4]])} if lm == "t5" else {}
-                )
+                enc = ref.processor(images=make_images(2, seed=seed), text=PROMPTS)
+                kwargs = {"decoder_input_ids": torch.tensor(T5_DECODER_INPUT)} if lm == "t5" else {}
                 with torch.inference_mode():
                     a = ref.model(**enc, **kwargs).logits
                     for method in found:
                         b = blip2.load(path, quantize=method).model(**enc, **kwargs).logits
                         found[method] += F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).tolist()
-            cells = [f"{sum(v) / len(v):.4f} / {min(v):.4f}" for v in found.values()]
-            lines.append(f"| {lm} × {checkpoints} | " + " | ".join(cells) + " |")
+            lines.append(f"| {lm} × {checkpoints} | " + " | ".join(_cells(found)) + " |")
+    return lines
+
+
+def best_affine_grid(w: torch.Tensor, steps: int = 36) -> torch.Tensor:
+    """(rows, in) -> the dequantized weights of the affine 4-bit grid per row (one group) with the least
+    squared error that a search finds: the row's [min, max] cut by 0-35 % at each end independently, each
+    with and without a least-squares refit of scale and minimum."""
+    low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    width = high - low
+    best, best_err = w.clone(), torch.full((w.shape[0],), float("inf"))
+    cuts = torch.linspace(0, 0.35, steps)
+    for a in cuts:
+        for b in cuts:
+            minimum = low + a * width
+            scale = ((high - b * width - minimum) / 15).clamp_min(1e-12)
+            q = ((w - minimum) / scale).round().clamp(0, 15)
+            centred, w_mean = q - q.mean(1, keepdim=True), w.mean(1, keepdim=True)
+            spread = centred.square().sum(1, keepdim=True)
+            fit = torch.where(
+                spread > 0, (centred * (w - w_mean)).sum(1, keepdim=True) / spread.clamp_min(1e-12), scale
+            )
+            for grid in (q * scale + minimum, q * fit + (w_mean - fit * q.mean(1, keepdim=True))):
+                err = (grid - w).square().sum(1)
+                better = err < best_err
+                best[better], best_err = grid[better], torch.minimum(err, best_err)
+    return best
+
+
+def four_bit_bound(checkpoints: int) -> list[str]:
+    import blip2
+    from blip2.quantize.int4 import Int4Linear
+    from blip2.quantize.model import plan
+    from factory import build_checkpoint, make_images
+
+    def int4(w, lin, gen):
+        return Int4Linear.from_linear(lin, 128).dequantized()
+
+    def best(w, lin, gen):
+        return best_affine_grid(w)
+
+    def shannon(w, lin, gen):
+        return w + torch.randn(w.shape, generator=gen) * w.std(1, keepdim=True) / 16
+
+    variants = {"int4's fit": int4, "best affine grid": best, "noise at the 4-bit bound": shannon}
+    lines = [
+        "| checkpoints | "
+        + " | ".join(f"{k} mean / lowest" for k in variants)
+        + " | weight error int4 / best |",
+        "|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for lm in ("opt", "t5"):
+            found: dict[str, list[float]] = {k: [] for k in variants}
+            errors: dict[str, list[float]] = {"int4": [], "best": []}
+            for seed in range(checkpoints):
+                path = build_checkpoint(Path(tmp) / f"{lm}{seed}", lm=lm, seed=seed)
+                ref = blip2.load(path)
+                enc = ref.processor(images=make_images(2, seed=seed), text=PROMPTS)
+                kwargs = {"decoder_input_ids": torch.tensor(T5_DECODER_INPUT)} if lm == "t5" else {}
+                with torch.inference_mode():
+                    a = ref.model(**enc, **kwargs).logits
+                for key, replace in variants.items():
+                    model = blip2.load(path).model
+                    gen = torch.Generator().manual_seed(seed)
+                    with torch.no_grad():
+                        for name in plan(model, "int4"):
+                            if not name.startswith("language_model."):
+                                continue
+                            lin = model.get_submodule(name)
+                            w = lin.weight.float()
+                            grid = replace(w, lin, gen)
+                            if key != "noise at the 4-bit bound":
+                                rel = ((grid - w).square().mean() / w.var()).sqrt().item()
+                                errors["int4" if key == "int4's fit" else "best"].append(rel)
+                            lin.weight.copy_(grid)
+                        b = model(**enc, **kwargs).logits
+                    found[key] += F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).tolist()
+            err = " / ".join(f"{sum(v) / len(v):.4f}" for v in errors.values())
+            lines.append(f"| {lm} × {checkpoints} | " + " | ".join(_cells(found)) + f" | {err} |")
     return lines
 
 
@@ -72,12 +178,18 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[90210, 4242])
     ap.add_argument("--count", type=int, default=200, help="held-out scenes per seed")
     ap.add_argument("--checkpoints", type=int, default=4, help="random test checkpoints per language model")
+    ap.add_argument("--bound", action="store_true", help="also what 4 bits can do on the test checkpoints")
     args = ap.parse_args()
     cmd = "python bench/quality.py " + " ".join(sys.argv[1:])
     print(f"`{cmd}`\n")
     print("\n".join(demo_scores(args.seeds, args.count)))
     print()
     print("\n".join(logit_cosines(args.checkpoints)))
+    for seed in args.seeds:
+        print("\n".join(demo_cosines(seed)))
+    if args.bound:
+        print()
+        print("\n".join(four_bit_bound(args.checkpoints)))
 
 
 if __name__ == "__main__":

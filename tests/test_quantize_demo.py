@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
 import blip2
+from blip2.chat import QUESTION_TEMPLATE
 from blip2.demo.evaluate import evaluate
+from blip2.demo.scenes import generate
 
 SEED = 90210  # held-out scenes, as test_demo's
 
@@ -33,3 +38,23 @@ def test_quantized_demo_scores_on_more_scenes(method, seed):
     scores = evaluate(pipeline=blip2.load("demo", quantize=method), seed=seed, count=200)
     for key in ("caption_exact_match", "vqa_accuracy"):
         assert abs(scores[key] - reference[key]) <= 0.02, (key, scores, reference)
+
+
+@pytest.mark.parametrize("method,bound", [("int8", 0.99), ("int4", 0.98)])
+def test_quantized_demo_logits_close_to_float32(method, bound):
+    """The issue's logit bounds, on held-out scenes: captions and questions, every position's logits.
+
+    Measured: int8 >= 0.9999, int4 0.998 mean / 0.997 lowest (the random test checkpoints move further
+    under int4: see test_quantize.test_logits_close_to_float32 and bench/README.md "Low-bit weights").
+    """
+    scenes = generate(SEED, 8, "heldout")
+    rng = np.random.default_rng(SEED)
+    questions = [QUESTION_TEMPLATE.format(s.sample_questions(rng, 1)[0][0]) for s in scenes[4:]]
+    reference = blip2.load("demo")
+    inputs = reference.processor(images=[s.render() for s in scenes], text=["a photo of"] * 4 + questions)
+    with torch.inference_mode():
+        expected = reference.model(**inputs).logits
+        got = blip2.load("demo", quantize=method).model(**inputs).logits
+    assert not torch.equal(got, expected)
+    cos = F.cosine_similarity(got.flatten(1), expected.flatten(1), dim=-1)
+    assert cos.min() >= bound, cos
