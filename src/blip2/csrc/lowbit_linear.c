@@ -25,6 +25,7 @@
  */
 #include <immintrin.h>
 #include <omp.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,28 +110,64 @@ AVX2 static void quantize_row(const float *x, long in_features, long padded, lon
     }
 }
 
+/* The quantized activations live in one buffer per calling thread, kept between calls (a decode step
+ * makes ~150 calls of a few KB each: malloc and free cost as much as a small layer's work); one larger
+ * than KEEP_BYTES is given back after its call. */
+enum { KEEP_BYTES = 1 << 20 };
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+
+static void make_scratch_key(void)
+{
+    pthread_key_create(&scratch_key, free);
+}
+
+static void *scratch_buffer(size_t size)
+{
+    if (size > KEEP_BYTES)
+        return aligned_alloc(64, size);
+    pthread_once(&scratch_once, make_scratch_key);
+    void *p = pthread_getspecific(scratch_key);
+    if (!p && (p = aligned_alloc(64, KEEP_BYTES)) && pthread_setspecific(scratch_key, p)) {
+        free(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void release_scratch(void *p, size_t size)
+{
+    if (size > KEEP_BYTES)
+        free(p);
+}
+
+static size_t activations_bytes(long rows, long padded, long block)
+{
+    return (size_t)((rows * padded + 63) / 64 * 64) + 2 * sizeof(float) * (size_t)(rows * (padded / block));
+}
+
 static int quantize_activations(const float *x, long rows, long in_features, long padded, long block,
                                 Activations *a, int threads)
 {
     a->padded = padded;
     a->blocks = padded / block;
-    a->q = aligned_alloc(64, (size_t)((rows * padded + 63) / 64 * 64));
-    a->scale = malloc(sizeof(float) * (size_t)(rows * a->blocks));
-    a->sum = malloc(sizeof(int32_t) * (size_t)(rows * a->blocks));
-    if (!a->q || !a->scale || !a->sum)
+    char *buffer = scratch_buffer(activations_bytes(rows, padded, block));
+    if (!buffer)
         return -1;
-#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 8)
+    a->q = (int8_t *)buffer;
+    a->scale = (float *)(buffer + (rows * padded + 63) / 64 * 64);
+    a->sum = (int32_t *)(a->scale + rows * a->blocks);
+    if (rows <= 8) {
+        for (long r = 0; r < rows; r++)
+            quantize_row(x + r * in_features, in_features, padded, block, a->q + r * padded,
+                         a->scale + r * a->blocks, a->sum + r * a->blocks);
+        return 0;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
     for (long r = 0; r < rows; r++)
         quantize_row(x + r * in_features, in_features, padded, block, a->q + r * padded, a->scale + r * a->blocks,
                      a->sum + r * a->blocks);
     return 0;
-}
-
-static void free_activations(Activations *a)
-{
-    free(a->q);
-    free(a->scale);
-    free(a->sum);
 }
 
 /* 4 quantized inputs of a row, as one 32-bit word (to broadcast to every lane) */
@@ -495,10 +532,8 @@ int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, fl
     if (rows == 0)
         return 0;
     Activations a = {0};
-    if (quantize_activations(x, rows, l->in_features, l->padded, block, &a, threads)) {
-        free_activations(&a);
+    if (quantize_activations(x, rows, l->in_features, l->padded, block, &a, threads))
         return -2;
-    }
     Layer p = {l->w, l->wscale, l->scales, l->mins, l->bias, l->out_features, l->group, y};
     if (l->kind == KIND_AVX512 && int4)
         run_tiles(&a, &p, rows, int4_avx512_4x4, 4, 4, int4_avx512_1x4, threads);
@@ -508,6 +543,6 @@ int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, fl
         run_tiles(&a, &p, rows, int4_avx2_2x1, 2, 1, int4_avx2_1x1, threads);
     else
         run_tiles(&a, &p, rows, int8_avx2_2x1, 2, 1, int8_avx2_1x1, threads);
-    free_activations(&a);
+    release_scratch(a.q, activations_bytes(rows, l->padded, block));
     return 0;
 }
