@@ -188,6 +188,18 @@ typedef struct {
     float *y;                /* (rows, out_features) */
 } Layer;
 
+/* int4: the scales and minimums of `nb` blocks from b0 (contiguous), all requested at once before
+ * the tile needs its first group's: read a group at a time as they are used, these two small streams
+ * cost ~3x their share of the bytes. */
+INLINE void prefetch_group_params(const Layer *p, long b0, int nb, long groups)
+{
+    const char *scales = (const char *)(p->scales + b0 * groups * LANES), *mins = (const char *)(p->mins + b0 * groups * LANES);
+    for (long k = 0; k < nb * groups * LANES * 2; k += 64) {
+        _mm_prefetch(scales + k, _MM_HINT_T0);
+        _mm_prefetch(mins + k, _MM_HINT_T0);
+    }
+}
+
 /* ---- AVX-512 VNNI ------------------------------------------------------------------------------------ */
 
 /* Stores 16 outputs of a row (fewer at the end of the layer), with the bias. */
@@ -260,15 +272,18 @@ AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r
     const long padded = a->padded, vectors = padded / 8, groups = a->blocks, per_group = p->group / 8;
     const uint8_t *w = p->w;
     const __m512i low = _mm512_set1_epi8(0x0F);
+    /* few accumulators: the low and high nibbles' products in two chains (integer sums: exact in any order) */
+    const int SPLIT = RT * NB <= 2;
     __m512 facc[4][4];
     for (int r = 0; r < RT; r++)
         for (int j = 0; j < NB; j++)
             facc[r][j] = _mm512_setzero_ps();
+    prefetch_group_params(p, b0, NB, groups);
     for (long g = 0; g < groups; g++) {
-        __m512i acc[4][4];
+        __m512i acc[4][4], acc_hi[4][4];
         for (int r = 0; r < RT; r++)
             for (int j = 0; j < NB; j++)
-                acc[r][j] = _mm512_setzero_si512();
+                acc[r][j] = acc_hi[r][j] = _mm512_setzero_si512();
         for (long v = g * per_group; v < (g + 1) * per_group; v++) {
             __m512i wlo[4], whi[4];
             for (int j = 0; j < NB; j++) {
@@ -282,10 +297,20 @@ AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r
                 long row = r0 + (r < rt ? r : 0);
                 const int8_t *xq = a->q + row * padded + 8 * v;
                 __m512i xlo = _mm512_set1_epi32(four(xq)), xhi = _mm512_set1_epi32(four(xq + 4));
-                for (int j = 0; j < NB; j++)
-                    acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], wlo[j], xlo), whi[j], xhi);
+                for (int j = 0; j < NB; j++) {
+                    if (SPLIT) {
+                        acc[r][j] = _mm512_dpbusd_epi32(acc[r][j], wlo[j], xlo);
+                        acc_hi[r][j] = _mm512_dpbusd_epi32(acc_hi[r][j], whi[j], xhi);
+                    } else {
+                        acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], wlo[j], xlo), whi[j], xhi);
+                    }
+                }
             }
         }
+        if (SPLIT)
+            for (int r = 0; r < RT; r++)
+                for (int j = 0; j < NB; j++)
+                    acc[r][j] = _mm512_add_epi32(acc[r][j], acc_hi[r][j]);
         __m512 sv[4], mv[4];
         for (int j = 0; j < NB; j++) {
             long blk = b0 + (j < nb ? j : 0);
@@ -386,6 +411,7 @@ AVX2 INLINE void int4_tile_avx2(const Activations *a, const Layer *p, long r0, i
     for (int r = 0; r < RT; r++)
         facc[r][0] = facc[r][1] = _mm256_setzero_ps();
     (void)nb;
+    prefetch_group_params(p, b0, 1, groups);
     for (long g = 0; g < groups; g++) {
         __m256i acc[2][2];
         for (int r = 0; r < RT; r++)
@@ -456,6 +482,11 @@ AVX512 static void int4_avx512_4x4(const Activations *a, const Layer *p, long r0
 AVX512 static void int4_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
 {
     int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
+}
+
+AVX512 static void int4_avx512_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
+{
+    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 1);
 }
 
 AVX2 static void int8_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
@@ -535,7 +566,9 @@ int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, fl
     if (quantize_activations(x, rows, l->in_features, l->padded, block, &a, threads))
         return -2;
     Layer p = {l->w, l->wscale, l->scales, l->mins, l->bias, l->out_features, l->group, y};
-    if (l->kind == KIND_AVX512 && int4)
+    if (l->kind == KIND_AVX512 && int4 && rows < 4)
+        run_tiles(&a, &p, rows, int4_avx512_1x1, 1, 1, int4_avx512_1x1, threads);
+    else if (l->kind == KIND_AVX512 && int4)
         run_tiles(&a, &p, rows, int4_avx512_4x4, 4, 4, int4_avx512_1x4, threads);
     else if (l->kind == KIND_AVX512)
         run_tiles(&a, &p, rows, int8_avx512_4x4, 4, 4, int8_avx512_1x4, threads);
