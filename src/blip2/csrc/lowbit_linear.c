@@ -239,8 +239,10 @@ AVX512 INLINE void int8_tile_avx512(const Activations *a, const Layer *p, long r
                 long blk = b0 + (j < nb ? j : 0);
                 wv[j] = _mm512_xor_si512(_mm512_loadu_si512(w + (blk * vectors + v) * 64), flip);
                 /* the next tile's blocks at this offset: the hardware prefetcher starts over at every
-                 * page (decode steps read ~2x faster with this) */
-                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_T0);
+                 * page (decode steps read ~2x faster with this). Non-temporal: weights read once per
+                 * step would push out of the caches what the rest of the step uses (decode steps ~7%
+                 * faster than with T0; the kernel alone runs as fast either way). */
+                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_NTA);
             }
             for (int r = 0; r < RT; r++) {
                 long row = r0 + (r < rt ? r : 0);
@@ -289,7 +291,7 @@ AVX512 INLINE void int4_tile_avx512(const Activations *a, const Layer *p, long r
             for (int j = 0; j < NB; j++) {
                 long blk = b0 + (j < nb ? j : 0);
                 __m512i packed = _mm512_loadu_si512(w + (blk * vectors + v) * 64);
-                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_T0);
+                _mm_prefetch((const char *)(w + ((blk + NB) * vectors + v) * 64), _MM_HINT_NTA);
                 wlo[j] = _mm512_and_si512(packed, low);
                 whi[j] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);
             }
@@ -357,7 +359,7 @@ AVX2 INLINE void int8_tile_avx2(const Activations *a, const Layer *p, long r0, i
             acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (long v = b * per_block; v < (b + 1) * per_block; v++) {
             const int8_t *vec = w + (b0 * vectors + v) * 64;
-            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_NTA);
             __m256i wv[2], wabs[2];
             for (int h = 0; h < 2; h++) {
                 wv[h] = _mm256_loadu_si256((const __m256i *)(vec + 32 * h));
@@ -407,7 +409,7 @@ AVX2 INLINE void int4_tile_avx2(const Activations *a, const Layer *p, long r0, i
             acc[r][0] = acc[r][1] = _mm256_setzero_si256();
         for (long v = g * per_group; v < (g + 1) * per_group; v++) {
             const uint8_t *vec = w + (b0 * vectors + v) * 64;
-            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_T0);
+            _mm_prefetch((const char *)(vec + vectors * 64), _MM_HINT_NTA);
             __m256i wlo[2], whi[2];
             for (int h = 0; h < 2; h++) {
                 __m256i packed = _mm256_loadu_si256((const __m256i *)(vec + 32 * h));
