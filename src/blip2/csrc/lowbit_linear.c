@@ -455,65 +455,24 @@ AVX2 INLINE void int4_tile_avx2(const Activations *a, const Layer *p, long r0, i
  * blocks repeated (their results are not stored), so every stored value took the same operations. */
 typedef void (*TileFn)(const Activations *, const Layer *, long, int, long, int);
 
-AVX512 static void int8_avx512_4x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int8_tile_avx512(a, p, r0, rt, b0, nb, 4, 4);
-}
+#define TILE_FN(TARGET, name, tile, ...)                                                            \
+    TARGET static void name(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb) \
+    {                                                                                               \
+        tile(a, p, r0, rt, b0, nb, __VA_ARGS__);                                                    \
+    }
 
-AVX512 static void int8_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int8_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
-}
-
-AVX512 static void int8_avx512_4x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int8_tile_avx512(a, p, r0, rt, b0, nb, 4, 1);
-}
-
-AVX512 static void int8_avx512_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int8_tile_avx512(a, p, r0, rt, b0, nb, 1, 1);
-}
-
-AVX512 static void int4_avx512_4x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int4_tile_avx512(a, p, r0, rt, b0, nb, 4, 4);
-}
-
-AVX512 static void int4_avx512_1x4(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 4);
-}
-
-AVX512 static void int4_avx512_4x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int4_tile_avx512(a, p, r0, rt, b0, nb, 4, 1);
-}
-
-AVX512 static void int4_avx512_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int4_tile_avx512(a, p, r0, rt, b0, nb, 1, 1);
-}
-
-AVX2 static void int8_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int8_tile_avx2(a, p, r0, rt, b0, nb, 2);
-}
-
-AVX2 static void int8_avx2_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int8_tile_avx2(a, p, r0, rt, b0, nb, 1);
-}
-
-AVX2 static void int4_avx2_2x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int4_tile_avx2(a, p, r0, rt, b0, nb, 2);
-}
-
-AVX2 static void int4_avx2_1x1(const Activations *a, const Layer *p, long r0, int rt, long b0, int nb)
-{
-    int4_tile_avx2(a, p, r0, rt, b0, nb, 1);
-}
+TILE_FN(AVX512, int8_avx512_4x4, int8_tile_avx512, 4, 4)
+TILE_FN(AVX512, int8_avx512_1x4, int8_tile_avx512, 1, 4)
+TILE_FN(AVX512, int8_avx512_4x1, int8_tile_avx512, 4, 1)
+TILE_FN(AVX512, int8_avx512_1x1, int8_tile_avx512, 1, 1)
+TILE_FN(AVX512, int4_avx512_4x4, int4_tile_avx512, 4, 4)
+TILE_FN(AVX512, int4_avx512_1x4, int4_tile_avx512, 1, 4)
+TILE_FN(AVX512, int4_avx512_4x1, int4_tile_avx512, 4, 1)
+TILE_FN(AVX512, int4_avx512_1x1, int4_tile_avx512, 1, 1)
+TILE_FN(AVX2, int8_avx2_2x1, int8_tile_avx2, 2)
+TILE_FN(AVX2, int8_avx2_1x1, int8_tile_avx2, 1)
+TILE_FN(AVX2, int4_avx2_2x1, int4_tile_avx2, 2)
+TILE_FN(AVX2, int4_avx2_1x1, int4_tile_avx2, 1)
 
 /* ---- the loop over tiles ------------------------------------------------------------------------- */
 
