@@ -118,7 +118,8 @@ def test_native_matches_pytorch_arithmetic(kind, rows, in_features, out_features
 @pytest.mark.parametrize("kind", NATIVE_KINDS or [0])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_row_alone_equals_row_in_batch(kind, threads):
-    """Every row count takes the same per-row arithmetic (tiles of 4 or 2 rows, single rows, chunks of 64)."""
+    """Every row count takes the same per-row arithmetic (tiles of 4 or 2 rows, single rows, one block per
+    tile below 8 rows and four from 8 on (AVX-512), chunks of 64)."""
     _, l8, l4 = _layers(384, 37, True, 128)
     x = torch.randn(70, 384)
     previous = torch.get_num_threads()
@@ -132,7 +133,7 @@ def test_native_row_alone_equals_row_in_batch(kind, threads):
         }
         for name, run in runs.items():
             batch = run(x)
-            for rows in (1, 3, 5, 66):
+            for rows in (1, 3, 5, 7, 8, 66):
                 assert torch.equal(run(x[-rows:].clone()), batch[-rows:]), (name, rows)
     finally:
         torch.set_num_threads(previous)

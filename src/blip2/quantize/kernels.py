@@ -203,10 +203,19 @@ def run(layer: NativeLayer, x: torch.Tensor) -> torch.Tensor:
 
 def _launch(layer: NativeLayer, x: torch.Tensor, rows: int, out_shape: tuple[int, ...]) -> torch.Tensor:
     """The kernel on ``rows`` rows of contiguous float32 ``x``, unchecked (callers check)."""
-    y = torch.empty(out_shape)
-    status = native.lowbit_library().blip2_lowbit_linear(
-        ctypes.byref(layer), x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads()
-    )
+    return _launch_bound(_bind(layer), x, rows, out_shape)
+
+
+def _bind(layer: NativeLayer) -> functools.partial:
+    """The kernel's function with ``layer`` as its first argument: (x, rows, y, threads) -> status."""
+    return functools.partial(native.lowbit_library().blip2_lowbit_linear, ctypes.byref(layer))
+
+
+def _launch_bound(
+    call: functools.partial, x: torch.Tensor, rows: int, out_shape: tuple[int, ...]
+) -> torch.Tensor:
+    y = torch.empty(*out_shape)  # (a tuple argument costs ~0.3 us more)
+    status = call(x.data_ptr(), rows, y.data_ptr(), torch.get_num_threads())
     if status:
         _raise_on(status)
     return y
@@ -305,7 +314,10 @@ class LowbitLinear(nn.Module):
     def __setattr__(self, name: str, value) -> None:
         super().__setattr__(name, value)
         if name in self.PACKED:
-            self.__dict__["_native"] = None
+            self._forget_native()
+
+    def _forget_native(self) -> None:
+        self.__dict__["_native"] = self.__dict__["_native_call"] = None
 
     def _apply(self, fn, recurse: bool = True):
         # packed tensors keep their dtypes (``model.half()`` must not turn int4 scales or the float32
@@ -315,18 +327,18 @@ class LowbitLinear(nn.Module):
         for name, dtype in dtypes.items():
             if self._buffers[name].dtype != dtype:
                 self._buffers[name] = self._buffers[name].to(dtype)
-        self.__dict__["_native"] = None
+        self._forget_native()
         return result
 
     def _native_kernel(self) -> bool:
         return self.kernel == "native" or (self.kernel is None and native_kind() is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer = self.__dict__.get("_native")
-        if layer is not None and x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == self.in_features:
+        call = self.__dict__.get("_native_call")
+        if call is not None and x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == self.in_features:
             # the common case, kept short: a decode step makes ~150 of these calls
             x = x.contiguous()
-            return _launch(layer, x, x.numel() // self.in_features, (*x.shape[:-1], self.out_features))
+            return _launch_bound(call, x, x.numel() // self.in_features, (*x.shape[:-1], self.out_features))
         dtype, shape = x.dtype, x.shape
         x = x.reshape(-1, self.in_features)
         x = (x if x.dtype == torch.float32 else x.float()).contiguous()
@@ -334,6 +346,7 @@ class LowbitLinear(nn.Module):
             layer = self.__dict__.get("_native")
             if layer is None:
                 layer = self.__dict__["_native"] = self._describe(require_native())
+                self.__dict__["_native_call"] = _bind(layer)
             y = run(layer, x)
         else:
             y = self._fallback(x)
