@@ -146,42 +146,51 @@ def _self_check(kernel) -> bool:
     return True
 
 
-@functools.cache
-def skinny_linear_kernel(kind: str | None = None):
-    """The compiled ``blip2_skinny_linear`` of ``kind`` (default ``kernel_kind()``), or None where it
-    cannot be had (logged once: a warning where it should have worked)."""
-    kind = kind or kernel_kind()
+def _load_kind(kind: str, source_name: str, stem: str, flags: list[str], what: str, bind, check):
+    """The compiled ``source_name`` of ``kind``, its function typed by ``bind(library)`` and passed by
+    ``check(function)``, or None where it cannot be had (logged: a warning where it should have worked)."""
     reason = _unsupported_reason(kind)
     if reason is None and (compiler := _compiler()) is None:
         reason = "no C compiler (cc, gcc or clang; or $CC)"
     if reason is not None:
-        log.info("no native %s linear kernel: %s", kind, reason)
+        log.info("no native %s %s: %s", kind, what, reason)
         return None
     try:
-        source = (resources.files("blip2") / "csrc" / SOURCE).read_bytes()
-        library = ctypes.CDLL(str(_build(source, compiler, [*FLAGS, *KINDS[kind]])))
-        kernel = library.blip2_skinny_linear
-        kernel.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_void_p,
-            ctypes.c_long,
-            ctypes.c_void_p,
-            ctypes.c_int,
-        ]
-        kernel.restype = ctypes.c_int
-        if _self_check(kernel):
-            log.info("native %s linear kernel loaded", kind)
-            return kernel
+        source = (resources.files("blip2") / "csrc" / source_name).read_bytes()
+        function = bind(ctypes.CDLL(str(_build(source, compiler, [*flags, *KINDS[kind]], stem))))
+        if check(function):
+            log.info("native %s %s loaded", kind, what)
+            return function
         reason = "the built kernel gave wrong results"
     except subprocess.CalledProcessError as e:
         reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"
     except (OSError, subprocess.SubprocessError) as e:
         reason = f"{type(e).__name__}: {e}"
-    log.warning("no native %s linear kernel: %s", kind, reason)
+    log.warning("no native %s %s: %s", kind, what, reason)
     return None
+
+
+def _bind_skinny_linear(library: ctypes.CDLL):
+    kernel = library.blip2_skinny_linear
+    c_long, p = ctypes.c_long, ctypes.c_void_p
+    kernel.argtypes = [p, c_long, c_long, p, p, c_long, p, ctypes.c_int]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+@functools.cache
+def skinny_linear_kernel(kind: str | None = None):
+    """The compiled ``blip2_skinny_linear`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once: a warning where it should have worked)."""
+    return _load_kind(
+        kind or kernel_kind(),
+        SOURCE,
+        "skinny_linear",
+        FLAGS,
+        "linear kernel",
+        _bind_skinny_linear,
+        _self_check,
+    )
 
 
 def skinny_linear(
@@ -264,3 +273,141 @@ def lowbit_library() -> ctypes.CDLL | None:
             reason = f"{type(e).__name__}: {e}"
     log.info("low-bit layers use PyTorch's kernels: %s", reason)
     return None
+
+
+# ---- the decode-step attention kernel (csrc/decode_attention.c; used by blip2.models.layers) -----------
+
+ATTENTION_SOURCE = "decode_attention.c"
+# no contraction but the written FMAs: a score is scaled, then masked, as PyTorch does it
+ATTENTION_FLAGS = [*FLAGS, "-ffp-contract=off"]
+
+
+def _bind_decode_attention(library: ctypes.CDLL):
+    kernel = library.blip2_decode_attention
+    c_long, p = ctypes.c_long, ctypes.c_void_p
+    kernel.argtypes = [p, p, p, p, p, p, c_long, c_long, c_long, c_long, ctypes.c_float, ctypes.c_int]
+    kernel.argtypes += [p, c_long, c_long, ctypes.c_int]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
+) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` in plain batched matmuls (``scale`` None: 1/sqrt(head_dim),
+    1.0: none; a boolean mask's False is masked, a float mask is added)."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if scale is None or scale != 1.0:
+        scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1), v)
+
+
+def _attention_self_check(kernel) -> bool:
+    """The built kernel against :func:`reference_attention`, and a row alone against it in a batch."""
+    generator = torch.Generator().manual_seed(0)
+    for batch, heads, length, head_dim in [(1, 1, 1, 1), (3, 2, 9, 13), (2, 3, 17, 40)]:
+        q = torch.randn(batch, heads, 1, head_dim, generator=generator)
+        k, v = (torch.randn(batch, heads, length, head_dim, generator=generator) for _ in range(2))
+        keep = torch.rand(batch, 1, 1, length, generator=generator) > 0.3
+        keep[..., 0] = True
+        for mask, scale in [
+            (None, None),
+            (keep, 1.0),
+            (torch.randn(batch, heads, 1, length, generator=generator), 0.3),
+        ]:
+            got = decode_attention(q, k, v, mask, scale, kernel)
+            if not torch.allclose(got, reference_attention(q, k, v, mask, scale), rtol=1e-5, atol=1e-6):
+                return False
+            alone = decode_attention(
+                q[-1:], k[-1:], v[-1:], None if mask is None else mask[-1:], scale, kernel
+            )
+            if not torch.equal(alone, got[-1:]):
+                return False
+    return True
+
+
+@functools.cache
+def decode_attention_kernel(kind: str | None = None):
+    """The compiled ``blip2_decode_attention`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once)."""
+    return _load_kind(
+        kind or kernel_kind(),
+        ATTENTION_SOURCE,
+        "decode_attention",
+        ATTENTION_FLAGS,
+        "decode attention kernel",
+        _bind_decode_attention,
+        _attention_self_check,
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None,
+    kernel=None,
+) -> torch.Tensor:
+    """:func:`reference_attention` for one query: float32 CPU q (B, H, 1, Dh), k and v (B, H, S, Dh),
+    ``mask`` boolean or float broadcastable to (B, H, 1, S). Each (row, head) is computed alone, in a
+    fixed order. The result is (B, H, 1, Dh), a view of (B, 1, H, Dh) storage (merging the heads
+    after is free). Anything else is refused with ValueError: the kernel is handed raw pointers."""
+    kernel = kernel or decode_attention_kernel()
+    batch, heads, _, head_dim = q.shape if q.dim() == 4 else (0, 0, 0, 0)
+    length = k.shape[2] if k.dim() == 4 else 0
+    shape = (batch, heads, length, head_dim)
+    float32 = torch.float32
+    if (
+        q.shape[2:] != (1, head_dim)
+        or k.shape != shape
+        or v.shape != shape
+        or length == 0
+        or head_dim == 0
+        or not (q.dtype == k.dtype == v.dtype == float32)
+        or not (q.is_cpu and k.is_cpu and v.is_cpu)
+        or (mask is not None and (not mask.is_cpu or mask.dtype not in (torch.bool, float32)))
+    ):
+        raise ValueError(
+            f"decode_attention takes float32 CPU q (B, H, 1, Dh), k and v (B, H, S, Dh), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    mask_float = mask_bool = None
+    mask_strides = (0, 0, 0)
+    if mask is not None:
+        try:
+            mask = mask.expand(batch, heads, 1, length)
+        except RuntimeError as e:
+            raise ValueError(f"decode_attention: a mask of shape {tuple(mask.shape)} for {shape}") from e
+        mask_strides = (mask.stride(0), mask.stride(1), mask.stride(3))
+        if mask.dtype == torch.bool:
+            mask_bool = mask.data_ptr()
+        else:
+            mask_float = mask.data_ptr()
+    strides = (ctypes.c_long * 11)(q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], *mask_strides)
+    out = torch.empty(batch, 1, heads, head_dim, dtype=float32)
+    scaled = scale is None or scale != 1.0
+    status = kernel(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        mask_float,
+        mask_bool,
+        strides,
+        batch,
+        heads,
+        length,
+        head_dim,
+        head_dim**-0.5 if scale is None else scale,
+        scaled,
+        out.data_ptr(),
+        heads * head_dim,
+        head_dim,
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise ValueError(f"decode_attention: the kernel refused {shape} (status {status})")
+    return out.transpose(1, 2)

@@ -252,13 +252,17 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | Non
 def _one_query_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None
 ) -> torch.Tensor:
-    """``softmax(q k^T * scale + mask) v`` in plain batched matmuls: each (row, head) is its own product."""
-    scores = torch.matmul(q, k.transpose(-1, -2))
-    if scale is None or scale != 1.0:
-        scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.matmul(scores.softmax(-1), v)
+    """``softmax(q k^T * scale + mask) v`` with each (row, head) its own product: the native kernel
+    (one call for all of them, ``blip2.native.decode_attention``) where it is built and takes the
+    inputs, else plain batched matmuls."""
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        kernel = native.decode_attention_kernel()
+        if kernel is not None:
+            try:
+                return native.decode_attention(q, k, v, mask, scale, kernel)
+            except ValueError:  # shapes, dtypes or masks it does not take: the matmuls
+                pass
+    return native.reference_attention(q, k, v, mask, scale)
 
 
 def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,152 @@
+/* One query's attention in float32, for every (batch row, head) of a decode step, in one call:
+ *
+ *     out[b, h] = softmax(q[b, h] . k[b, h]^T * scale + mask[b, h]) . v[b, h]      (over S positions)
+ *
+ * PyTorch spends about ten operator calls on this per layer (two batched products, scale, mask,
+ * softmax, the head split and merge), each costing more in overhead than its arithmetic at the few
+ * dozen positions of a caption. Here each (row, head) pair is computed alone, in a fixed order:
+ * every score is a dot product over head_dim (lane l takes d = l (mod LANES), d ascending, one fused
+ * multiply-add each, then one fixed reduction tree), the softmax goes over s ascending, and the
+ * output is the weighted sum of the values, s ascending. Nothing depends on the batch, the other
+ * heads or the thread count, so a row's result is the same bits alone or in any batch.
+ *
+ * Mask semantics are PyTorch's: a boolean mask (1 = attend) sets the masked scores to -inf, a float
+ * mask is added. A pair with every position masked gives NaN, as softmax of all -inf does.
+ *
+ * Built by blip2.native either with -mavx2 -mfma (8 lanes) or with -mavx512f (16 lanes).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdlib.h>
+
+#ifdef __AVX512F__
+#define LANES 16
+typedef __m512 vec;
+typedef __mmask16 tail_mask;
+#define vzero() _mm512_setzero_ps()
+#define vset1(x) _mm512_set1_ps(x)
+#define vload(p) _mm512_loadu_ps(p)
+#define vstore(p, v) _mm512_storeu_ps(p, v)
+#define vload_tail(p, mask) _mm512_maskz_loadu_ps(mask, p)
+#define vstore_tail(p, v, mask) _mm512_mask_storeu_ps(p, mask, v)
+#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
+static inline tail_mask make_tail_mask(long tail) { return (tail_mask)((1u << tail) - 1u); }
+static inline __m256 halve(vec v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#else
+#define LANES 8
+typedef __m256 vec;
+typedef __m256i tail_mask;
+#define vzero() _mm256_setzero_ps()
+#define vset1(x) _mm256_set1_ps(x)
+#define vload(p) _mm256_loadu_ps(p)
+#define vstore(p, v) _mm256_storeu_ps(p, v)
+#define vload_tail(p, mask) _mm256_maskload_ps(p, mask)
+#define vstore_tail(p, v, mask) _mm256_maskstore_ps(p, mask, v)
+#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline tail_mask make_tail_mask(long tail) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline __m256 halve(vec v) { return v; }
+#endif
+
+/* The lane sum by one tree: l + LANES/2, then l + 4, l + 2, l + 1. */
+static inline float reduce(vec v) {
+    __m256 h = halve(v);
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Element strides (a broadcast dimension has stride 0); the last dimension of q, k, v is contiguous. */
+typedef struct {
+    long q_batch, q_head;
+    long k_batch, k_head, k_pos;
+    long v_batch, v_head, v_pos;
+    long mask_batch, mask_head, mask_pos;
+} Strides;
+
+/* One (row, head) pair: scores into the scratch buffer, then the output row. */
+static void one_pair(const float *q, const float *k, const float *v, const float *mask_float,
+                     const unsigned char *mask_bool, const Strides *st, long length, long head_dim,
+                     float scale, int scaled, float *scores, float *out) {
+    tail_mask tail = make_tail_mask(head_dim % LANES);
+    long body = head_dim - head_dim % LANES;
+    float top = -INFINITY;
+    for (long s = 0; s < length; s++) {
+        const float *key = k + s * st->k_pos;
+        vec acc = vzero();
+        long d = 0;
+        for (; d < body; d += LANES) acc = vfma(vload(q + d), vload(key + d), acc);
+        if (d < head_dim) acc = vfma(vload_tail(q + d, tail), vload_tail(key + d, tail), acc);
+        float score = reduce(acc);
+        if (scaled) score = score * scale;
+        if (mask_bool && !mask_bool[s * st->mask_pos]) score = -INFINITY;
+        if (mask_float) score = score + mask_float[s * st->mask_pos];
+        scores[s] = score;
+        if (score > top) top = score;
+    }
+    /* every position masked: top stays -inf, and -inf - -inf = NaN everywhere, as in PyTorch */
+    float total = 0.0f;
+    for (long s = 0; s < length; s++) {
+        scores[s] = expf(scores[s] - top);
+        total += scores[s];
+    }
+    float inverse = 1.0f / total;
+    for (long d = 0; d < body; d += LANES) {
+        vec acc = vzero();
+        for (long s = 0; s < length; s++) acc = vfma(vset1(scores[s] * inverse), vload(v + s * st->v_pos + d), acc);
+        vstore(out + d, acc);
+    }
+    if (body < head_dim) {
+        vec acc = vzero();
+        for (long s = 0; s < length; s++)
+            acc = vfma(vset1(scores[s] * inverse), vload_tail(v + s * st->v_pos + body, tail), acc);
+        vstore_tail(out + body, acc, tail);
+    }
+}
+
+/* q: (batch, heads, head_dim), k and v: (batch, heads, length, head_dim), all by `strides`; at most one
+ * of mask_float / mask_bool, (batch, heads, length) by strides, or neither. out: (batch, heads,
+ * head_dim) at out_batch, out_head element strides, last dimension contiguous. scale is applied
+ * when `scaled` is nonzero. Returns 0, -1 for a bad size, -2 if out of memory. */
+int blip2_decode_attention(const float *q, const float *k, const float *v, const float *mask_float,
+                           const unsigned char *mask_bool, const long *strides, long batch, long heads,
+                           long length, long head_dim, float scale, int scaled, float *out, long out_batch,
+                           long out_head, int threads) {
+    if (batch < 0 || heads < 0 || length < 1 || head_dim < 1 || (mask_float && mask_bool)) return -1;
+    Strides st = {strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
+                  strides[6], strides[7], strides[8], strides[9], strides[10]};
+    long pairs = batch * heads;
+    /* threads only where there is enough work to pay for waking them; results do not depend on it */
+    long work = pairs * length * head_dim;
+    long useful = work / 32768 + 1;
+    if (threads > useful) threads = (int)useful;
+    if (threads > pairs) threads = (int)pairs;
+    if (threads < 1) threads = 1;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *scores = malloc(sizeof(float) * length);
+        if (!scores) {
+            failed = 1;
+        } else {
+            int thread = omp_get_thread_num(), team = omp_get_num_threads();
+            long per_thread = (pairs + team - 1) / team;
+            long first = thread * per_thread, last = first + per_thread < pairs ? first + per_thread : pairs;
+            for (long p = first; p < last; p++) {
+                long b = p / heads, h = p % heads;
+                long m = b * st.mask_batch + h * st.mask_head;
+                one_pair(q + b * st.q_batch + h * st.q_head, k + b * st.k_batch + h * st.k_head,
+                         v + b * st.v_batch + h * st.v_head, mask_float ? mask_float + m : 0,
+                         mask_bool ? mask_bool + m : 0, &st, length, head_dim, scale, scaled, scores,
+                         out + b * out_batch + h * out_head);
+            }
+            free(scores);
+        }
+    }
+    return failed ? -2 : 0;
+}
