@@ -25,6 +25,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -284,11 +285,15 @@ ATTENTION_FLAGS = [*FLAGS, "-ffp-contract=off"]
 
 def _bind_decode_attention(library: ctypes.CDLL):
     kernel = library.blip2_decode_attention
-    c_long, p = ctypes.c_long, ctypes.c_void_p
-    kernel.argtypes = [p, p, p, p, p, p, c_long, c_long, c_long, c_long, ctypes.c_float, ctypes.c_int]
-    kernel.argtypes += [p, c_long, c_long, ctypes.c_int]
+    kernel.argtypes = [ctypes.c_char_p]  # the packed arguments (_ATTENTION_CALL)
     kernel.restype = ctypes.c_int
     return kernel
+
+
+# decode_attention.c's Call: 6 pointers, 4 sizes, 11 strides, 2 output strides, scale, scaled, threads.
+# One packed argument: ctypes converts each argument of a call at some cost, and a step makes one call
+# per layer.
+_ATTENTION_CALL = struct.Struct("<6Q4q11q2qd2q")
 
 
 def reference_attention(
@@ -374,40 +379,56 @@ def decode_attention(
             f"decode_attention takes float32 CPU q (B, H, 1, Dh), k and v (B, H, S, Dh), got "
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    mask_float = mask_bool = None
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    mask_float = mask_bool = 0
     mask_strides = (0, 0, 0)
     if mask is not None:
-        try:
-            mask = mask.expand(batch, heads, 1, length)
-        except RuntimeError as e:
-            raise ValueError(f"decode_attention: a mask of shape {tuple(mask.shape)} for {shape}") from e
-        mask_strides = (mask.stride(0), mask.stride(1), mask.stride(3))
+        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[3] != length:
+            raise ValueError(f"decode_attention: a mask of shape {tuple(mask.shape)} for {shape}")
+        mask_batch, mask_heads = mask.shape[:2]
+        if mask_batch not in (1, batch) or mask_heads not in (1, heads):
+            raise ValueError(f"decode_attention: a mask of shape {tuple(mask.shape)} for {shape}")
+        strides = mask.stride()
+        mask_strides = (
+            0 if mask_batch == 1 else strides[0],
+            0 if mask_heads == 1 else strides[1],
+            strides[3],
+        )
         if mask.dtype == torch.bool:
             mask_bool = mask.data_ptr()
         else:
             mask_float = mask.data_ptr()
-    strides = (ctypes.c_long * 11)(q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3], *mask_strides)
-    out = torch.empty(batch, 1, heads, head_dim, dtype=float32)
-    scaled = scale is None or scale != 1.0
-    status = kernel(
+    # (B, H, 1, Dh) over (B, 1, H, Dh) storage: merging the heads after is a view
+    out = torch.empty_strided((batch, heads, 1, head_dim), (heads * head_dim, head_dim, head_dim, 1))
+    q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
+    call = _ATTENTION_CALL.pack(
         q.data_ptr(),
         k.data_ptr(),
         v.data_ptr(),
         mask_float,
         mask_bool,
-        strides,
+        out.data_ptr(),
         batch,
         heads,
         length,
         head_dim,
-        head_dim**-0.5 if scale is None else scale,
-        scaled,
-        out.data_ptr(),
+        q_strides[0],
+        q_strides[1],
+        *k_strides[:3],
+        *v_strides[:3],
+        *mask_strides,
         heads * head_dim,
         head_dim,
+        head_dim**-0.5 if scale is None else scale,
+        scale is None or scale != 1.0,
         torch.get_num_threads(),
     )
+    status = kernel(call)
     if status != 0:
         raise ValueError(f"decode_attention: the kernel refused {shape} (status {status})")
-    return out.transpose(1, 2)
+    return out

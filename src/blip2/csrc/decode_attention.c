@@ -61,6 +61,9 @@ static inline float reduce(vec v) {
     return _mm_cvtss_f32(s);
 }
 
+/* Vectors of the output summed together (independent chains of fused multiply-adds). */
+#define GROUP 4
+
 /* Element strides (a broadcast dimension has stride 0); the last dimension of q, k, v is contiguous. */
 typedef struct {
     long q_batch, q_head;
@@ -96,39 +99,61 @@ static void one_pair(const float *q, const float *k, const float *v, const float
         total += scores[s];
     }
     float inverse = 1.0f / total;
-    for (long d = 0; d < body; d += LANES) {
-        vec acc = vzero();
-        for (long s = 0; s < length; s++) acc = vfma(vset1(scores[s] * inverse), vload(v + s * st->v_pos + d), acc);
-        vstore(out + d, acc);
+    for (long s = 0; s < length; s++) scores[s] *= inverse;
+    /* out = sum over s of p_s v_s, GROUP vectors of head_dim at a time: independent FMA chains */
+    long d = 0;
+    for (; d + GROUP * LANES <= body; d += GROUP * LANES) {
+        vec acc[GROUP];
+        _Pragma("GCC unroll 4") for (int g = 0; g < GROUP; g++) acc[g] = vzero();
+        for (long s = 0; s < length; s++) {
+            vec p = vset1(scores[s]);
+            const float *value = v + s * st->v_pos + d;
+            _Pragma("GCC unroll 4") for (int g = 0; g < GROUP; g++) acc[g] = vfma(p, vload(value + g * LANES), acc[g]);
+        }
+        _Pragma("GCC unroll 4") for (int g = 0; g < GROUP; g++) vstore(out + d + g * LANES, acc[g]);
     }
-    if (body < head_dim) {
+    for (; d < head_dim; d += LANES) {
         vec acc = vzero();
-        for (long s = 0; s < length; s++)
-            acc = vfma(vset1(scores[s] * inverse), vload_tail(v + s * st->v_pos + body, tail), acc);
-        vstore_tail(out + body, acc, tail);
+        if (d < body) {
+            for (long s = 0; s < length; s++) acc = vfma(vset1(scores[s]), vload(v + s * st->v_pos + d), acc);
+            vstore(out + d, acc);
+        } else {
+            for (long s = 0; s < length; s++)
+                acc = vfma(vset1(scores[s]), vload_tail(v + s * st->v_pos + d, tail), acc);
+            vstore_tail(out + d, acc, tail);
+        }
     }
 }
 
-/* q: (batch, heads, head_dim), k and v: (batch, heads, length, head_dim), all by `strides`; at most one
- * of mask_float / mask_bool, (batch, heads, length) by strides, or neither. out: (batch, heads,
- * head_dim) at out_batch, out_head element strides, last dimension contiguous. scale is applied
- * when `scaled` is nonzero. Returns 0, -1 for a bad size, -2 if out of memory. */
-int blip2_decode_attention(const float *q, const float *k, const float *v, const float *mask_float,
-                           const unsigned char *mask_bool, const long *strides, long batch, long heads,
-                           long length, long head_dim, float scale, int scaled, float *out, long out_batch,
-                           long out_head, int threads) {
-    if (batch < 0 || heads < 0 || length < 1 || head_dim < 1 || (mask_float && mask_bool)) return -1;
-    Strides st = {strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
-                  strides[6], strides[7], strides[8], strides[9], strides[10]};
+/* One call's arguments, packed by blip2.native in this order (every field 8 bytes): q (batch, heads,
+ * head_dim), k and v (batch, heads, length, head_dim), at most one of mask_float / mask_bool
+ * (batch, heads, length) or neither, all by `strides`; out (batch, heads, head_dim) at out_batch,
+ * out_head element strides, last dimension contiguous. scale is applied when `scaled` is nonzero. */
+typedef struct {
+    const float *q, *k, *v, *mask_float;
+    const unsigned char *mask_bool;
+    float *out;
+    long batch, heads, length, head_dim;
+    Strides strides;
+    long out_batch, out_head;
+    double scale;
+    long scaled, threads;
+} Call;
+
+/* Returns 0, -1 for a bad size, -2 if out of memory. */
+int blip2_decode_attention(const Call *c) {
+    long batch = c->batch, heads = c->heads, length = c->length, head_dim = c->head_dim;
+    if (batch < 0 || heads < 0 || length < 1 || head_dim < 1 || (c->mask_float && c->mask_bool)) return -1;
+    const Strides *st = &c->strides;
+    float scale = (float)c->scale;
     long pairs = batch * heads;
     /* threads only where there is enough work to pay for waking them; results do not depend on it */
-    long work = pairs * length * head_dim;
-    long useful = work / 32768 + 1;
-    if (threads > useful) threads = (int)useful;
-    if (threads > pairs) threads = (int)pairs;
+    long threads = pairs * length * head_dim / 32768 + 1;
+    if (threads > c->threads) threads = c->threads;
+    if (threads > pairs) threads = pairs;
     if (threads < 1) threads = 1;
     int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads((int)threads) reduction(| : failed)
     {
         float *scores = malloc(sizeof(float) * length);
         if (!scores) {
@@ -139,11 +164,11 @@ int blip2_decode_attention(const float *q, const float *k, const float *v, const
             long first = thread * per_thread, last = first + per_thread < pairs ? first + per_thread : pairs;
             for (long p = first; p < last; p++) {
                 long b = p / heads, h = p % heads;
-                long m = b * st.mask_batch + h * st.mask_head;
-                one_pair(q + b * st.q_batch + h * st.q_head, k + b * st.k_batch + h * st.k_head,
-                         v + b * st.v_batch + h * st.v_head, mask_float ? mask_float + m : 0,
-                         mask_bool ? mask_bool + m : 0, &st, length, head_dim, scale, scaled, scores,
-                         out + b * out_batch + h * out_head);
+                long m = b * st->mask_batch + h * st->mask_head;
+                one_pair(c->q + b * st->q_batch + h * st->q_head, c->k + b * st->k_batch + h * st->k_head,
+                         c->v + b * st->v_batch + h * st->v_head, c->mask_float ? c->mask_float + m : 0,
+                         c->mask_bool ? c->mask_bool + m : 0, st, length, head_dim, scale, (int)c->scaled,
+                         scores, c->out + b * c->out_batch + h * c->out_head);
             }
             free(scores);
         }
