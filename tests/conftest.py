@@ -85,6 +85,7 @@ def reset_kernel_choice() -> None:
     from blip2.models import layers
 
     native.skinny_linear_kernel.cache_clear()
+    native.decode_attention_kernel.cache_clear()
     layers.float32_kernel.cache_clear()
 
 
