@@ -128,7 +128,7 @@ def test_attention_takes_it_for_decode_steps_only(kernel, monkeypatch):
     q, k, v, masks = _inputs(2, 3, 6, 8, seed=4)
     calls = []
     real = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     got = layers.attention(q, k, v, masks["bool"])
     assert calls and torch.equal(got, real(q, k, v, masks["bool"], None, kernel))
     calls.clear()
@@ -147,7 +147,7 @@ def test_captions_run_on_it_and_equal_the_exact_path(opt_ckpt, monkeypatch):
         pytest.skip("no native decode attention kernel on this machine (see blip2.native)")
     calls = []
     real = native.decode_attention
-    monkeypatch.setattr(native, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(native, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     images = make_images(3, seed=5)
     fast = blip2.load(opt_ckpt).caption(images, max_new_tokens=6)
     assert calls
@@ -168,3 +168,44 @@ def test_turned_off_by_environment(monkeypatch):
     finally:
         monkeypatch.delenv("BLIP2_NATIVE")
         reset_kernel_choice()
+
+
+@pytest.mark.parametrize("mask_name", ["bool", "float per row"])
+def test_cached_attention_writes_the_cache_and_attends_as_write_then_attention(
+    kernel, monkeypatch, mask_name
+):
+    batch, heads, head_dim, start = 3, 4, 13, 6
+    q, _, _, masks = _inputs(batch, heads, start + 1, head_dim, seed=8)
+    generator = torch.Generator().manual_seed(9)
+    k_new, v_new = (
+        torch.randn(batch, 1, heads, head_dim, generator=generator).transpose(1, 2) for _ in range(2)
+    )
+    fused, plain = (layers.KVCache(batch, heads, 10, head_dim, torch.float32, "cpu") for _ in range(2))
+    fused.k[:, :, :start] = torch.randn(batch, heads, start, head_dim, generator=generator)
+    fused.v[:, :, :start] = torch.randn(batch, heads, start, head_dim, generator=generator)
+    plain.k.copy_(fused.k), plain.v.copy_(fused.v)
+    calls = []
+    real = native.decode_attention
+    monkeypatch.setattr(native, "decode_attention", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    mask = masks[mask_name]
+    got = layers.cached_attention(q, k_new, v_new, fused, start, mask)
+    assert calls and calls[0]["new"][2] == start  # one native call wrote and attended
+    keys, values = plain.write(k_new, v_new, start)
+    assert torch.equal(fused.k, plain.k) and torch.equal(fused.v, plain.v)
+    torch.testing.assert_close(
+        got, native.reference_attention(q, keys, values, mask, None), rtol=1e-5, atol=1e-5
+    )
+    # a row alone (its own cache) gets the same bits
+    alone = layers.KVCache(1, heads, 10, head_dim, torch.float32, "cpu")
+    alone.k[:, :, :start], alone.v[:, :, :start] = plain.k[-1:, :, :start], plain.v[-1:, :, :start]
+    row_mask = mask[-1:]
+    assert torch.equal(
+        layers.cached_attention(q[-1:], k_new[-1:], v_new[-1:], alone, start, row_mask), got[-1:]
+    )
+
+
+def test_cached_attention_past_the_cache_says_so(kernel):
+    q, k, v, _ = _inputs(1, 2, 1, 8, seed=10)
+    cache = layers.KVCache(1, 2, 4, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="KV cache holds 4 positions"):
+        layers.cached_attention(q, k, v, cache, 4, torch.ones(1, 1, 1, 5, dtype=torch.bool))

@@ -290,10 +290,11 @@ def _bind_decode_attention(library: ctypes.CDLL):
     return kernel
 
 
-# decode_attention.c's Call: 6 pointers, 4 sizes, 11 strides, 2 output strides, scale, scaled, threads.
+# decode_attention.c's Call: 8 pointers, 4 sizes, 15 strides, 2 output strides, scale, scaled, threads,
+# write_at.
 # One packed argument: ctypes converts each argument of a call at some cost, and a step makes one call
 # per layer.
-_ATTENTION_CALL = struct.Struct("<6Q4q11q2qd2q")
+_ATTENTION_CALL = struct.Struct("<8Q4q15q2qd3q")
 
 
 def reference_attention(
@@ -355,16 +356,43 @@ def decode_attention(
     mask: torch.Tensor | None,
     scale: float | None,
     kernel=None,
+    new: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> torch.Tensor:
     """:func:`reference_attention` for one query: float32 CPU q (B, H, 1, Dh), k and v (B, H, S, Dh),
     ``mask`` boolean or float broadcastable to (B, H, 1, S). Each (row, head) is computed alone, in a
     fixed order. The result is (B, H, 1, Dh), a view of (B, 1, H, Dh) storage (merging the heads
-    after is free). Anything else is refused with ValueError: the kernel is handed raw pointers."""
+    after is free). Anything else is refused with ValueError: the kernel is handed raw pointers.
+
+    ``new = (k_new, v_new, position)``, each (B, H, 1, Dh), first writes them into ``k`` and ``v`` (a
+    KV cache's whole storage, written in place) at ``position``; S is then ``position + 1``: the
+    positions [0, position] are attended to.
+    """
     kernel = kernel or decode_attention_kernel()
     batch, heads, _, head_dim = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     length = k.shape[2] if k.dim() == 4 else 0
-    shape = (batch, heads, length, head_dim)
     float32 = torch.float32
+    if new is not None:
+        k_new, v_new, write_at = new
+        if not (
+            0 <= write_at < length
+            and k_new.shape == v_new.shape == (batch, heads, 1, head_dim)
+            and k_new.dtype == v_new.dtype == float32
+            and k_new.is_cpu
+            and v_new.is_cpu
+            and k.stride(-1) == v.stride(-1) == 1
+        ):
+            raise ValueError(
+                f"decode_attention: cannot write {tuple(k_new.shape)} at {write_at} of {tuple(k.shape)}"
+            )
+        k_new = k_new if k_new.stride(-1) == 1 else k_new.contiguous()
+        v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
+        new_pointers = (k_new.data_ptr(), v_new.data_ptr())
+        new_strides = (*k_new.stride()[:2], *v_new.stride()[:2])
+        shape = (batch, heads, length, head_dim)
+        length = write_at + 1
+    else:
+        write_at, new_pointers, new_strides = -1, (0, 0), (0, 0, 0, 0)
+        shape = (batch, heads, length, head_dim)
     if (
         q.shape[2:] != (1, head_dim)
         or k.shape != shape
@@ -408,9 +436,10 @@ def decode_attention(
     q_strides, k_strides, v_strides = q.stride(), k.stride(), v.stride()
     call = _ATTENTION_CALL.pack(
         q.data_ptr(),
+        mask_float,
+        *new_pointers,
         k.data_ptr(),
         v.data_ptr(),
-        mask_float,
         mask_bool,
         out.data_ptr(),
         batch,
@@ -422,11 +451,13 @@ def decode_attention(
         *k_strides[:3],
         *v_strides[:3],
         *mask_strides,
+        *new_strides,
         heads * head_dim,
         head_dim,
         head_dim**-0.5 if scale is None else scale,
         scale is None or scale != 1.0,
         torch.get_num_threads(),
+        write_at,
     )
     status = kernel(call)
     if status != 0:

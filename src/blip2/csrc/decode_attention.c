@@ -19,6 +19,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <string.h>
 
 #ifdef __AVX512F__
 #define LANES 16
@@ -70,6 +71,7 @@ typedef struct {
     long k_batch, k_head, k_pos;
     long v_batch, v_head, v_pos;
     long mask_batch, mask_head, mask_pos;
+    long new_k_batch, new_k_head, new_v_batch, new_v_head;
 } Strides;
 
 /* One (row, head) pair: scores into the scratch buffer, then the output row. */
@@ -128,22 +130,27 @@ static void one_pair(const float *q, const float *k, const float *v, const float
 /* One call's arguments, packed by blip2.native in this order (every field 8 bytes): q (batch, heads,
  * head_dim), k and v (batch, heads, length, head_dim), at most one of mask_float / mask_bool
  * (batch, heads, length) or neither, all by `strides`; out (batch, heads, head_dim) at out_batch,
- * out_head element strides, last dimension contiguous. scale is applied when `scaled` is nonzero. */
+ * out_head element strides, last dimension contiguous. scale is applied when `scaled` is nonzero.
+ * With write_at >= 0, new_k and new_v (batch, heads, head_dim) are first copied to position write_at
+ * of k and v (a KV cache; each pair writes its own row; write_at < length). */
 typedef struct {
-    const float *q, *k, *v, *mask_float;
+    const float *q, *mask_float, *new_k, *new_v;
+    float *k, *v;
     const unsigned char *mask_bool;
     float *out;
     long batch, heads, length, head_dim;
     Strides strides;
     long out_batch, out_head;
     double scale;
-    long scaled, threads;
+    long scaled, threads, write_at;
 } Call;
 
 /* Returns 0, -1 for a bad size, -2 if out of memory. */
 int blip2_decode_attention(const Call *c) {
     long batch = c->batch, heads = c->heads, length = c->length, head_dim = c->head_dim;
-    if (batch < 0 || heads < 0 || length < 1 || head_dim < 1 || (c->mask_float && c->mask_bool)) return -1;
+    if (batch < 0 || heads < 0 || length < 1 || head_dim < 1 || (c->mask_float && c->mask_bool) ||
+        (c->write_at >= 0 && (c->write_at >= length || !c->new_k || !c->new_v)))
+        return -1;
     const Strides *st = &c->strides;
     float scale = (float)c->scale;
     long pairs = batch * heads;
@@ -165,6 +172,12 @@ int blip2_decode_attention(const Call *c) {
             for (long p = first; p < last; p++) {
                 long b = p / heads, h = p % heads;
                 long m = b * st->mask_batch + h * st->mask_head;
+                if (c->write_at >= 0) {
+                    float *key = c->k + b * st->k_batch + h * st->k_head + c->write_at * st->k_pos;
+                    float *value = c->v + b * st->v_batch + h * st->v_head + c->write_at * st->v_pos;
+                    memcpy(key, c->new_k + b * st->new_k_batch + h * st->new_k_head, sizeof(float) * head_dim);
+                    memcpy(value, c->new_v + b * st->new_v_batch + h * st->new_v_head, sizeof(float) * head_dim);
+                }
                 one_pair(c->q + b * st->q_batch + h * st->q_head, c->k + b * st->k_batch + h * st->k_head,
                          c->v + b * st->v_batch + h * st->v_head, c->mask_float ? c->mask_float + m : 0,
                          c->mask_bool ? c->mask_bool + m : 0, st, length, head_dim, scale, (int)c->scaled,

@@ -214,6 +214,39 @@ def attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
 
 
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache | None,
+    start: int | torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    row_invariant: bool = True,
+) -> torch.Tensor:
+    """:func:`attention` of ``q`` over the keys and values so far: ``k``, ``v`` (B, H, T, Dh) are first
+    written into ``cache`` at ``start`` (when there is one). A float32 CPU decode step does both in
+    one native call (``blip2.native.decode_attention``) where it can; otherwise ``cache.write``, then
+    :func:`attention`."""
+    if (
+        cache is not None
+        and row_invariant
+        and isinstance(start, int)
+        and q.shape[-2] == 1
+        and q.dtype == torch.float32
+        and q.device.type == "cpu"
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and (kernel := native.decode_attention_kernel()) is not None
+    ):
+        try:
+            return native.decode_attention(q, cache.k, cache.v, mask, scale, kernel, new=(k, v, start))
+        except ValueError:  # what the kernel does not take (or a full cache): the general path says why
+            pass
+    if cache is not None:
+        k, v = cache.write(k, v, start)
+    return attention(q, k, v, mask, scale, row_invariant=row_invariant)
+
+
 def positions_from(start: int | torch.Tensor, length: int, device=None) -> torch.Tensor:
     """(length,) absolute positions start, start+1, ...; ``start`` an int or a 0-dim tensor."""
     device = start.device if isinstance(start, torch.Tensor) else device

@@ -19,6 +19,7 @@ from ..layers import (
     Linear,
     RMSNorm,
     attention,
+    cached_attention,
     causal_mask,
     decoder_mask,
     layer_caches,
@@ -85,11 +86,15 @@ class LlamaAttention(nn.Module):
         q = rotate(split_heads(self.q(x), self.num_heads), *cos_sin)  # (B, H, T, Dh)
         k = rotate(split_heads(self.k(x), self.num_kv_heads), *cos_sin)  # (B, G, T, Dh)
         v = split_heads(self.v(x), self.num_kv_heads)
+        if self.num_kv_heads == self.num_heads:  # into the cache, if any, and attended to: (B, H, S, Dh)
+            return self.out(
+                merge_heads(cached_attention(q, k, v, cache, start, mask, row_invariant=self.fast_kernels))
+            )
         if cache is not None:
             k, v = cache.write(k, v, start)  # (B, G, S, Dh)
-        if self.num_kv_heads != self.num_heads:  # grouped-query attention: each K/V head serves H/G heads
-            repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        # grouped-query attention: each K/V head serves H/G heads
+        repeat = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         return self.out(merge_heads(attention(q, k, v, mask, row_invariant=self.fast_kernels)))
 
 

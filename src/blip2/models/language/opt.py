@@ -16,7 +16,7 @@ from ..layers import (
     MLP,
     KVCache,
     Linear,
-    attention,
+    cached_attention,
     causal_mask,
     decoder_mask,
     layer_caches,
@@ -49,9 +49,9 @@ class OPTAttention(nn.Module):
         q = split_heads(self.q(x) * self.scale, self.num_heads)  # (B, H, T, D/H)
         k = split_heads(self.k(x), self.num_heads)
         v = split_heads(self.v(x), self.num_heads)
-        if cache is not None:
-            k, v = cache.write(k, v, start)  # (B, H, S, D/H)
-        return self.out(merge_heads(attention(q, k, v, mask, scale=1.0, row_invariant=self.fast_kernels)))
+        # keys and values go into the cache, if any, and q attends to all so far: (B, H, S, D/H)
+        attended = cached_attention(q, k, v, cache, start, mask, scale=1.0, row_invariant=self.fast_kernels)
+        return self.out(merge_heads(attended))
 
 
 class OPTBlock(nn.Module):

@@ -21,7 +21,7 @@ from ..layers import (
     KVCache,
     Linear,
     RMSNorm,
-    attention,
+    cached_attention,
     device_of,
     layer_caches,
     merge_heads,
@@ -103,12 +103,13 @@ class T5Attention(nn.Module):
         q = split_heads(self.q(x), self.num_heads)
         if kv is None:
             k, v = self.project_kv(x)
-            if cache is not None:
-                k, v = cache.write(k, v, start)
         else:
-            k, v = kv
+            k, v, cache = *kv, None
+        bias = bias.to(q.dtype)
         return self.o(
-            merge_heads(attention(q, k, v, bias.to(q.dtype), scale=1.0, row_invariant=self.fast_kernels))
+            merge_heads(
+                cached_attention(q, k, v, cache, start, bias, scale=1.0, row_invariant=self.fast_kernels)
+            )
         )
 
 
