@@ -209,3 +209,12 @@ def test_cached_attention_past_the_cache_says_so(kernel):
     cache = layers.KVCache(1, 2, 4, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="KV cache holds 4 positions"):
         layers.cached_attention(q, k, v, cache, 4, torch.ones(1, 1, 1, 5, dtype=torch.bool))
+
+
+def test_a_query_scale_rounds_as_scaling_the_query_first(kernel):
+    q, k, v, masks = _inputs(3, 4, 11, 13, seed=11)
+    for mask in masks.values():
+        got = native.decode_attention(q, k, v, mask, 1.0, kernel, q_scale=13**-0.5)
+        assert torch.equal(got, native.decode_attention(q * 13**-0.5, k, v, mask, 1.0, kernel))
+        want = native.reference_attention(q * 13**-0.5, k, v, mask, 1.0)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

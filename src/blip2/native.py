@@ -291,10 +291,10 @@ def _bind_decode_attention(library: ctypes.CDLL):
 
 
 # decode_attention.c's Call: 8 pointers, 4 sizes, 15 strides, 2 output strides, scale, scaled, threads,
-# write_at.
+# write_at, q_scale, q_scaled.
 # One packed argument: ctypes converts each argument of a call at some cost, and a step makes one call
 # per layer.
-_ATTENTION_CALL = struct.Struct("<8Q4q15q2qd3q")
+_ATTENTION_CALL = struct.Struct("<8Q4q15q2qd3qdq")
 
 
 def reference_attention(
@@ -357,6 +357,7 @@ def decode_attention(
     scale: float | None,
     kernel=None,
     new: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    q_scale: float | None = None,
 ) -> torch.Tensor:
     """:func:`reference_attention` for one query: float32 CPU q (B, H, 1, Dh), k and v (B, H, S, Dh),
     ``mask`` boolean or float broadcastable to (B, H, 1, S). Each (row, head) is computed alone, in a
@@ -365,7 +366,8 @@ def decode_attention(
 
     ``new = (k_new, v_new, position)``, each (B, H, 1, Dh), first writes them into ``k`` and ``v`` (a
     KV cache's whole storage, written in place) at ``position``; S is then ``position + 1``: the
-    positions [0, position] are attended to.
+    positions [0, position] are attended to. ``q_scale``: ``q * q_scale`` (rounded as PyTorch does it)
+    stands for ``q`` (OPT scales the query before the product).
     """
     kernel = kernel or decode_attention_kernel()
     batch, heads, _, head_dim = q.shape if q.dim() == 4 else (0, 0, 0, 0)
@@ -458,6 +460,8 @@ def decode_attention(
         scale is None or scale != 1.0,
         torch.get_num_threads(),
         write_at,
+        1.0 if q_scale is None else q_scale,
+        q_scale is not None,
     )
     status = kernel(call)
     if status != 0:

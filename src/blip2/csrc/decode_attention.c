@@ -143,6 +143,8 @@ typedef struct {
     long out_batch, out_head;
     double scale;
     long scaled, threads, write_at;
+    double q_scale; /* q is first multiplied by it (rounded, as PyTorch's q * scale) when q_scaled */
+    long q_scaled;
 } Call;
 
 /* Returns 0, -1 for a bad size, -2 if out of memory. */
@@ -152,7 +154,7 @@ int blip2_decode_attention(const Call *c) {
         (c->write_at >= 0 && (c->write_at >= length || !c->new_k || !c->new_v)))
         return -1;
     const Strides *st = &c->strides;
-    float scale = (float)c->scale;
+    float scale = (float)c->scale, q_scale = (float)c->q_scale;
     long pairs = batch * heads;
     /* threads only where there is enough work to pay for waking them; results do not depend on it */
     long threads = pairs * length * head_dim / 32768 + 1;
@@ -162,7 +164,7 @@ int blip2_decode_attention(const Call *c) {
     int failed = 0;
 #pragma omp parallel num_threads((int)threads) reduction(| : failed)
     {
-        float *scores = malloc(sizeof(float) * length);
+        float *scores = malloc(sizeof(float) * (length + head_dim)); /* and q scaled */
         if (!scores) {
             failed = 1;
         } else {
@@ -171,6 +173,12 @@ int blip2_decode_attention(const Call *c) {
             long first = thread * per_thread, last = first + per_thread < pairs ? first + per_thread : pairs;
             for (long p = first; p < last; p++) {
                 long b = p / heads, h = p % heads;
+                const float *query = c->q + b * st->q_batch + h * st->q_head;
+                if (c->q_scaled) {
+                    float *scaled_query = scores + length;
+                    for (long d = 0; d < head_dim; d++) scaled_query[d] = query[d] * q_scale;
+                    query = scaled_query;
+                }
                 long m = b * st->mask_batch + h * st->mask_head;
                 if (c->write_at >= 0) {
                     float *key = c->k + b * st->k_batch + h * st->k_head + c->write_at * st->k_pos;
@@ -178,7 +186,7 @@ int blip2_decode_attention(const Call *c) {
                     memcpy(key, c->new_k + b * st->new_k_batch + h * st->new_k_head, sizeof(float) * head_dim);
                     memcpy(value, c->new_v + b * st->new_v_batch + h * st->new_v_head, sizeof(float) * head_dim);
                 }
-                one_pair(c->q + b * st->q_batch + h * st->q_head, c->k + b * st->k_batch + h * st->k_head,
+                one_pair(query, c->k + b * st->k_batch + h * st->k_head,
                          c->v + b * st->v_batch + h * st->v_head, c->mask_float ? c->mask_float + m : 0,
                          c->mask_bool ? c->mask_bool + m : 0, st, length, head_dim, scale, (int)c->scaled,
                          scores, c->out + b * c->out_batch + h * c->out_head);

@@ -223,11 +223,12 @@ def cached_attention(
     mask: torch.Tensor | None = None,
     scale: float | None = None,
     row_invariant: bool = True,
+    q_scale: float | None = None,
 ) -> torch.Tensor:
-    """:func:`attention` of ``q`` over the keys and values so far: ``k``, ``v`` (B, H, T, Dh) are first
-    written into ``cache`` at ``start`` (when there is one). A float32 CPU decode step does both in
-    one native call (``blip2.native.decode_attention``) where it can; otherwise ``cache.write``, then
-    :func:`attention`."""
+    """:func:`attention` of ``q`` (times ``q_scale`` if given) over the keys and values so far: ``k``,
+    ``v`` (B, H, T, Dh) are first written into ``cache`` at ``start`` (when there is one). A float32
+    CPU decode step does it all in one native call (``blip2.native.decode_attention``) where it can;
+    otherwise ``cache.write``, then :func:`attention`."""
     if (
         cache is not None
         and row_invariant
@@ -239,9 +240,12 @@ def cached_attention(
         and (kernel := native.decode_attention_kernel()) is not None
     ):
         try:
-            return native.decode_attention(q, cache.k, cache.v, mask, scale, kernel, new=(k, v, start))
+            new = (k, v, start)
+            return native.decode_attention(q, cache.k, cache.v, mask, scale, kernel, new=new, q_scale=q_scale)
         except ValueError:  # what the kernel does not take (or a full cache): the general path says why
             pass
+    if q_scale is not None:
+        q = q * q_scale
     if cache is not None:
         k, v = cache.write(k, v, start)
     return attention(q, k, v, mask, scale, row_invariant=row_invariant)

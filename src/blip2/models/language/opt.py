@@ -45,12 +45,14 @@ class OPTAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, start: int | torch.Tensor
     ) -> torch.Tensor:
-        # OPT scales the query before the product; keep that order for identical rounding.
-        q = split_heads(self.q(x) * self.scale, self.num_heads)  # (B, H, T, D/H)
+        q = split_heads(self.q(x), self.num_heads)  # (B, H, T, D/H)
         k = split_heads(self.k(x), self.num_heads)
         v = split_heads(self.v(x), self.num_heads)
-        # keys and values go into the cache, if any, and q attends to all so far: (B, H, S, D/H)
-        attended = cached_attention(q, k, v, cache, start, mask, scale=1.0, row_invariant=self.fast_kernels)
+        # keys and values go into the cache, if any, and q attends to all so far: (B, H, S, D/H). OPT
+        # scales the query before the product (q_scale); kept in that order for identical rounding.
+        attended = cached_attention(
+            q, k, v, cache, start, mask, scale=1.0, row_invariant=self.fast_kernels, q_scale=self.scale
+        )
         return self.out(merge_heads(attended))
 
 
