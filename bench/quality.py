@@ -72,21 +72,29 @@ def demo_cosines(seed: int) -> list[str]:
     return ["| demo, seed " + str(seed) + " | " + " | ".join(_cells(found)) + " |"]
 
 
-def logit_cosines(checkpoints: int) -> list[str]:
+def _test_checkpoints(tmp: str, lm: str, count: int):
+    """(path, inputs, extra forward arguments, float32 logits) of ``count`` random test checkpoints."""
     import blip2
     from factory import build_checkpoint, make_images
+
+    for seed in range(count):
+        path = build_checkpoint(Path(tmp) / f"{lm}{seed}", lm=lm, seed=seed)
+        ref = blip2.load(path)
+        enc = ref.processor(images=make_images(2, seed=seed), text=PROMPTS)
+        kwargs = {"decoder_input_ids": torch.tensor(T5_DECODER_INPUT)} if lm == "t5" else {}
+        with torch.inference_mode():
+            yield path, enc, kwargs, ref.model(**enc, **kwargs).logits
+
+
+def logit_cosines(checkpoints: int) -> list[str]:
+    import blip2
 
     lines = ["| checkpoints | int8 mean / lowest | int4 mean / lowest |", "|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for lm in ("opt", "t5"):
             found: dict[str, list[float]] = {"int8": [], "int4": []}
-            for seed in range(checkpoints):
-                path = build_checkpoint(Path(tmp) / f"{lm}{seed}", lm=lm, seed=seed)
-                ref = blip2.load(path)
-                enc = ref.processor(images=make_images(2, seed=seed), text=PROMPTS)
-                kwargs = {"decoder_input_ids": torch.tensor(T5_DECODER_INPUT)} if lm == "t5" else {}
+            for path, enc, kwargs, a in _test_checkpoints(tmp, lm, checkpoints):
                 with torch.inference_mode():
-                    a = ref.model(**enc, **kwargs).logits
                     for method in found:
                         b = blip2.load(path, quantize=method).model(**enc, **kwargs).logits
                         found[method] += F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).tolist()
@@ -123,7 +131,6 @@ def four_bit_bound(checkpoints: int) -> list[str]:
     import blip2
     from blip2.quantize.int4 import Int4Linear
     from blip2.quantize.model import plan
-    from factory import build_checkpoint, make_images
 
     def int4(w, lin, gen):
         return Int4Linear.from_linear(lin, 128).dequantized()
@@ -145,13 +152,7 @@ def four_bit_bound(checkpoints: int) -> list[str]:
         for lm in ("opt", "t5"):
             found: dict[str, list[float]] = {k: [] for k in variants}
             errors: dict[str, list[float]] = {"int4": [], "best": []}
-            for seed in range(checkpoints):
-                path = build_checkpoint(Path(tmp) / f"{lm}{seed}", lm=lm, seed=seed)
-                ref = blip2.load(path)
-                enc = ref.processor(images=make_images(2, seed=seed), text=PROMPTS)
-                kwargs = {"decoder_input_ids": torch.tensor(T5_DECODER_INPUT)} if lm == "t5" else {}
-                with torch.inference_mode():
-                    a = ref.model(**enc, **kwargs).logits
+            for seed, (path, enc, kwargs, a) in enumerate(_test_checkpoints(tmp, lm, checkpoints)):
                 for key, replace in variants.items():
                     model = blip2.load(path).model
                     gen = torch.Generator().manual_seed(seed)
