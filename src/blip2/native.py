@@ -373,6 +373,7 @@ def decode_attention(
     batch, heads, _, head_dim = q.shape if q.dim() == 4 else (0, 0, 0, 0)
     length = k.shape[2] if k.dim() == 4 else 0
     float32 = torch.float32
+    shape = (batch, heads, length, head_dim)  # of k and v
     if new is not None:
         k_new, v_new, write_at = new
         if not (
@@ -390,11 +391,9 @@ def decode_attention(
         v_new = v_new if v_new.stride(-1) == 1 else v_new.contiguous()
         new_pointers = (k_new.data_ptr(), v_new.data_ptr())
         new_strides = (*k_new.stride()[:2], *v_new.stride()[:2])
-        shape = (batch, heads, length, head_dim)
         length = write_at + 1
     else:
         write_at, new_pointers, new_strides = -1, (0, 0), (0, 0, 0, 0)
-        shape = (batch, heads, length, head_dim)
     if (
         q.shape[2:] != (1, head_dim)
         or k.shape != shape
@@ -418,10 +417,8 @@ def decode_attention(
     mask_float = mask_bool = 0
     mask_strides = (0, 0, 0)
     if mask is not None:
-        if mask.dim() != 4 or mask.shape[2] != 1 or mask.shape[3] != length:
-            raise ValueError(f"decode_attention: a mask of shape {tuple(mask.shape)} for {shape}")
-        mask_batch, mask_heads = mask.shape[:2]
-        if mask_batch not in (1, batch) or mask_heads not in (1, heads):
+        mask_batch, mask_heads = mask.shape[:2] if mask.dim() == 4 else (0, 0)
+        if mask_batch not in (1, batch) or mask_heads not in (1, heads) or mask.shape[2:] != (1, length):
             raise ValueError(f"decode_attention: a mask of shape {tuple(mask.shape)} for {shape}")
         strides = mask.stride()
         mask_strides = (

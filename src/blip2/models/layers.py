@@ -236,8 +236,7 @@ def cached_attention(
         and q.shape[-2] == 1
         and q.dtype == torch.float32
         and q.device.type == "cpu"
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and (kernel := native.decode_attention_kernel()) is not None
+        and (kernel := _decode_attention_kernel(q, k, v)) is not None
     ):
         try:
             new = (k, v, start)
@@ -292,14 +291,20 @@ def _one_query_attention(
     """``softmax(q k^T * scale + mask) v`` with each (row, head) its own product: the native kernel
     (one call for all of them, ``blip2.native.decode_attention``) where it is built and takes the
     inputs, else plain batched matmuls."""
-    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
-        kernel = native.decode_attention_kernel()
-        if kernel is not None:
-            try:
-                return native.decode_attention(q, k, v, mask, scale, kernel)
-            except ValueError:  # shapes, dtypes or masks it does not take: the matmuls
-                pass
+    kernel = _decode_attention_kernel(q, k, v)
+    if kernel is not None:
+        try:
+            return native.decode_attention(q, k, v, mask, scale, kernel)
+        except ValueError:  # shapes, dtypes or masks it does not take: the matmuls
+            pass
     return native.reference_attention(q, k, v, mask, scale)
+
+
+def _decode_attention_kernel(*tensors: torch.Tensor):
+    """The native decode-attention kernel where it is built and no gradient is wanted, else None."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    return native.decode_attention_kernel()
 
 
 def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
