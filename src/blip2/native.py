@@ -34,6 +34,7 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -147,9 +148,12 @@ def _self_check(kernel) -> bool:
     return True
 
 
-def _load_kind(kind: str, source_name: str, stem: str, flags: list[str], what: str, bind, check):
-    """The compiled ``source_name`` of ``kind``, its function typed by ``bind(library)`` and passed by
-    ``check(function)``, or None where it cannot be had (logged: a warning where it should have worked)."""
+def _load_kind(
+    kind: str, source_name: str | tuple[str, ...], stem: str, flags: list[str], what: str, bind, check
+):
+    """The compiled ``source_name`` of ``kind`` (several: compiled as one unit, in order), its function
+    typed by ``bind(library)`` and passed by ``check(function)``, or None where it cannot be had
+    (logged: a warning where it should have worked)."""
     reason = _unsupported_reason(kind)
     if reason is None and (compiler := _compiler()) is None:
         reason = "no C compiler (cc, gcc or clang; or $CC)"
@@ -157,7 +161,8 @@ def _load_kind(kind: str, source_name: str, stem: str, flags: list[str], what: s
         log.info("no native %s %s: %s", kind, what, reason)
         return None
     try:
-        source = (resources.files("blip2") / "csrc" / source_name).read_bytes()
+        names = (source_name,) if isinstance(source_name, str) else source_name
+        source = b"\n".join((resources.files("blip2") / "csrc" / name).read_bytes() for name in names)
         function = bind(ctypes.CDLL(str(_build(source, compiler, [*flags, *KINDS[kind]], stem))))
         if check(function):
             log.info("native %s %s loaded", kind, what)
@@ -464,3 +469,269 @@ def decode_attention(
     if status != 0:
         raise ValueError(f"decode_attention: the kernel refused {shape} (status {status})")
     return out
+
+
+# ---- a whole decode step (csrc/decoder_step.c; used by blip2.models.decoder_step) -------------------
+
+# compiled as one unit: the step calls the attention kernel directly
+STEP_SOURCES = (ATTENTION_SOURCE, "decoder_step.c")
+
+# What each linear layer of a native decoder is run by: (its description, x, rows, y, threads) -> status
+# (blip2_lowbit_linear's signature).
+LINEAR_FUNCTION = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+)
+BLOCK_LINEARS = ("q", "k", "v", "out", "fc1", "fc2")
+BLOCK_NORMS = ("norm1_weight", "norm1_bias", "norm2_weight", "norm2_bias")
+
+
+class StepLinear(ctypes.Structure):
+    """A linear layer as ``decoder_step.c`` calls it: a ``LINEAR_FUNCTION`` and its first argument."""
+
+    _fields_ = [("run", ctypes.c_void_p), ("layer", ctypes.c_void_p)]
+
+
+class StepBlock(ctypes.Structure):
+    """One layer of a native decoder (``Block`` in the C file); a norm without affine part is NULL."""
+
+    _fields_ = [(name, StepLinear) for name in BLOCK_LINEARS] + [
+        (name, ctypes.c_void_p) for name in BLOCK_NORMS
+    ]
+
+
+class StepDecoder(ctypes.Structure):
+    """A whole decoder (``Decoder`` in the C file), described once; ``blocks`` points at ``layers`` of
+    :class:`StepBlock` (the caller keeps them alive)."""
+
+    _fields_ = [
+        ("blocks", ctypes.c_void_p),
+        ("layers", ctypes.c_long),
+        ("hidden", ctypes.c_long),
+        ("heads", ctypes.c_long),
+        ("mlp", ctypes.c_long),
+        ("pre_norm", ctypes.c_long),
+        ("eps", ctypes.c_double),
+        ("q_scale", ctypes.c_double),
+    ]
+
+
+# decoder_step.c's Step: x, caches, mask, work; rows, max_len, position, mask_row, threads
+_STEP_CALL = struct.Struct("<4Q5q")
+
+
+def _bind_decoder_step(library: ctypes.CDLL):
+    kernel = library.blip2_decoder_step
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]  # the decoder, the packed step (_STEP_CALL)
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def decoder_step(
+    kernel,
+    decoder: StepDecoder,
+    x: torch.Tensor,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor,
+    position: int,
+) -> None:
+    """One decode step of ``decoder`` over contiguous float32 CPU ``x`` (rows, hidden), in place.
+
+    ``caches``: per layer, keys and values (rows, heads, max_len, head_dim), contiguous float32 CPU,
+    written at ``position``; ``mask``: boolean (rows, >= position + 1), last dimension contiguous, True
+    where a row attends. Anything else is refused with ValueError before the kernel runs (it is handed
+    raw pointers); a kernel failure is a RuntimeError (``x`` and the caches are then part-written).
+    """
+    rows, hidden = x.shape if x.dim() == 2 else (0, 0)
+    heads = decoder.heads
+    max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
+    shape = (rows, heads, max_len, hidden // heads if heads else 0)
+    float32 = torch.float32
+    if (
+        rows == 0
+        or hidden != decoder.hidden
+        or x.dtype != float32
+        or not x.is_cpu
+        or not x.is_contiguous()
+        or len(caches) != decoder.layers
+        or not 0 <= position < max_len
+        or not all(
+            t.shape == shape and t.dtype == float32 and t.is_cpu and t.is_contiguous()
+            for pair in caches
+            for t in pair
+        )
+        or mask.dtype != torch.bool
+        or mask.dim() != 2
+        or mask.shape[0] != rows
+        or mask.shape[1] <= position
+        or mask.stride(1) != 1
+        or not mask.is_cpu
+    ):
+        raise ValueError(
+            f"decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
+            f"(rows, {heads}, L, {decoder.hidden // max(heads, 1)}) and a boolean (rows, > {position}) mask"
+        )
+    pointers = (ctypes.c_void_p * (2 * len(caches)))(*(t.data_ptr() for pair in caches for t in pair))
+    work = torch.empty(rows * (5 * hidden + decoder.mlp))
+    call = _STEP_CALL.pack(
+        x.data_ptr(),
+        ctypes.addressof(pointers),
+        mask.data_ptr(),
+        work.data_ptr(),
+        rows,
+        max_len,
+        position,
+        mask.stride(0) if rows > 1 else mask.shape[1],
+        torch.get_num_threads(),
+    )
+    status = kernel(ctypes.addressof(decoder), call)
+    if status == -2:
+        raise MemoryError("decoder_step: out of memory")
+    if status != 0:
+        raise RuntimeError(f"decoder_step: a kernel failed (status {status})")
+
+
+def reference_decoder_step(
+    x: torch.Tensor,
+    blocks: list[dict[str, torch.Tensor | None]],
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor,
+    position: int,
+    heads: int,
+    q_scale: float,
+    pre_norm: bool,
+    eps: float,
+) -> torch.Tensor:
+    """What ``decoder_step.c`` computes, in PyTorch: ``blocks`` hold ``{name}_weight`` / ``_bias`` for
+    the linear layers and ``norm1_weight`` ... for the norms; the caches are written at ``position``."""
+    rows = x.shape[0]
+
+    def linear(p, name, t):
+        return F.linear(t, p[f"{name}_weight"], p[f"{name}_bias"])
+
+    def norm(p, i, t):
+        return F.layer_norm(t, t.shape[-1:], p[f"norm{i}_weight"], p[f"norm{i}_bias"], eps)
+
+    keep = mask[:, None, None, : position + 1]
+    for p, (k_cache, v_cache) in zip(blocks, caches, strict=True):
+        h = norm(p, 1, x) if pre_norm else x
+        q, k, v = (linear(p, name, h).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
+        k_cache[:, :, position] = k[:, :, 0]
+        v_cache[:, :, position] = v[:, :, 0]
+        k_all, v_all = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
+        attended = reference_attention(q * q_scale, k_all, v_all, keep, 1.0).reshape(rows, -1)
+        x = x + linear(p, "out", attended)
+        if not pre_norm:
+            x = norm(p, 1, x)
+        h = norm(p, 2, x) if pre_norm else x
+        x = x + linear(p, "fc2", F.relu(linear(p, "fc1", h)))
+        if not pre_norm:
+            x = norm(p, 2, x)
+    return x
+
+
+class PythonLinearDecoder:
+    """A random decoder for :func:`decoder_step` whose linear layers are run by a Python callback
+    (``F.linear``): what the self-check (and the tests) hold the kernel to :func:`reference_decoder_step`
+    with."""
+
+    def __init__(
+        self, seed: int, layers: int, hidden: int, heads: int, mlp: int, pre_norm: bool, affine: bool
+    ):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.heads, self.pre_norm, self.q_scale, self.eps = heads, pre_norm, 0.4, 1e-5
+        self.callback = LINEAR_FUNCTION(self._run_linear)
+        address = ctypes.cast(self.callback, ctypes.c_void_p).value
+        sizes = dict.fromkeys(("q", "k", "v", "out"), (hidden, hidden)) | {
+            "fc1": (mlp, hidden),
+            "fc2": (hidden, mlp),
+        }
+        self.linears: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.blocks: list[dict[str, torch.Tensor | None]] = []
+        self.array = (StepBlock * layers)()
+        for entry in self.array:
+            block: dict[str, torch.Tensor | None] = {}
+            for name in BLOCK_LINEARS:
+                weight = self.randn(*sizes[name]) * 0.3
+                block[f"{name}_weight"], block[f"{name}_bias"] = weight, self.randn(sizes[name][0])
+                self.linears.append((weight, block[f"{name}_bias"]))
+                setattr(entry, name, StepLinear(address, len(self.linears)))  # its "layer": the 1-based index
+            for name in BLOCK_NORMS:
+                block[name] = self.randn(hidden) if affine else None
+                setattr(entry, name, None if block[name] is None else block[name].data_ptr())
+            self.blocks.append(block)
+        self.decoder = StepDecoder(
+            ctypes.addressof(self.array), layers, hidden, heads, mlp, pre_norm, self.eps, self.q_scale
+        )
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.generator)
+
+    def _run_linear(self, layer: int, x: int, rows: int, y: int, threads: int) -> int:
+        weight, bias = self.linears[layer - 1]
+        out_features, in_features = weight.shape
+        inputs = torch.frombuffer(
+            (ctypes.c_float * (rows * in_features)).from_address(x), dtype=torch.float32
+        )
+        outputs = torch.frombuffer(
+            (ctypes.c_float * (rows * out_features)).from_address(y), dtype=torch.float32
+        )
+        for row in range(rows):  # each alone: a row's result does not depend on the others
+            span = slice(row * in_features, (row + 1) * in_features)
+            outputs[row * out_features : (row + 1) * out_features] = F.linear(inputs[span], weight, bias)
+        return 0
+
+    def step_inputs(self, rows: int, max_len: int, position: int):
+        """x (rows, hidden), caches of ``max_len`` positions, and a mask hiding some earlier positions."""
+        x = self.randn(rows, self.decoder.hidden)
+        head_dim = self.decoder.hidden // self.heads
+        caches = [(self.randn(rows, self.heads, max_len, head_dim), self.randn(rows, self.heads, max_len, head_dim))
+                  for _ in self.blocks]  # fmt: skip
+        mask = torch.rand(rows, position + 1, generator=self.generator) > 0.3
+        mask[:, position] = True
+        return x, caches, mask
+
+    def compare(
+        self, kernel, rows: int, max_len: int, position: int
+    ) -> tuple[bool, torch.Tensor, torch.Tensor]:
+        """Runs one step both ways: (caches alike, the kernel's x, the formula's x)."""
+        x, caches, mask = self.step_inputs(rows, max_len, position)
+        want_caches = [(k.clone(), v.clone()) for k, v in caches]
+        want = reference_decoder_step(
+            x, self.blocks, want_caches, mask, position, self.heads, self.q_scale, self.pre_norm, self.eps
+        )
+        got = x.clone()
+        decoder_step(kernel, self.decoder, got, caches, mask, position)
+        same_caches = all(
+            torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+            for pair, want_pair in zip(caches, want_caches, strict=True)
+            for a, b in zip(pair, want_pair, strict=True)
+        )
+        return same_caches, got, want
+
+
+def _decoder_step_self_check(kernel) -> bool:
+    """A pre-norm decoder with layer-norm weights and a post-norm one without, on masked rows, against
+    :func:`reference_decoder_step`."""
+    for seed, pre_norm in ((0, True), (1, False)):
+        decoder = PythonLinearDecoder(
+            seed, layers=2, hidden=12, heads=3, mlp=20, pre_norm=pre_norm, affine=pre_norm
+        )
+        same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4)
+        if not (same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)):
+            return False
+    return True
+
+
+@functools.cache
+def decoder_step_kernel(kind: str | None = None):
+    """The compiled ``blip2_decoder_step`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once)."""
+    return _load_kind(
+        kind or kernel_kind(),
+        STEP_SOURCES,
+        "decoder_step",
+        ATTENTION_FLAGS,
+        "decoder step",
+        _bind_decoder_step,
+        _decoder_step_self_check,
+    )

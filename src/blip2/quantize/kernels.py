@@ -231,6 +231,11 @@ def int4_linear(x, qweight, scales, mins, bias, in_features: int, out_features: 
     return run(int4_layer(qweight, scales, mins, bias, in_features, out_features, group, kind), x)
 
 
+@functools.cache
+def _kernel_address() -> int:
+    return ctypes.cast(native.lowbit_library().blip2_lowbit_linear, ctypes.c_void_p).value
+
+
 def _raise_on(status: int) -> None:
     if status == -2:
         raise MemoryError("low-bit kernel: out of memory for the quantized activations")
@@ -333,6 +338,21 @@ class LowbitLinear(nn.Module):
     def _native_kernel(self) -> bool:
         return self.kernel == "native" or (self.kernel is None and native_kind() is not None)
 
+    def native_linear(self) -> tuple[int, NativeLayer] | None:
+        """``(address of blip2_lowbit_linear, this layer's description)`` for native code that runs the
+        layer itself (``blip2.models.decoder_step``), or None where the native kernel does not run. The
+        description is replaced whenever a packed tensor is: callers compare it at each use."""
+        if self.__dict__.get("_native") is None and not self._native_kernel():
+            return None
+        return _kernel_address(), self._description()
+
+    def _description(self) -> NativeLayer:
+        layer = self.__dict__.get("_native")
+        if layer is None:
+            layer = self.__dict__["_native"] = self._describe(require_native())
+            self.__dict__["_native_call"] = _bind(layer)
+        return layer
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         call = self.__dict__.get("_native_call")
         if call is not None and x.dtype == torch.float32 and x.is_cpu and x.shape[-1] == self.in_features:
@@ -342,12 +362,5 @@ class LowbitLinear(nn.Module):
         dtype, shape = x.dtype, x.shape
         x = x.reshape(-1, self.in_features)
         x = (x if x.dtype == torch.float32 else x.float()).contiguous()
-        if self._native_kernel():
-            layer = self.__dict__.get("_native")
-            if layer is None:
-                layer = self.__dict__["_native"] = self._describe(require_native())
-                self.__dict__["_native_call"] = _bind(layer)
-            y = run(layer, x)
-        else:
-            y = self._fallback(x)
+        y = run(self._description(), x) if self._native_kernel() else self._fallback(x)
         return y.view(*shape[:-1], self.out_features).to(dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import decoder_step
 from ..config import OPTConfig
 from ..layers import (
     MLP,
@@ -131,9 +132,11 @@ class OPT(nn.Module):
             x = self.project_in(x)
         x = x + self.embed_positions(positions + POSITION_OFFSET).to(x.dtype)
         mask = causal_mask(attention_mask, start, t)  # (B, 1, T, S)
-        for i, layer in enumerate(self.layers):
-            layer_cache = cache[i] if cache is not None else None
-            x = run_layer(self, layer, x, mask, layer_cache, start)
+        # a decode step runs every layer in one native call where it can (in place), else layer by layer
+        if not decoder_step.run(self, x, mask, cache, start):
+            for i, layer in enumerate(self.layers):
+                layer_cache = cache[i] if cache is not None else None
+                x = run_layer(self, layer, x, mask, layer_cache, start)
         if self.norm is not None:
             x = self.norm(x)
         if self.project_out is not None:

@@ -1,0 +1,170 @@
+/* One decode step of a whole OPT-style decoder in one call: every layer, for a few rows at one new
+ * position each.
+ *
+ * In PyTorch each layer of a decode step is ~40 operator and module calls around its six matrix
+ * products; with low-bit weights those calls take about a third of the step (~2 ms of ~6 at OPT-350m's
+ * shape). Here the caller describes the decoder once (each linear layer as a function and the argument
+ * it takes, e.g. blip2_lowbit_linear and its layer) and each step passes the rows, the caches and the
+ * mask. A layer, per row (LN = LayerNorm, attn = blip2_decode_attention):
+ *
+ *     pre-norm:   x = x + out(attn(LN1(x)));   x = x + fc2(relu(fc1(LN2(x))))
+ *     post-norm:  x = LN1(x + out(attn(x)));   x = LN2(x + fc2(relu(fc1(x))))
+ *
+ * attn writes the step's keys and values into the layer's cache at `position`, then the query (times
+ * q_scale, rounded as q * q_scale) attends to positions [0, position] where the mask allows. Every row
+ * goes through the same operations whatever the other rows, as in the kernels it calls.
+ *
+ * blip2.native compiles this file after decode_attention.c, as one unit, with that file's flags.
+ */
+
+/* A linear layer y (rows, out) = x (rows, in) W^T + b: returns 0, or what the kernel's error is. */
+typedef int (*LinearFn)(const void *layer, const float *x, long rows, float *y, int threads);
+
+typedef struct {
+    LinearFn run;
+    const void *layer;
+} Linear;
+
+typedef struct {
+    Linear q, k, v, out, fc1, fc2;
+    const float *norm1_weight, *norm1_bias, *norm2_weight, *norm2_bias; /* NULL: no affine part */
+} Block;
+
+typedef struct {
+    const Block *blocks;
+    long layers, hidden, heads, mlp, pre_norm;
+    double eps, q_scale;
+} Decoder;
+
+typedef struct {
+    float *x;                  /* (rows, hidden), updated in place */
+    float *const *caches;      /* 2 per layer, keys then values: (rows, heads, max_len, head_dim) */
+    const unsigned char *mask; /* (rows, position + 1) at mask_row elements per row: 1 = attend */
+    float *work;               /* (rows, 5 * hidden + mlp) */
+    long rows, max_len, position, mask_row, threads;
+} Step;
+
+/* y = (x - mean) / sqrt(var + eps) * weight + bias over one row of n (y may be x) */
+static void layer_norm(const float *x, const float *weight, const float *bias, long n, float eps, float *y)
+{
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (long d = 0; d < n; d++)
+        sum += x[d];
+    float mean = sum / (float)n, squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+    for (long d = 0; d < n; d++)
+        squares += (x[d] - mean) * (x[d] - mean);
+    float rstd = 1.0f / sqrtf(squares / (float)n + eps);
+    for (long d = 0; d < n; d++) {
+        float v = (x[d] - mean) * rstd;
+        y[d] = weight ? v * weight[d] + (bias ? bias[d] : 0.0f) : v;
+    }
+}
+
+static void layer_norm_rows(const float *x, const float *weight, const float *bias, long rows, long n, float eps,
+                            float *y)
+{
+    for (long r = 0; r < rows; r++)
+        layer_norm(x + r * n, weight, bias, n, eps, y + r * n);
+}
+
+static void add_into(float *x, const float *y, long n)
+{
+#pragma omp simd
+    for (long i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+static void relu(float *x, long n)
+{
+#pragma omp simd
+    for (long i = 0; i < n; i++)
+        x[i] = x[i] > 0.0f ? x[i] : 0.0f;
+}
+
+static int attend(const Decoder *d, const Step *s, long layer, const float *q, const float *k, const float *v,
+                  float *out)
+{
+    long hidden = d->hidden, heads = d->heads, head_dim = hidden / heads, length = s->position + 1;
+    long k_head = s->max_len * head_dim, k_batch = heads * k_head;
+    Call c = {0};
+    c.q = q;
+    c.new_k = k;
+    c.new_v = v;
+    c.k = s->caches[2 * layer];
+    c.v = s->caches[2 * layer + 1];
+    c.mask_bool = s->mask;
+    c.out = out;
+    c.batch = s->rows;
+    c.heads = heads;
+    c.length = length;
+    c.head_dim = head_dim;
+    c.strides = (Strides){hidden, head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
+                          s->mask_row, 0, 1, hidden, head_dim, hidden, head_dim};
+    c.out_batch = hidden;
+    c.out_head = head_dim;
+    c.scale = 1.0;
+    c.threads = s->threads;
+    c.write_at = s->position;
+    c.q_scale = d->q_scale;
+    c.q_scaled = 1;
+    return blip2_decode_attention(&c);
+}
+
+#define RUN(linear, x, y)                                                                \
+    do {                                                                                 \
+        int status_ = (linear).run((linear).layer, (x), rows, (y), (int)s->threads);     \
+        if (status_)                                                                     \
+            return status_;                                                              \
+    } while (0)
+
+static int block_step(const Decoder *d, const Step *s, long layer)
+{
+    const Block *b = d->blocks + layer;
+    long rows = s->rows, hidden = d->hidden, n = rows * hidden;
+    float eps = (float)d->eps;
+    float *x = s->x, *normed = s->work, *q = normed + n, *k = q + n, *v = k + n, *attended = v + n,
+          *mlp = attended + n;
+    const float *input = x;
+    if (d->pre_norm) {
+        layer_norm_rows(x, b->norm1_weight, b->norm1_bias, rows, hidden, eps, normed);
+        input = normed;
+    }
+    RUN(b->q, input, q);
+    RUN(b->k, input, k);
+    RUN(b->v, input, v);
+    int status = attend(d, s, layer, q, k, v, attended);
+    if (status)
+        return status;
+    RUN(b->out, attended, normed);
+    add_into(x, normed, n);
+    if (!d->pre_norm)
+        layer_norm_rows(x, b->norm1_weight, b->norm1_bias, rows, hidden, eps, x);
+    input = x;
+    if (d->pre_norm) {
+        layer_norm_rows(x, b->norm2_weight, b->norm2_bias, rows, hidden, eps, normed);
+        input = normed;
+    }
+    RUN(b->fc1, input, mlp);
+    relu(mlp, rows * d->mlp);
+    RUN(b->fc2, mlp, q); /* q is free again */
+    add_into(x, q, n);
+    if (!d->pre_norm)
+        layer_norm_rows(x, b->norm2_weight, b->norm2_bias, rows, hidden, eps, x);
+    return 0;
+}
+
+/* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
+int blip2_decoder_step(const Decoder *d, const Step *s)
+{
+    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->hidden % d->heads || d->mlp < 1 || s->rows < 1 ||
+        s->position < 0 || s->position >= s->max_len || s->mask_row < s->position + 1)
+        return -1;
+    for (long layer = 0; layer < d->layers; layer++) {
+        int status = block_step(d, s, layer);
+        if (status)
+            return status;
+    }
+    return 0;
+}

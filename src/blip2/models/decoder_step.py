@@ -1,0 +1,137 @@
+"""A decode step of an OPT decoder in one native call (``blip2.native.decoder_step``).
+
+Each layer of a decode step is ~40 PyTorch operator and module calls around its six matrix products;
+with int8 or int4 weights those calls take about a third of the step (~2 ms of ~6 ms at OPT-350m's
+shape). Where every linear layer of the decoder can be run from C (``native_linear()``: the low-bit
+layers of ``blip2.quantize`` on their native kernel), a float32 CPU decode step with a KV cache runs
+all its layers in one call of ``csrc/decoder_step.c`` instead. The products and the attention are the
+same kernels the layers call one by one; the layer norms, the ReLU and the residual adds are done in C
+(a layer norm's last bits differ from PyTorch's). Each row's result is its own, as in those kernels.
+
+The decoder's description (pointers to every layer's kernel description and norm weights) is made on
+first use and checked at the first step of each generation (a new KV cache) against the layers' current
+ones: a layer whose weights were replaced or moved since is described again, and a description never
+outlives the tensors it points at (it holds them).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import native
+from .layers import KVCache
+
+
+@dataclass
+class _Described:
+    """A decoder described for ``native.decoder_step``, with what it points at kept alive."""
+
+    decoder: native.StepDecoder | None  # None: this decoder cannot run natively
+    sources: list[tuple[nn.Module, object]] = field(default_factory=list)  # (linear, its description)
+    tensors: list[torch.Tensor] = field(default_factory=list)  # the norms' weights, at their pointers
+    pointers: list[int] = field(default_factory=list)
+    keep: list[object] = field(default_factory=list)  # the blocks array
+    cache: weakref.ref | None = None  # the first KV cache of the generation it was last checked for
+
+    def current(self) -> bool:
+        """Whether every layer still has the description and norm tensors this was made from."""
+        return all(linear.native_linear()[1] is layer for linear, layer in self.sources) and all(
+            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers, strict=True)
+        )
+
+
+_DESCRIBED: weakref.WeakKeyDictionary[nn.Module, _Described] = weakref.WeakKeyDictionary()
+
+
+def _linears(block: nn.Module) -> list[nn.Module]:
+    attn, mlp = block.attn, block.mlp
+    return [attn.q, attn.k, attn.v, attn.out, mlp.fc1, mlp.fc2]
+
+
+def _describe(model: nn.Module) -> _Described:
+    """``model`` (an OPT) described, or ``_Described(None)`` where a layer cannot run natively."""
+    cfg = model.cfg
+    blocks = list(model.layers)
+    if cfg.activation != "relu" or not all(block.attn.fast_kernels for block in blocks):
+        return _Described(None)
+    described = _Described(None)
+    array = (native.StepBlock * len(blocks))()
+    for block, entry in zip(blocks, array, strict=True):
+        for name, linear in zip(native.BLOCK_LINEARS, _linears(block), strict=True):
+            reference = getattr(linear, "native_linear", lambda: None)()
+            if reference is None:
+                return _Described(None)
+            address, layer = reference
+            setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
+            described.sources.append((linear, layer))
+        for i, norm in ((1, block.norm1), (2, block.norm2)):
+            for part in ("weight", "bias"):
+                tensor = getattr(norm, part)
+                if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
+                    return _Described(None)
+                if tensor is not None:
+                    described.tensors.append(tensor)
+                    described.pointers.append(tensor.data_ptr())
+                setattr(entry, f"norm{i}_{part}", None if tensor is None else tensor.data_ptr())
+    eps = {block.norm1.eps for block in blocks} | {block.norm2.eps for block in blocks}
+    if len(eps) != 1:
+        return _Described(None)
+    described.decoder = native.StepDecoder(
+        ctypes.addressof(array),
+        len(blocks),
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.mlp_size,
+        bool(cfg.pre_norm),
+        eps.pop(),
+        blocks[0].attn.scale,
+    )
+    described.keep.append(array)
+    return described
+
+
+def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCache] | None, start) -> bool:
+    """Runs every layer of ``model`` (an OPT) over ``x`` (B, 1, D), in place, for a decode step at
+    position ``start`` and says True; False where the native step does not apply (the caller then runs
+    the layers; nothing was changed).
+
+    ``mask``: the step's boolean (B, 1, 1, start + 1) causal mask.
+    """
+    if (
+        cache is None
+        or not isinstance(start, int)
+        or x.shape[1] != 1
+        or torch.is_grad_enabled()
+        or x.dtype != torch.float32
+        or not x.is_cpu
+        or not x.is_contiguous()
+        or mask.shape != (x.shape[0], 1, 1, start + 1)
+        or (kernel := native.decoder_step_kernel()) is None
+    ):
+        return False
+    described = _DESCRIBED.get(model)
+    if described is None or described.cache is None or described.cache() is not cache[0]:
+        # the first step of a generation: (re)describe the decoder if any layer changed since
+        if described is None or described.decoder is None or not described.current():
+            described = _DESCRIBED[model] = _describe(model)
+        described.cache = weakref.ref(cache[0])
+    if described.decoder is None:
+        return False
+    rows = x.shape[0]
+    try:
+        native.decoder_step(
+            kernel,
+            described.decoder,
+            x.view(rows, -1),
+            [(c.k, c.v) for c in cache],
+            mask.view(rows, -1),
+            start,
+        )
+    except ValueError:  # what it does not take (a full cache, say): the layers say why
+        return False
+    return True
