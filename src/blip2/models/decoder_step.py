@@ -10,8 +10,9 @@ same kernels the layers call one by one; the layer norms, the ReLU and the resid
 
 The decoder's description (pointers to every layer's kernel description and norm weights) is made on
 first use and checked at the first step of each generation (a new KV cache) against the layers' current
-ones: a layer whose weights were replaced or moved since is described again, and a description never
-outlives the tensors it points at (it holds them).
+ones: a layer whose weights were replaced or moved since is described again. A description holds every
+tensor it points at, so a step can never read freed memory (weights replaced in the middle of a
+generation are seen from its next one).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class _Described:
     sources: list[tuple[nn.Module, object]] = field(default_factory=list)  # (linear, its description)
     tensors: list[torch.Tensor] = field(default_factory=list)  # the norms' weights, at their pointers
     pointers: list[int] = field(default_factory=list)
-    keep: list[object] = field(default_factory=list)  # the blocks array
+    keep: list[object] = field(default_factory=list)  # the blocks array, the linear layers' tensors
     cache: weakref.ref | None = None  # the first KV cache of the generation it was last checked for
 
     def current(self) -> bool:
@@ -66,9 +67,10 @@ def _describe(model: nn.Module) -> _Described:
             reference = getattr(linear, "native_linear", lambda: None)()
             if reference is None:
                 return _Described(None)
-            address, layer = reference
+            address, layer, tensors = reference
             setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
             described.sources.append((linear, layer))
+            described.keep.extend(tensors)
         for i, norm in ((1, block.norm1), (2, block.norm2)):
             for part in ("weight", "bias"):
                 tensor = getattr(norm, part)

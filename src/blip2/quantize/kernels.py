@@ -338,13 +338,19 @@ class LowbitLinear(nn.Module):
     def _native_kernel(self) -> bool:
         return self.kernel == "native" or (self.kernel is None and native_kind() is not None)
 
-    def native_linear(self) -> tuple[int, NativeLayer] | None:
-        """``(address of blip2_lowbit_linear, this layer's description)`` for native code that runs the
-        layer itself (``blip2.models.decoder_step``), or None where the native kernel does not run. The
-        description is replaced whenever a packed tensor is: callers compare it at each use."""
+    def native_linear(self) -> tuple[int, NativeLayer, tuple[torch.Tensor, ...]] | None:
+        """``(address of blip2_lowbit_linear, this layer's description, the tensors it points at)`` for
+        native code that runs the layer itself (``blip2.models.decoder_step``; it holds the tensors while
+        it keeps the description), or None where the native kernel does not run. The description is
+        replaced whenever a packed tensor is: callers compare it before use."""
         if self.__dict__.get("_native") is None and not self._native_kernel():
             return None
-        return _kernel_address(), self._description()
+        layer = self._description()
+        return (
+            _kernel_address(),
+            layer,
+            tuple(t for name in self.PACKED if (t := getattr(self, name)) is not None),
+        )
 
     def _description(self) -> NativeLayer:
         layer = self.__dict__.get("_native")
