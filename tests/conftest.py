@@ -90,6 +90,25 @@ def reset_kernel_choice() -> None:
     layers.float32_kernel.cache_clear()
 
 
+def kernel_of_kind(kind: str, monkeypatch, load, what: str):
+    """For a fixture over the native kinds: ``load()`` (a native kernel loader) with the process switched
+    to ``kind``, skipped where the CPU lacks it; the process's own choice comes back after. Where a C
+    compiler exists, a kernel that fails to build or its self-check is a failure, not a skip."""
+    from blip2 import native
+
+    if (reason := native._unsupported_reason(kind)) is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv("BLIP2_NATIVE", kind)
+    reset_kernel_choice()
+    built = load()
+    if built is None and native._compiler() is None:
+        pytest.skip(f"no native {kind} {what} here: no C compiler")
+    assert built is not None, f"the {kind} {what} failed to build or its self-check (see the log)"
+    assert native.kernel_kind() == kind
+    yield built
+    reset_kernel_choice()
+
+
 @pytest.fixture(params=["avx2", "avx512"])
 def native_kind(request, monkeypatch) -> str:
     """Linear layers on the native kernel of each kind the CPU has, for one test; the process's own

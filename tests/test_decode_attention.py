@@ -9,24 +9,16 @@ import torch
 import blip2
 from blip2 import native
 from blip2.models import layers
-from conftest import reset_kernel_choice
+from conftest import kernel_of_kind, reset_kernel_choice
 from factory import make_images
 
 
 @pytest.fixture(params=["avx2", "avx512"])
 def kernel(request, monkeypatch):
     """The kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    kind = request.param
-    if (reason := native._unsupported_reason(kind)) is not None:
-        pytest.skip(reason)
-    monkeypatch.setenv("BLIP2_NATIVE", kind)
-    reset_kernel_choice()
-    built = native.decode_attention_kernel()
-    if built is None:
-        pytest.skip(f"no native {kind} decode attention kernel here (no C compiler?)")
-    assert native.kernel_kind() == kind
-    yield built
-    reset_kernel_choice()
+    yield from kernel_of_kind(
+        request.param, monkeypatch, native.decode_attention_kernel, "decode attention kernel"
+    )
 
 
 def _inputs(batch, heads, length, head_dim, seed):

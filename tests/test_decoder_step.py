@@ -16,7 +16,7 @@ from blip2.models.config import OPTConfig
 from blip2.models.language.opt import OPT
 from blip2.models.layers import Linear, normal_init_
 from blip2.quantize import Int4Linear, Int8Linear, kernels
-from conftest import reset_kernel_choice
+from conftest import kernel_of_kind
 from factory import make_images
 
 needs_lowbit = pytest.mark.skipif(kernels.native_kind() is None, reason="no native low-bit kernel here")
@@ -25,17 +25,7 @@ needs_lowbit = pytest.mark.skipif(kernels.native_kind() is None, reason="no nati
 @pytest.fixture(params=["avx2", "avx512"])
 def kernel(request, monkeypatch):
     """The step kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    kind = request.param
-    if (reason := native._unsupported_reason(kind)) is not None:
-        pytest.skip(reason)
-    monkeypatch.setenv("BLIP2_NATIVE", kind)
-    reset_kernel_choice()
-    built = native.decoder_step_kernel()
-    if built is None and native._compiler() is None:
-        pytest.skip(f"no native {kind} decoder step here: no C compiler")
-    assert built is not None, f"the {kind} decoder step failed to build or its self-check (see the log)"
-    yield built
-    reset_kernel_choice()
+    yield from kernel_of_kind(request.param, monkeypatch, native.decoder_step_kernel, "decoder step")
 
 
 @pytest.fixture
