@@ -167,13 +167,31 @@ def test_opt_row_alone_equals_its_row_in_a_batch(kernel, step_calls, method):
     assert step_calls and set(step_calls) == {5, 1}
 
 
+def _replace_bias(lm: OPT) -> None:
+    q = lm.layers[1].attn.q
+    q.bias = q.bias + 1.0  # a new tensor: the layer's description is made again
+
+
+def _replace_layer(lm: OPT) -> None:
+    fc1 = lm.layers[2].mlp.fc1
+    torch.manual_seed(9)
+    lm.layers[2].mlp.fc1 = Int8Linear.from_linear(
+        Linear(fc1.in_features, fc1.out_features).requires_grad_(False)
+    )
+
+
+def _replace_norm(lm: OPT) -> None:
+    norm = lm.layers[0].norm2
+    norm.weight = torch.nn.Parameter(norm.weight.detach() * 2.0)
+
+
 @needs_lowbit
-def test_replaced_weights_are_described_again(step_calls, monkeypatch):
+@pytest.mark.parametrize("replace", [_replace_bias, _replace_layer, _replace_norm])
+def test_replaced_weights_are_described_again(step_calls, monkeypatch, replace):
     lm = _quantized_opt(True, "int8", seed=5)
     embeds, mask, tokens = _inputs(lm)
     before = _steps(lm, embeds, mask, tokens)
-    q = lm.layers[1].attn.q
-    q.bias = q.bias + 1.0  # a new tensor: the layer's description is made again, so is the decoder's
+    replace(lm)
     after = _steps(lm, embeds, mask, tokens)
     assert len(step_calls) == 2 * tokens.shape[1]
     assert not torch.allclose(before, after)

@@ -9,8 +9,8 @@ same kernels the layers call one by one; the layer norms, the ReLU and the resid
 (a layer norm's last bits differ from PyTorch's). Each row's result is its own, as in those kernels.
 
 The decoder's description (pointers to every layer's kernel description and norm weights) is made on
-first use and checked at the first step of each generation (a new KV cache) against the layers' current
-ones: a layer whose weights were replaced or moved since is described again. A description holds every
+first use and checked at the first step of each generation (a new KV cache) against the model's current
+layers: where a layer, its weights or a norm's weights were replaced or moved since, it is made again. A description holds every
 tensor it points at, so a step can never read freed memory (weights replaced in the middle of a
 generation are seen from its next one).
 """
@@ -30,59 +30,68 @@ from .layers import KVCache
 
 @dataclass
 class _Described:
-    """A decoder described for ``native.decoder_step``, with what it points at kept alive."""
+    """A decoder described for ``native.decoder_step`` (None: it cannot run natively), what it points at
+    kept alive, and the key of the layers it was made from (:func:`_key`)."""
 
-    decoder: native.StepDecoder | None  # None: this decoder cannot run natively
-    sources: list[tuple[nn.Module, object]] = field(default_factory=list)  # (linear, its description)
-    tensors: list[torch.Tensor] = field(default_factory=list)  # the norms' weights, at their pointers
-    pointers: list[int] = field(default_factory=list)
-    keep: list[object] = field(default_factory=list)  # the blocks array, the linear layers' tensors
+    decoder: native.StepDecoder | None
+    key: tuple
+    keep: list[object] = field(default_factory=list)  # the blocks array, the tensors it points at
     cache: weakref.ref | None = None  # the first KV cache of the generation it was last checked for
-
-    def current(self) -> bool:
-        """Whether every layer still has the description and norm tensors this was made from."""
-        return all(linear.native_linear()[1] is layer for linear, layer in self.sources) and all(
-            t.data_ptr() == p for t, p in zip(self.tensors, self.pointers, strict=True)
-        )
 
 
 _DESCRIBED: weakref.WeakKeyDictionary[nn.Module, _Described] = weakref.WeakKeyDictionary()
 
 
-def _linears(block: nn.Module) -> list[nn.Module]:
-    attn, mlp = block.attn, block.mlp
-    return [attn.q, attn.k, attn.v, attn.out, mlp.fc1, mlp.fc2]
+def _parts(model: nn.Module) -> list[tuple[list, list[torch.Tensor | None]]]:
+    """Per block of ``model`` (an OPT): its six linear layers' ``native_linear()`` (None where a layer
+    has none) and its norms' weight and bias (None where absent), in ``native.BLOCK_LINEARS`` and
+    ``native.BLOCK_NORMS`` order."""
+    parts = []
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        linears = [
+            getattr(m, "native_linear", lambda: None)()
+            for m in (attn.q, attn.k, attn.v, attn.out, mlp.fc1, mlp.fc2)
+        ]
+        norms = [getattr(norm, part) for norm in (block.norm1, block.norm2) for part in ("weight", "bias")]
+        parts.append((linears, norms))
+    return parts
 
 
-def _describe(model: nn.Module) -> _Described:
-    """``model`` (an OPT) described, or ``_Described(None)`` where a layer cannot run natively."""
+def _key(model: nn.Module, parts: list[tuple[list, list[torch.Tensor | None]]]) -> tuple:
+    """What a description depends on: the attention kind, every linear layer's description (by identity)
+    and every norm tensor's storage."""
+    return (
+        tuple(block.attn.fast_kernels for block in model.layers),
+        tuple(None if ref is None else ref[1] for linears, _ in parts for ref in linears),
+        tuple(None if t is None else (t.data_ptr(), t.dtype) for _, norms in parts for t in norms),
+    )
+
+
+def _describe(
+    model: nn.Module, parts: list[tuple[list, list[torch.Tensor | None]]], key: tuple
+) -> _Described:
+    """``model`` (an OPT) described from its ``parts``, or ``_Described(None, key)`` where a layer cannot
+    run natively."""
     cfg = model.cfg
     blocks = list(model.layers)
-    if cfg.activation != "relu" or not all(block.attn.fast_kernels for block in blocks):
-        return _Described(None)
-    described = _Described(None)
+    eps = {block.norm1.eps for block in blocks} | {block.norm2.eps for block in blocks}
+    if cfg.activation != "relu" or not all(block.attn.fast_kernels for block in blocks) or len(eps) != 1:
+        return _Described(None, key)
+    described = _Described(None, key)
     array = (native.StepBlock * len(blocks))()
-    for block, entry in zip(blocks, array, strict=True):
-        for name, linear in zip(native.BLOCK_LINEARS, _linears(block), strict=True):
-            reference = getattr(linear, "native_linear", lambda: None)()
+    for (linears, norms), entry in zip(parts, array, strict=True):
+        for name, reference in zip(native.BLOCK_LINEARS, linears, strict=True):
             if reference is None:
-                return _Described(None)
+                return _Described(None, key)
             address, layer, tensors = reference
             setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
-            described.sources.append((linear, layer))
-            described.keep.extend(tensors)
-        for i, norm in ((1, block.norm1), (2, block.norm2)):
-            for part in ("weight", "bias"):
-                tensor = getattr(norm, part)
-                if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
-                    return _Described(None)
-                if tensor is not None:
-                    described.tensors.append(tensor)
-                    described.pointers.append(tensor.data_ptr())
-                setattr(entry, f"norm{i}_{part}", None if tensor is None else tensor.data_ptr())
-    eps = {block.norm1.eps for block in blocks} | {block.norm2.eps for block in blocks}
-    if len(eps) != 1:
-        return _Described(None)
+            described.keep.extend((layer, *tensors))
+        for name, tensor in zip(native.BLOCK_NORMS, norms, strict=True):
+            if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
+                return _Described(None, key)
+            setattr(entry, name, None if tensor is None else tensor.data_ptr())
+            described.keep.append(tensor)
     described.decoder = native.StepDecoder(
         ctypes.addressof(array),
         len(blocks),
@@ -119,8 +128,10 @@ def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCac
     described = _DESCRIBED.get(model)
     if described is None or described.cache is None or described.cache() is not cache[0]:
         # the first step of a generation: (re)describe the decoder if any layer changed since
-        if described is None or described.decoder is None or not described.current():
-            described = _DESCRIBED[model] = _describe(model)
+        parts = _parts(model)
+        key = _key(model, parts)
+        if described is None or described.key != key:
+            described = _DESCRIBED[model] = _describe(model, parts, key)
         described.cache = weakref.ref(cache[0])
     if described.decoder is None:
         return False
