@@ -17,23 +17,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
-from pathlib import Path
 
-from run import Ours, save_results, saved_dir
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+from run import Ours, best_of, save_results, saved_dir  # (run puts tests/ on sys.path)
 
 
 def timed(fn, repeat: int) -> float:
     """The best of ``repeat`` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_of(fn, repeat, warmup=0)[0]
 
 
 def main() -> None:
