@@ -99,7 +99,10 @@ def _layers(in_features: int, out_features: int, bias: bool, group: int):
 @needs_native
 @pytest.mark.parametrize("kind", NATIVE_KINDS or [0])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 70])
-@pytest.mark.parametrize("in_features,out_features,group", [(40, 3, 128), (256, 33, 128), (300, 17, 256)])
+# (512, 130): several whole 4 x 4 tiles of 64 outputs and a 1-block edge, split between threads
+@pytest.mark.parametrize(
+    "in_features,out_features,group", [(40, 3, 128), (256, 33, 128), (300, 17, 256), (512, 130, 256)]
+)
 @pytest.mark.parametrize("bias", [True, False])
 def test_native_matches_pytorch_arithmetic(kind, rows, in_features, out_features, group, bias):
     _, l8, l4 = _layers(in_features, out_features, bias, group)
@@ -120,7 +123,7 @@ def test_native_matches_pytorch_arithmetic(kind, rows, in_features, out_features
 def test_native_row_alone_equals_row_in_batch(kind, threads):
     """Every row count takes the same per-row arithmetic (tiles of 4 or 2 rows, single rows, one block per
     tile below 8 rows and four from 8 on (AVX-512), chunks of 64)."""
-    _, l8, l4 = _layers(384, 37, True, 128)
+    _, l8, l4 = _layers(384, 137, True, 128)
     x = torch.randn(70, 384)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -128,7 +131,7 @@ def test_native_row_alone_equals_row_in_batch(kind, threads):
         runs = {
             "int8": lambda x: kernels.int8_linear(x, l8.qweight, l8.scale, l8.bias, 384, kind),
             "int4": lambda x: kernels.int4_linear(
-                x, l4.qweight, l4.scales, l4.mins, l4.bias, 384, 37, 128, kind
+                x, l4.qweight, l4.scales, l4.mins, l4.bias, 384, 137, 128, kind
             ),
         }
         for name, run in runs.items():
