@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import keep_freed_memory
 from .chat import (
     INSTRUCT_CAPTION_PROMPT,
     INSTRUCT_QUESTION_TEMPLATE,
@@ -454,6 +455,8 @@ def load(
             if hasattr(module, "fast_kernels"):  # the linear layers, and attention's decode steps
                 module.fast_kernels = False
     device = _place(model, device, bits, kernel, group_size, max_memory)
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        keep_freed_memory()  # after loading: its own temporaries are given back
     processor = _load_processor(folder, cfg)
     log.info("loaded %s in %.1f s", folder, time.perf_counter() - t0)
     pipe = Pipeline(model, processor, folder, device)
