@@ -87,6 +87,7 @@ def reset_kernel_choice() -> None:
     native.skinny_linear_kernel.cache_clear()
     native.decode_attention_kernel.cache_clear()
     native.decoder_step_kernel.cache_clear()
+    native.encoder_attention_kernel.cache_clear()
     layers.float32_kernel.cache_clear()
 
 

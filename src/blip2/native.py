@@ -735,3 +735,80 @@ def decoder_step_kernel(kind: str | None = None):
         _bind_decoder_step,
         _decoder_step_self_check,
     )
+
+
+# ---- the image encoder's attention kernel (csrc/encoder_attention.c; used by blip2.models.vision) -------
+
+ENCODER_ATTENTION_SOURCE = "encoder_attention.c"
+
+
+def _bind_encoder_attention(library: ctypes.CDLL):
+    kernel = library.blip2_encoder_attention
+    c_long, p = ctypes.c_long, ctypes.c_void_p
+    # (qkv, batch, length, heads, head_dim, scale, out, threads)
+    kernel.argtypes = [p, c_long, c_long, c_long, c_long, ctypes.c_float, p, ctypes.c_int]
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def _encoder_attention_self_check(kernel) -> bool:
+    """The built kernel against :func:`reference_attention`, and an image alone against it in a batch,
+    on shapes with every kind of tile edge (tokens and head_dim past a whole number of vectors)."""
+    generator = torch.Generator().manual_seed(0)
+    for batch, length, heads, head_dim in [(1, 1, 1, 1), (2, 9, 3, 13), (3, 37, 2, 40)]:
+        qkv = torch.randn(batch, length, 3 * heads * head_dim, generator=generator)
+        q, k, v = qkv.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        want = reference_attention(q, k, v, None, None).transpose(1, 2).reshape(batch, length, -1)
+        got = encoder_attention(qkv, heads, None, kernel)
+        if not torch.allclose(got, want, rtol=1e-5, atol=1e-5):
+            return False
+        if not torch.equal(encoder_attention(qkv[-1:], heads, None, kernel), got[-1:]):
+            return False
+    return True
+
+
+@functools.cache
+def encoder_attention_kernel(kind: str | None = None):
+    """The compiled ``blip2_encoder_attention`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once)."""
+    return _load_kind(
+        kind or kernel_kind(),
+        ENCODER_ATTENTION_SOURCE,
+        "encoder_attention",
+        ATTENTION_FLAGS,
+        "encoder attention kernel",
+        _bind_encoder_attention,
+        _encoder_attention_self_check,
+    )
+
+
+def encoder_attention(qkv: torch.Tensor, heads: int, scale: float | None = None, kernel=None) -> torch.Tensor:
+    """Unmasked self-attention of every token over every token, from a fused q/k/v projection's output:
+    float32 CPU ``qkv`` (B, N, 3 * H * Dh), laid out (3, H, Dh) per token -> (B, N, H * Dh), the heads
+    merged. ``scale`` None: 1/sqrt(Dh). Each (image, head) is computed alone, in a fixed order. Anything
+    else is refused with ValueError: the kernel is handed raw pointers."""
+    kernel = kernel or encoder_attention_kernel()
+    if (
+        qkv.dim() != 3
+        or qkv.dtype != torch.float32
+        or not qkv.is_cpu
+        or heads <= 0
+        or qkv.shape[1] == 0
+        or qkv.shape[2] == 0
+        or qkv.shape[2] % (3 * heads)
+    ):
+        raise ValueError(
+            f"encoder_attention takes a float32 CPU (B, N, 3 * heads * head_dim) qkv, got "
+            f"{tuple(qkv.shape)} {qkv.dtype} on {qkv.device} for {heads} heads"
+        )
+    batch, length, width3 = qkv.shape
+    head_dim = width3 // (3 * heads)
+    qkv = qkv.contiguous()
+    out = torch.empty(batch, length, heads * head_dim)
+    scale = head_dim**-0.5 if scale is None else scale
+    status = kernel(
+        qkv.data_ptr(), batch, length, heads, head_dim, scale, out.data_ptr(), torch.get_num_threads()
+    )
+    if status != 0:
+        raise ValueError(f"encoder_attention: the kernel refused {tuple(qkv.shape)} (status {status})")
+    return out

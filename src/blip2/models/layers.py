@@ -300,11 +300,30 @@ def _one_query_attention(
     return native.reference_attention(q, k, v, mask, scale)
 
 
+def encoder_self_attention(qkv: torch.Tensor, heads: int) -> torch.Tensor | None:
+    """Unmasked self-attention from a fused q/k/v projection's output (B, N, 3 * heads * Dh), the heads
+    merged (B, N, heads * Dh), on the native kernel (``blip2.native.encoder_attention``): None where it
+    does not run (not float32 on the CPU, a gradient wanted, no kernel built); callers then take
+    :func:`attention`."""
+    if qkv.dtype != torch.float32 or qkv.device.type != "cpu" or _gradient_wanted(qkv):
+        return None
+    kernel = native.encoder_attention_kernel()
+    if kernel is None:
+        return None
+    try:
+        return native.encoder_attention(qkv, heads, None, kernel)
+    except ValueError:  # shapes it does not take: the general path
+        return None
+
+
+def _gradient_wanted(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records these tensors' use (the native kernels compute no gradient)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _decode_attention_kernel(*tensors: torch.Tensor):
     """The native decode-attention kernel where it is built and no gradient is wanted, else None."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    return native.decode_attention_kernel()
+    return None if _gradient_wanted(*tensors) else native.decode_attention_kernel()
 
 
 def padding_mask(key_mask: torch.Tensor) -> torch.Tensor:
