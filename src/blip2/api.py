@@ -456,7 +456,7 @@ def load(
                 module.fast_kernels = False
     device = _place(model, device, bits, kernel, group_size, max_memory)
     if any(p.device.type == "cpu" for p in model.parameters()):
-        keep_freed_memory()  # after loading: its own temporaries are given back
+        keep_freed_memory()  # from here on; what loading freed has gone back already
     processor = _load_processor(folder, cfg)
     log.info("loaded %s in %.1f s", folder, time.perf_counter() - t0)
     pipe = Pipeline(model, processor, folder, device)
