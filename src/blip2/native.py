@@ -739,7 +739,8 @@ def decoder_step_kernel(kind: str | None = None):
 
 # ---- the image encoder's attention kernel (csrc/encoder_attention.c; used by blip2.models.vision) -------
 
-ENCODER_ATTENTION_SOURCE = "encoder_attention.c"
+# compiled after decode_attention.c, as one unit: it takes that file's vector layer
+ENCODER_ATTENTION_SOURCES = (ATTENTION_SOURCE, "encoder_attention.c")
 
 
 def _bind_encoder_attention(library: ctypes.CDLL):
@@ -773,7 +774,7 @@ def encoder_attention_kernel(kind: str | None = None):
     cannot be had (logged once)."""
     return _load_kind(
         kind or kernel_kind(),
-        ENCODER_ATTENTION_SOURCE,
+        ENCODER_ATTENTION_SOURCES,
         "encoder_attention",
         ATTENTION_FLAGS,
         "encoder attention kernel",

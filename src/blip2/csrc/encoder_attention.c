@@ -13,52 +13,30 @@
  * ascending, one FMA each, then times 1 / sum), so an image's result is the same bits alone or in any
  * batch, on any thread count.
  *
- * Built by blip2.native either with -mavx2 -mfma (8 lanes) or with -mavx512f (16 lanes).
+ * Built by blip2.native after decode_attention.c, as one unit: either with -mavx2 -mfma (8 lanes) or with
+ * -mavx512f (16 lanes).
  */
-#include <immintrin.h>
-#include <omp.h>
-#include <stdlib.h>
-#include <string.h>
+/* The vector type and its operations (vec, LANES, vzero, vset1, vload, vstore, vfma, reduce) are
+ * decode_attention.c's: blip2.native compiles this file after it, as one unit, with its flags. */
 
 #ifdef __AVX512F__
-#define LANES 16
 #define SCORE_VECTORS 4 /* a score tile: 4 queries x 4 vectors of keys (16 accumulators) */
 #define VALUE_VECTORS 4 /* an output tile: 4 queries x 4 vectors of head_dim */
-typedef __m512 vec;
-typedef __m512i ivec;
-#define vzero() _mm512_setzero_ps()
-#define vset1(x) _mm512_set1_ps(x)
-#define vload(p) _mm512_loadu_ps(p)
-#define vstore(p, v) _mm512_storeu_ps(p, v)
-#define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define vmul(a, b) _mm512_mul_ps(a, b)
 #define vadd(a, b) _mm512_add_ps(a, b)
 #define vsub(a, b) _mm512_sub_ps(a, b)
 #define vmax(a, b) _mm512_max_ps(a, b)
-#define vmin(a, b) _mm512_min_ps(a, b)
 #define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vcvt(x) _mm512_cvtps_epi32(x)
 #define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23))
 static inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
-static inline __m256 halve(vec v) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
 #else
-#define LANES 8
 #define SCORE_VECTORS 2 /* 16 registers: 4 x 2 accumulators */
 #define VALUE_VECTORS 2
-typedef __m256 vec;
-typedef __m256i ivec;
-#define vzero() _mm256_setzero_ps()
-#define vset1(x) _mm256_set1_ps(x)
-#define vload(p) _mm256_loadu_ps(p)
-#define vstore(p, v) _mm256_storeu_ps(p, v)
-#define vfma(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define vmul(a, b) _mm256_mul_ps(a, b)
 #define vadd(a, b) _mm256_add_ps(a, b)
 #define vsub(a, b) _mm256_sub_ps(a, b)
 #define vmax(a, b) _mm256_max_ps(a, b)
-#define vmin(a, b) _mm256_min_ps(a, b)
 #define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define vcvt(x) _mm256_cvtps_epi32(x)
 #define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23))
@@ -68,19 +46,9 @@ static inline float hmax(vec v) {
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
 }
-static inline __m256 halve(vec v) { return v; }
 #endif
 
 #define ROWS 4 /* queries per tile */
-
-/* The lane sum by one tree: l + LANES/2, then l + 4, l + 2, l + 1. */
-static inline float hsum(vec v) {
-    __m256 h = halve(v);
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln(2) / 2, e^r by its degree-6
  * Taylor polynomial (relative error < 2e-7); below -87.3 the result is 0, as expf's underflow. */
@@ -183,12 +151,12 @@ static inline float softmax_row(float *row, long length, long padded) {
         vstore(row + t, e);
         sum = vadd(sum, e);
     }
-    return 1.0f / hsum(sum);
+    return 1.0f / reduce(sum);
 }
 
 /* One (image, head) pair. scratch: keys_t (head_dim x padded), values (length x padded_dim), scores
  * (ROWS x padded). */
-static void one_pair(const float *qkv, long length, long heads, long head_dim, float scale, long b, long h,
+static void encoder_pair(const float *qkv, long length, long heads, long head_dim, float scale, long b, long h,
                      float *out, float *scratch) {
     const long padded = (length + LANES - 1) / LANES * LANES;
     const long padded_dim = (head_dim + LANES - 1) / LANES * LANES;
@@ -245,7 +213,7 @@ int blip2_encoder_attention(const float *qkv, long batch, long length, long head
 #pragma omp for schedule(static)
         for (long p = 0; p < pairs; p++)
             if (scratch)
-                one_pair(qkv, length, heads, head_dim, scale, p / heads, p % heads, out, scratch);
+                encoder_pair(qkv, length, heads, head_dim, scale, p / heads, p % heads, out, scratch);
         free(scratch);
     }
     return failed ? -2 : 0;
