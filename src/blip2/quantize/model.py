@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 METHODS = ("int8", "int4")
 QUANTIZED_PARTS = ("vision", "qformer", "language_model")
 # int4 where it pays (bench/README.md): the language model, whose decode steps are bound by reading its
-# weights (half the bytes), and the image encoder (half the memory -- 0.5 GB less for ViT-g -- at about
-# int8's speed: both kernels are bound by vpdpbusd there; the demo model scores alike). The Q-Former stays
-# int8: small, and int4 there costs the most in logits.
+# weights (half the bytes), and the image encoder (half the memory -- 0.5 GB less for ViT-g -- for 5-10 %
+# more time than int8: both kernels are bound by vpdpbusd there, and int4's also unpacks nibbles; the demo
+# model scores alike). The Q-Former stays int8: small, and int4 there costs the most in logits.
 INT4_PARTS = ("vision", "language_model")
 QuantizedLinear = Int8Linear | Int4Linear
 
