@@ -83,12 +83,14 @@ def reset_kernel_choice() -> None:
     """Forget the process's float32 kernel choice (and built kernels): the next use decides again."""
     from blip2 import native
     from blip2.models import layers
+    from blip2.quantize import int4
 
     native.skinny_linear_kernel.cache_clear()
     native.decode_attention_kernel.cache_clear()
     native.decoder_step_kernel.cache_clear()
     native.encoder_attention_kernel.cache_clear()
     layers.float32_kernel.cache_clear()
+    int4.native_fit_kernel.cache_clear()
 
 
 def kernel_of_kind(kind: str, monkeypatch, load, what: str):

@@ -48,8 +48,20 @@ def test_int8_blocked_layout():
     assert torch.equal(kernels.unblock_int8(packed)[:37, :200], q)
 
 
+@pytest.fixture(params=["native", "pytorch"])
+def int4_fit(request, monkeypatch):
+    """pack_int4 with the native fit (csrc/lowbit_linear.c), then with PyTorch's."""
+    from blip2.quantize import int4
+
+    if request.param == "native" and int4.native_fit_kernel() is None:
+        pytest.skip("no native int4 fit here (no C compiler?)")
+    if request.param == "pytorch":
+        monkeypatch.setattr(int4, "native_fit_kernel", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("in_features,group", [(96, 128), (256, 128), (300, 256), (128, 128)])
-def test_pack_int4_round_trip(in_features, group):
+def test_pack_int4_round_trip(in_features, group, int4_fit):
     w = torch.randn(33, in_features) * 0.1
     w[0, :10] = 3.0  # a group with an outlier
     qweight, scales, mins = pack_int4(w, group)
@@ -77,6 +89,39 @@ def test_pack_int4_round_trip(in_features, group):
             (deq - w).abs()
             <= 0.2 * (high - low).repeat_interleave(group, 1).squeeze(-1)[:, :in_features].view(33, -1)
         ).all()
+    )
+
+
+@pytest.mark.parametrize("in_features,group", [(300, 128), (1024, 128), (520, 256)])
+def test_native_int4_fit_agrees_with_pytorchs(in_features, group):
+    """The same steps in C: nearly every group gets the same scale, minimum and q; the rest (sums in
+    another order can move a least-squares refit by one float16 step) cost no more error overall."""
+    from blip2.quantize import int4
+
+    fit = int4.native_fit_kernel()
+    if fit is None:
+        pytest.skip("no native int4 fit here (no C compiler?)")
+    generator = torch.Generator().manual_seed(in_features)
+    rows = [
+        torch.randn(96, in_features, generator=generator) * 0.02,
+        torch.rand(32, in_features, generator=generator) - 0.3,
+        torch.distributions.StudentT(2.0).sample((32, in_features)),  # heavy tails: outliers
+        torch.full((2, in_features), 0.25),  # constant: scale 0
+        torch.zeros(2, in_features),
+    ]
+    w = torch.cat(rows)
+    padded = kernels.padded_width(in_features, group)
+    grouped = F.pad(w, (0, padded - in_features)).view(w.shape[0], -1, group)
+    want = int4._fit(grouped, (torch.arange(padded) < in_features).view(-1, group))
+    got = int4._native_fit(w, padded, group, fit)
+    assert got[0].max() <= 15 and got[1].dtype == got[2].dtype == torch.float16
+    same = (got[1] == want[1]) & (got[2] == want[2])
+    assert same.float().mean() >= 0.97
+    assert torch.equal(got[0].view(w.shape[0], -1, group)[same], want[0][same].to(torch.uint8))
+    error, wanted = (int4._rounded(grouped, s, m)[1] for s, m in (got[1:], want[1:]))
+    assert error.sum() <= wanted.sum() * 1.001
+    assert torch.equal(
+        got[0].view(w.shape[0], -1, group)[-4:], torch.zeros(4, padded // group, group, dtype=torch.uint8)
     )
 
 

@@ -272,6 +272,13 @@ def lowbit_library() -> ctypes.CDLL | None:
             p = ctypes.c_void_p
             library.blip2_lowbit_linear.argtypes = [p, p, ctypes.c_long, p, ctypes.c_int]
             library.blip2_lowbit_linear.restype = ctypes.c_int
+            # (w, rows, in_features, padded, group, q, scales, mins, threads): blip2.quantize.int4's fit
+            c_long = ctypes.c_long
+            library.blip2_int4_fit.argtypes = [p, c_long, c_long, c_long, c_long, p, p, p, ctypes.c_int]
+            library.blip2_int4_fit.restype = ctypes.c_int
+            # (q, rows, padded, row0, qweight, threads): kernels.block_int4's layout, written in place
+            library.blip2_int4_block.argtypes = [p, c_long, c_long, c_long, p, ctypes.c_int]
+            library.blip2_int4_block.restype = None
             return library
         except subprocess.CalledProcessError as e:
             reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"

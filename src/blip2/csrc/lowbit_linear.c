@@ -26,6 +26,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <pthread.h>
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -659,4 +660,163 @@ int blip2_lowbit_linear(const Blip2LowbitLayer *l, const float *x, long rows, fl
         run_tiles(&a, &p, rows, int8_avx2_2x1, 2, 1, int8_avx2_1x1, threads);
     release_scratch(a.q, activations_bytes(rows, l->padded, block));
     return 0;
+}
+
+/* ---- fitting int4 groups (blip2.quantize.int4._fit, the same steps) ------------------------------------ */
+
+AVX2 static float lane_sum(__m256 v)
+{
+    float lanes[8], total = 0.0f;
+    _mm256_storeu_ps(lanes, v);
+    for (int i = 0; i < 8; i++)
+        total += lanes[i];
+    return total;
+}
+
+/* q = round((w - low) / step) in [0, 15] (half to even, as torch.round) for one group of n (a multiple of
+ * 8), into q when given; returns the sum of ((low - w) + q * step)^2. */
+AVX2 static float group_error(const float *w, long n, float step, float low, uint8_t *q)
+{
+    const __m256 vstep = _mm256_set1_ps(step > FLT_MIN ? step : FLT_MIN), vlow = _mm256_set1_ps(low);
+    const __m256 top = _mm256_set1_ps(15.0f), zero = _mm256_setzero_ps(), scale = _mm256_set1_ps(step);
+    __m256 sum = _mm256_setzero_ps();
+    for (long k = 0; k < n; k += 8) {
+        __m256 x = _mm256_loadu_ps(w + k);
+        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(x, vlow), vstep),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm256_min_ps(_mm256_max_ps(v, zero), top);
+        __m256 e = _mm256_add_ps(_mm256_sub_ps(vlow, x), _mm256_mul_ps(v, scale));
+        sum = _mm256_add_ps(sum, _mm256_mul_ps(e, e));
+        if (q) {
+            int32_t ints[8];
+            _mm256_storeu_si256((__m256i *)ints, _mm256_cvtps_epi32(v));
+            for (int i = 0; i < 8; i++)
+                q[k + i] = (uint8_t)ints[i];
+        }
+    }
+    return lane_sum(sum);
+}
+
+AVX2 static float to_half(float x, uint16_t *bits)
+{
+    *bits = (uint16_t)_cvtss_sh(x, _MM_FROUND_TO_NEAREST_INT);
+    return _cvtsh_ss(*bits);
+}
+
+/* One group: [min, max] of its real weights in 15 steps, then ranges narrowed by SHRINK of their width at
+ * both ends, then a least-squares refit of scale and minimum to the best one's q; the smallest squared
+ * error wins (float16 scale and minimum). `work`: n floats. */
+AVX2 static __m256 q_lanes(const uint8_t *q)
+{
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)q)));
+}
+
+AVX2 static void fit_group(const float *w, long real, long n, float *work, uint8_t *q, uint16_t *scale_bits,
+                           uint16_t *min_bits)
+{
+    static const float SHRINK[] = {0.0f, 0.04f, 0.08f, 0.12f};
+    memcpy(work, w, sizeof(float) * (size_t)real);
+    __m256 vlow = _mm256_set1_ps(work[0]), vhigh = vlow;
+    long k = 0;
+    for (; k + 8 <= real; k += 8) {
+        vlow = _mm256_min_ps(vlow, _mm256_loadu_ps(work + k));
+        vhigh = _mm256_max_ps(vhigh, _mm256_loadu_ps(work + k));
+    }
+    float lows[8], highs[8];
+    _mm256_storeu_ps(lows, vlow);
+    _mm256_storeu_ps(highs, vhigh);
+    float low = lows[0], high = highs[0];
+    for (int i = 1; i < 8; i++) {
+        low = lows[i] < low ? lows[i] : low;
+        high = highs[i] > high ? highs[i] : high;
+    }
+    for (; k < real; k++) {
+        low = work[k] < low ? work[k] : low;
+        high = work[k] > high ? work[k] : high;
+    }
+    for (k = real; k < n; k++)
+        work[k] = low; /* padding sits on the minimum: it costs nothing */
+    uint16_t best_s = 0, best_m = 0;
+    float scale = 0.0f, minimum = 0.0f, err = 0.0f;
+    for (int c = 0; c < 4; c++) {
+        float cut = (high - low) * SHRINK[c];
+        uint16_t sb, mb;
+        float s = to_half((high - low - 2.0f * cut) / 15.0f, &sb), m = to_half(low + cut, &mb);
+        float e = group_error(work, n, s, m, NULL);
+        if (c == 0 || e < err) {
+            best_s = sb, best_m = mb, scale = s, minimum = m, err = e;
+        }
+    }
+    group_error(work, n, scale, minimum, q);
+    __m256 q_sum = _mm256_setzero_ps(), w_sum = _mm256_setzero_ps();
+    for (k = 0; k < n; k += 8) {
+        q_sum = _mm256_add_ps(q_sum, q_lanes(q + k));
+        w_sum = _mm256_add_ps(w_sum, _mm256_loadu_ps(work + k));
+    }
+    float q_mean = lane_sum(q_sum) / (float)n, w_mean = lane_sum(w_sum) / (float)n;
+    __m256 spread = _mm256_setzero_ps(), cross = _mm256_setzero_ps();
+    for (k = 0; k < n; k += 8) {
+        __m256 centred = _mm256_sub_ps(q_lanes(q + k), _mm256_set1_ps(q_mean));
+        spread = _mm256_add_ps(spread, _mm256_mul_ps(centred, centred));
+        cross = _mm256_add_ps(cross, _mm256_mul_ps(centred, _mm256_sub_ps(_mm256_loadu_ps(work + k),
+                                                                          _mm256_set1_ps(w_mean))));
+    }
+    float total_spread = lane_sum(spread), total_cross = lane_sum(cross);
+    uint16_t fsb, fmb;
+    float fit_scale = to_half(total_spread > 0.0f ? total_cross / (total_spread > 1e-12f ? total_spread : 1e-12f)
+                                                  : scale,
+                              &fsb);
+    float fit_min = to_half(w_mean - fit_scale * q_mean, &fmb);
+    if (fit_scale > 0.0f) {
+        uint8_t q_fit[INT4_CHUNK * 64];
+        if (n <= (long)sizeof q_fit && group_error(work, n, fit_scale, fit_min, q_fit) < err) {
+            memcpy(q, q_fit, (size_t)n);
+            best_s = fsb, best_m = fmb;
+        }
+    }
+    *scale_bits = best_s;
+    *min_bits = best_m;
+}
+
+/* w (rows, in_features) float32 -> q (rows, padded) in [0, 15], scales and mins (rows, padded / group)
+ * float16 bits. Returns 0, or -1 for sizes it does not take, -2 when memory runs out. */
+int blip2_int4_fit(const float *w, long rows, long in_features, long padded, long group, uint8_t *q,
+                   uint16_t *scales, uint16_t *mins, int threads)
+{
+    if (rows < 0 || in_features <= 0 || group <= 0 || group % 8 || group > INT4_CHUNK * 64 || padded % group ||
+        padded < in_features)
+        return -1;
+    const long groups = padded / group;
+    int failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
+    {
+        float *work = malloc(sizeof(float) * (size_t)group);
+        if (!work)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++)
+            for (long g = 0; work && g < groups; g++) {
+                long k0 = g * group, real = in_features - k0 < group ? in_features - k0 : group;
+                fit_group(w + r * in_features + k0, real > 0 ? real : 0, group, work, q + r * padded + k0,
+                          scales + r * groups + g, mins + r * groups + g);
+            }
+        free(work);
+    }
+    return failed ? -2 : 0;
+}
+
+/* q (rows, padded) values in [0, 15] -> their nibbles in blocked qweight (blocks, padded / 8, 64) as rows
+ * row0, row0 + 1, ... (the layout at the top of this file; blip2.quantize.kernels.block_int4 in C). */
+void blip2_int4_block(const uint8_t *q, long rows, long padded, long row0, uint8_t *qweight, int threads)
+{
+    const long vectors = padded / 8;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const uint8_t *row = q + r * padded;
+        long block = (row0 + r) / LANES, lane = (row0 + r) % LANES;
+        uint8_t *out = qweight + block * vectors * 64 + 4 * lane;
+        for (long v = 0; v < vectors; v++)
+            for (int b = 0; b < 4; b++)
+                out[v * 64 + b] = (uint8_t)(row[8 * v + b] | row[8 * v + 4 + b] << 4);
+    }
 }
