@@ -83,7 +83,7 @@ def reset_kernel_choice() -> None:
     """Forget the process's float32 kernel choice (and built kernels): the next use decides again."""
     from blip2 import native
     from blip2.models import layers
-    from blip2.quantize import int4
+    from blip2.quantize import int4, int8
 
     native.skinny_linear_kernel.cache_clear()
     native.decode_attention_kernel.cache_clear()
@@ -91,6 +91,7 @@ def reset_kernel_choice() -> None:
     native.encoder_attention_kernel.cache_clear()
     layers.float32_kernel.cache_clear()
     int4.native_fit_kernel.cache_clear()
+    int8.native_pack_kernel.cache_clear()
 
 
 def kernel_of_kind(kind: str, monkeypatch, load, what: str):

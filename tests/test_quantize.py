@@ -125,6 +125,22 @@ def test_native_int4_fit_agrees_with_pytorchs(in_features, group):
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_int8_packing_gives_pytorchs_bits(dtype):
+    from blip2.quantize import int8
+
+    quantize = int8.native_pack_kernel()
+    if quantize is None:
+        pytest.skip("no native int8 packing here (no C compiler?)")
+    w = (torch.randn(70, 300, generator=torch.Generator().manual_seed(1)) * 0.05).to(dtype)
+    w[4] = 0.0
+    w[9, 7] = 40.0  # an outlier sets its row's scale
+    q, scale = quantize_weight(w, 384)
+    got = int8._native_pack(w, quantize, chunk=24)  # chunks that end inside a block of 16 rows
+    assert torch.equal(got[0], kernels.block_int8(q, 384)) and torch.equal(got[1], scale)
+    assert all(torch.equal(a, b) for a, b in zip(int8.pack_int8(w), got, strict=True))
+
+
 def test_pack_int4_rejects_bad_group_sizes():
     for group in (0, 64, 100, -128):
         with pytest.raises(ValueError, match="multiple of 128"):

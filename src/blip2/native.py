@@ -279,6 +279,9 @@ def lowbit_library() -> ctypes.CDLL | None:
             # (q, rows, padded, row0, qweight, threads): kernels.block_int4's layout, written in place
             library.blip2_int4_block.argtypes = [p, c_long, c_long, c_long, p, ctypes.c_int]
             library.blip2_int4_block.restype = None
+            # (w, rows, in_features, padded, row0, qweight, scale, threads): blip2.quantize.int8's packing
+            library.blip2_int8_quantize.argtypes = [p, c_long, c_long, c_long, c_long, p, p, ctypes.c_int]
+            library.blip2_int8_quantize.restype = None
             return library
         except subprocess.CalledProcessError as e:
             reason = f"the C compiler failed: {e.stderr.decode(errors='replace').strip()[-500:]}"

@@ -27,6 +27,7 @@
 #include <omp.h>
 #include <pthread.h>
 #include <float.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -818,5 +819,32 @@ void blip2_int4_block(const uint8_t *q, long rows, long padded, long row0, uint8
         for (long v = 0; v < vectors; v++)
             for (int b = 0; b < 4; b++)
                 out[v * 64 + b] = (uint8_t)(row[8 * v + b] | row[8 * v + 4 + b] << 4);
+    }
+}
+
+/* int8 weights (blip2.quantize.int8.pack_int8, the same arithmetic): each row of w (rows, in_features)
+ * float32 scaled by max|w| / 127 (at least 1e-12 / 127) and rounded half to even, written as rows row0,
+ * row0 + 1, ... of blocked qweight (blocks, padded / 4, 64: the layout at the top of this file; padding
+ * stays as the caller made it), the scales into scale[row0 + r]. */
+AVX2 void blip2_int8_quantize(const float *w, long rows, long in_features, long padded, long row0,
+                              int8_t *qweight, float *scale, int threads)
+{
+    const long vectors = padded / 4;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const float *row = w + r * in_features;
+        float top = 0.0f;
+        for (long k = 0; k < in_features; k++) {
+            float a = row[k] < 0.0f ? -row[k] : row[k];
+            top = a > top ? a : top;
+        }
+        float s = (top > 1e-12f ? top : 1e-12f) / 127.0f;
+        long block = (row0 + r) / LANES, lane = (row0 + r) % LANES;
+        int8_t *out = qweight + block * vectors * 64 + 4 * lane;
+        for (long k = 0; k < in_features; k++) {
+            float v = nearbyintf(row[k] / s);
+            out[(k / 4) * 64 + k % 4] = (int8_t)(v < -127.0f ? -127.0f : (v > 127.0f ? 127.0f : v));
+        }
+        scale[row0 + r] = s;
     }
 }

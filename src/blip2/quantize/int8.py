@@ -11,13 +11,18 @@ first use, and quantizes the whole input with one scale); the PyTorch arithmetic
 
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .. import native
 from . import kernels
+
+log = logging.getLogger(__name__)
 
 INT8_KERNELS = ("native", "fbgemm", "dequant")
 
@@ -47,11 +52,49 @@ def quantize_weight(
     return q, scale
 
 
+def _native_pack(
+    weight: torch.Tensor, quantize, chunk: int = 2048, done: Callable[[torch.Tensor], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack_int8` on the native library (``blip2_int8_quantize``): the same bits, written straight
+    into the blocked layout, a chunk of rows at a time."""
+    out_features, in_features = weight.shape
+    padded = kernels.padded_width(in_features, kernels.INT8_BLOCK)
+    qweight = torch.zeros(kernels.blocks_of(out_features), padded // 4, 64, dtype=torch.int8)
+    scale = torch.empty(out_features, dtype=torch.float32)
+    for i in range(0, out_features, chunk):
+        w = weight.detach()[i : i + chunk].float().contiguous()
+        quantize(w.data_ptr(), w.shape[0], in_features, padded, i, qweight.data_ptr(), scale.data_ptr(),
+                 torch.get_num_threads())  # fmt: skip
+        if done is not None:
+            done(weight[i : i + chunk])
+    return qweight, scale
+
+
+@functools.cache
+def native_pack_kernel():
+    """The native library's ``blip2_int8_quantize`` where it is built and gives :func:`quantize_weight`'s
+    bits on a test matrix, else None."""
+    library = native.lowbit_library()
+    if library is None:
+        return None
+    quantize = library.blip2_int8_quantize
+    w = torch.randn(37, 300, generator=torch.Generator().manual_seed(0))
+    w[5] = 0.0  # a zero row: the smallest scale
+    q, scale = quantize_weight(w, 384)
+    got = _native_pack(w, quantize, chunk=16)
+    if torch.equal(got[0], kernels.block_int8(q, 384)) and torch.equal(got[1], scale):
+        return quantize
+    log.warning("the native int8 packing disagrees with PyTorch's; packing with PyTorch's (slower)")
+    return None
+
+
 @torch.no_grad()
 def pack_int8(
     weight: torch.Tensor, done: Callable[[torch.Tensor], None] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, in) float weight -> blocked ``qweight`` and ``scale`` (see the module docstring)."""
+    if weight.device.type == "cpu" and (quantize := native_pack_kernel()) is not None:
+        return _native_pack(weight, quantize, done=done)
     padded = kernels.padded_width(weight.shape[1], kernels.INT8_BLOCK)
     q, scale = quantize_weight(weight, padded, done=done)
     return kernels.block_int8(q, padded), scale
