@@ -158,7 +158,7 @@ def pack_int4(
     real = (torch.arange(padded) < in_features).view(groups, group_size)
     scales = torch.empty(out_features, groups, dtype=torch.float16)
     mins = torch.empty(out_features, groups, dtype=torch.float16)
-    native_fit = native_fit_kernel()
+    native_fit = native_fit_kernel() if weight.device.type == "cpu" else None
     if native_fit is not None:  # each chunk's q goes straight into the blocked layout
         qweight = torch.zeros(kernels.blocks_of(out_features), padded // 8, 64, dtype=torch.uint8)
         block = native.lowbit_library().blip2_int4_block
