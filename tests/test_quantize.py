@@ -141,6 +141,27 @@ def test_native_int8_packing_gives_pytorchs_bits(dtype):
     assert all(torch.equal(a, b) for a, b in zip(int8.pack_int8(w), got, strict=True))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_weight_that_is_not_finite_is_refused_by_name(value, int4_fit):
+    from blip2.quantize import int8
+
+    w = torch.randn(20, 256)
+    w[7, 100] = value
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        pack_int4(w)
+    for pack in (int8.pack_int8, quantize_weight):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            pack(w)
+
+
+def test_quantizing_a_model_names_the_layer_that_is_not_finite(opt_ckpt):
+    model = blip2.load(opt_ckpt).model
+    with torch.no_grad():
+        model.language_model.layers[1].mlp.fc1.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"language_model\.layers\.1\.mlp\.fc1: the weight holds NaN"):
+        quantize_model_(model, "int4")
+
+
 def test_pack_int4_rejects_bad_group_sizes():
     for group in (0, 64, 100, -128):
         with pytest.raises(ValueError, match="multiple of 128"):

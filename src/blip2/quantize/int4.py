@@ -158,7 +158,8 @@ def pack_int4(
     real = (torch.arange(padded) < in_features).view(groups, group_size)
     scales = torch.empty(out_features, groups, dtype=torch.float16)
     mins = torch.empty(out_features, groups, dtype=torch.float16)
-    native_fit = native_fit_kernel() if weight.device.type == "cpu" else None
+    # (the native fit keeps a group's q on the stack: groups up to 8192)
+    native_fit = native_fit_kernel() if weight.device.type == "cpu" and group_size <= 8192 else None
     if native_fit is not None:  # each chunk's q goes straight into the blocked layout
         qweight = torch.zeros(kernels.blocks_of(out_features), padded // 8, 64, dtype=torch.uint8)
         block = native.lowbit_library().blip2_int4_block
@@ -167,6 +168,8 @@ def pack_int4(
     for i in range(0, out_features, chunk):
         w = weight.detach()[i : i + chunk].float()
         rows = w.shape[0]
+        if not torch.isfinite(w).all():
+            raise ValueError("the weight holds NaN or infinite values: it cannot be quantized")
         if native_fit is not None:
             q_rows, scale, minimum = _native_fit(w, padded, group_size, native_fit)
         else:

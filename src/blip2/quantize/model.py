@@ -88,10 +88,13 @@ def quantize_model_(
         linear = model.get_submodule(name)
         if linear.weight.device.type != "cpu":
             raise ValueError("low-bit quantization is for CPU inference; load with device='cpu'")
-        if bits == "int4":
-            layer = Int4Linear.from_linear(linear, group_size, done=done)
-        else:
-            layer = Int8Linear.from_linear(linear, done=done)
+        try:
+            if bits == "int4":
+                layer = Int4Linear.from_linear(linear, group_size, done=done)
+            else:
+                layer = Int8Linear.from_linear(linear, done=done)
+        except ValueError as e:  # a weight that cannot be quantized: say which
+            raise ValueError(f"{name}: {e}") from e
         replace(model, name, layer)
         memory.trim_heap()  # freed temporaries would otherwise pile up in the heap, layer after layer
     memory.trim_heap()
