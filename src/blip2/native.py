@@ -823,3 +823,254 @@ def encoder_attention(qkv: torch.Tensor, heads: int, scale: float | None = None,
     if status != 0:
         raise ValueError(f"encoder_attention: the kernel refused {tuple(qkv.shape)} (status {status})")
     return out
+
+
+# ---- a T5 decoder's step (blip2_t5_decoder_step in csrc/decoder_step.c; blip2.models.decoder_step) -------
+
+T5_BLOCK_LINEARS = ("q", "k", "v", "o", "cross_q", "cross_o", "wi0", "wi1", "wo")
+T5_BLOCK_NORMS = ("norm1", "norm_cross", "norm2")
+
+
+class T5StepBlock(ctypes.Structure):
+    """One layer of a native T5 decoder (``T5Block`` in the C file): linear layers, RMS norm weights."""
+
+    _fields_ = [(name, StepLinear) for name in T5_BLOCK_LINEARS] + [
+        (name, ctypes.c_void_p) for name in T5_BLOCK_NORMS
+    ]
+
+
+class T5StepDecoder(ctypes.Structure):
+    """A whole T5 decoder (``T5Decoder`` in the C file); ``blocks`` points at ``layers`` of
+    :class:`T5StepBlock` (the caller keeps them alive)."""
+
+    _fields_ = [
+        ("blocks", ctypes.c_void_p),
+        ("layers", ctypes.c_long),
+        ("hidden", ctypes.c_long),
+        ("heads", ctypes.c_long),
+        ("head_dim", ctypes.c_long),
+        ("mlp", ctypes.c_long),
+        ("eps", ctypes.c_double),
+    ]
+
+
+# T5Step: x, caches, cross, bias, cross_bias, work; rows, max_len, position, threads, bias_batch, bias_head,
+# cross_len, cross_batch, cross_head, cross_pos, cross_bias_row
+_T5_STEP_CALL = struct.Struct("<6Q11q")
+
+
+def _bind_t5_decoder_step(library: ctypes.CDLL):
+    kernel = library.blip2_t5_decoder_step
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]  # the decoder, the packed step (_T5_STEP_CALL)
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def t5_decoder_step(
+    kernel,
+    decoder: T5StepDecoder,
+    x: torch.Tensor,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    cross: list[tuple[torch.Tensor, torch.Tensor]],
+    bias: torch.Tensor,
+    cross_bias: torch.Tensor,
+    position: int,
+) -> None:
+    """One decode step of a T5 ``decoder`` over contiguous float32 CPU ``x`` (rows, hidden), in place.
+
+    ``caches``: per layer, the self-attention's keys and values (rows, heads, max_len, head_dim),
+    contiguous, written at ``position``; ``cross``: per layer, the encoder's keys and values (rows, heads,
+    L, head_dim), every layer's alike strided, last dimension contiguous; ``bias``: the self-attention's
+    additive float (rows or 1, heads, 1, >= position + 1), last dimension contiguous; ``cross_bias``: the
+    encoder's additive float (rows, 1, 1, L), contiguous. Anything else is refused with ValueError before
+    the kernel runs (it is handed raw pointers); a kernel failure is a RuntimeError.
+    """
+    rows, hidden = x.shape if x.dim() == 2 else (0, 0)
+    heads, head_dim = decoder.heads, decoder.head_dim
+    max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
+    cross_len = cross[0][0].shape[2] if cross and cross[0][0].dim() == 4 else 0
+    cross_strides = cross[0][0].stride() if cross_len else ()
+    float32 = torch.float32
+
+    def cpu_float(t: torch.Tensor) -> bool:
+        return t.dtype == float32 and t.is_cpu
+
+    if (
+        rows == 0
+        or hidden != decoder.hidden
+        or not (cpu_float(x) and x.is_contiguous())
+        or len(caches) != decoder.layers
+        or len(cross) != decoder.layers
+        or not 0 <= position < max_len
+        or not all(
+            t.shape == (rows, heads, max_len, head_dim) and cpu_float(t) and t.is_contiguous()
+            for pair in caches
+            for t in pair
+        )
+        or not all(
+            t.shape == (rows, heads, cross_len, head_dim) and cpu_float(t) and t.stride() == cross_strides
+            for pair in cross
+            for t in pair
+        )
+        or cross_strides[-1] != 1
+        or not cpu_float(bias)
+        or bias.dim() != 4
+        or bias.shape[0] not in (1, rows)
+        or bias.shape[1:3] != (heads, 1)
+        or bias.shape[3] <= position
+        or bias.stride(3) != 1
+        or not cpu_float(cross_bias)
+        or cross_bias.shape != (rows, 1, 1, cross_len)
+        or not cross_bias.is_contiguous()
+    ):
+        raise ValueError(
+            f"t5_decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
+            f"(rows, {heads}, L, {head_dim}), as many encoder keys and values, and additive biases"
+        )
+    caches_array = (ctypes.c_void_p * (2 * len(caches)))(*(t.data_ptr() for pair in caches for t in pair))
+    cross_array = (ctypes.c_void_p * (2 * len(cross)))(*(t.data_ptr() for pair in cross for t in pair))
+    inner = heads * head_dim
+    work = torch.empty(rows * (2 * hidden + 4 * inner + 2 * decoder.mlp))
+    call = _T5_STEP_CALL.pack(
+        x.data_ptr(),
+        ctypes.addressof(caches_array),
+        ctypes.addressof(cross_array),
+        bias.data_ptr(),
+        cross_bias.data_ptr(),
+        work.data_ptr(),
+        rows,
+        max_len,
+        position,
+        torch.get_num_threads(),
+        0 if bias.shape[0] == 1 else bias.stride(0),
+        bias.stride(1),
+        cross_len,
+        *cross_strides[:3],
+        cross_len,
+    )
+    status = kernel(ctypes.addressof(decoder), call)
+    if status == -2:
+        raise MemoryError("t5_decoder_step: out of memory")
+    if status != 0:
+        raise RuntimeError(f"t5_decoder_step: a kernel failed (status {status})")
+
+
+def reference_t5_decoder_step(
+    x: torch.Tensor,
+    blocks: list[dict[str, torch.Tensor]],
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    cross: list[tuple[torch.Tensor, torch.Tensor]],
+    bias: torch.Tensor,
+    cross_bias: torch.Tensor,
+    position: int,
+    heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """What ``blip2_t5_decoder_step`` computes, in PyTorch: ``blocks`` hold ``{name}_weight`` for the
+    linear layers and ``norm1`` ... for the norms; the caches are written at ``position``."""
+    rows = x.shape[0]
+
+    def rms(t, weight):
+        return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+
+    for p, (k_cache, v_cache), (k_cross, v_cross) in zip(blocks, caches, cross, strict=True):
+        h = rms(x, p["norm1"])
+        q, k, v = (F.linear(h, p[f"{name}_weight"]).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
+        k_cache[:, :, position] = k[:, :, 0]
+        v_cache[:, :, position] = v[:, :, 0]
+        k_all, v_all = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
+        attended = reference_attention(q, k_all, v_all, bias[..., : position + 1], 1.0).reshape(rows, -1)
+        x = x + F.linear(attended, p["o_weight"])
+        q = F.linear(rms(x, p["norm_cross"]), p["cross_q_weight"]).view(rows, heads, 1, -1)
+        attended = reference_attention(q, k_cross, v_cross, cross_bias, 1.0).reshape(rows, -1)
+        x = x + F.linear(attended, p["cross_o_weight"])
+        h = rms(x, p["norm2"])
+        gated = F.gelu(F.linear(h, p["wi0_weight"]), approximate="tanh") * F.linear(h, p["wi1_weight"])
+        x = x + F.linear(gated, p["wo_weight"])
+    return x
+
+
+class PythonLinearT5Decoder(PythonLinearDecoder):
+    """A random T5 decoder for :func:`t5_decoder_step` whose linear layers are run by a Python callback:
+    what the self-check (and the tests) hold the kernel to :func:`reference_t5_decoder_step` with."""
+
+    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.heads, self.head_dim, self.eps = heads, head_dim, 1e-6
+        self.callback = LINEAR_FUNCTION(self._run_linear)
+        address = ctypes.cast(self.callback, ctypes.c_void_p).value
+        inner = heads * head_dim
+        sizes = dict.fromkeys(("q", "k", "v", "cross_q"), (inner, hidden)) | {
+            "o": (hidden, inner),
+            "cross_o": (hidden, inner),
+            "wi0": (mlp, hidden),
+            "wi1": (mlp, hidden),
+            "wo": (hidden, mlp),
+        }
+        self.linears: list[tuple[torch.Tensor, None]] = []
+        self.blocks: list[dict[str, torch.Tensor]] = []
+        self.array = (T5StepBlock * layers)()
+        for entry in self.array:
+            block: dict[str, torch.Tensor] = {}
+            for name in T5_BLOCK_LINEARS:
+                block[f"{name}_weight"] = self.randn(*sizes[name]) * 0.3
+                self.linears.append((block[f"{name}_weight"], None))
+                setattr(entry, name, StepLinear(address, len(self.linears)))
+            for name in T5_BLOCK_NORMS:
+                block[name] = 1 + 0.2 * self.randn(hidden)
+                setattr(entry, name, block[name].data_ptr())
+            self.blocks.append(block)
+        self.decoder = T5StepDecoder(
+            ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
+        )
+
+    def compare(self, kernel, rows: int, max_len: int, position: int, cross_len: int):
+        """Runs one step both ways: (caches alike, the kernel's x, the formula's x)."""
+        heads, head_dim = self.heads, self.head_dim
+        x = self.randn(rows, self.decoder.hidden)
+        caches = [tuple(self.randn(rows, heads, max_len, head_dim) for _ in range(2)) for _ in self.blocks]
+        # the encoder's keys and values as T5 keeps them: heads split from (rows, L, heads * head_dim)
+        cross = [
+            tuple(self.randn(rows, cross_len, heads * head_dim).view(rows, cross_len, heads, -1).transpose(1, 2)
+                  for _ in range(2))
+            for _ in self.blocks
+        ]  # fmt: skip
+        bias = self.randn(1, heads, 1, max_len)
+        bias[..., position - 1] = torch.finfo(torch.float32).min  # a hidden position
+        cross_bias = torch.zeros(rows, 1, 1, cross_len)
+        cross_bias[0, ..., -1] = torch.finfo(torch.float32).min  # encoder padding
+        want_caches = [(k.clone(), v.clone()) for k, v in caches]
+        want = reference_t5_decoder_step(
+            x, self.blocks, want_caches, cross, bias, cross_bias, position, heads, self.eps
+        )
+        got = x.clone()
+        t5_decoder_step(kernel, self.decoder, got, caches, cross, bias, cross_bias, position)
+        same_caches = all(
+            torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+            for pair, want_pair in zip(caches, want_caches, strict=True)
+            for a, b in zip(pair, want_pair, strict=True)
+        )
+        return same_caches, got, want
+
+
+def _t5_decoder_step_self_check(kernel) -> bool:
+    """A 2-layer T5 decoder (its inner width unlike its hidden one) on masked rows, against
+    :func:`reference_t5_decoder_step`."""
+    decoder = PythonLinearT5Decoder(0, layers=2, hidden=12, heads=3, head_dim=5, mlp=20)
+    same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4, cross_len=6)
+    return same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@functools.cache
+def t5_decoder_step_kernel(kind: str | None = None):
+    """The compiled ``blip2_t5_decoder_step`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once)."""
+    return _load_kind(
+        kind or kernel_kind(),
+        STEP_SOURCES,
+        "decoder_step",
+        ATTENTION_FLAGS,
+        "T5 decoder step",
+        _bind_t5_decoder_step,
+        _t5_decoder_step_self_check,
+    )

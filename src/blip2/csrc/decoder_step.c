@@ -168,3 +168,147 @@ int blip2_decoder_step(const Decoder *d, const Step *s)
     }
     return 0;
 }
+
+/* ---- T5 v1.1 / Flan-T5 decoders --------------------------------------------------------------------------
+ *
+ * A layer, per row (RMS = T5's norm: x / sqrt(mean(x^2) + eps) * weight; no biases; no attention scale):
+ *
+ *     x = x + o(attn(RMS1(x), self cache, position bias + mask))
+ *     x = x + cross_o(attn(cross_q(RMS_cross(x)), the encoder's keys and values, its padding mask))
+ *     x = x + wo(gelu_tanh(wi0(RMS2(x))) * wi1(RMS2(x)))
+ *
+ * The self-attention's additive bias (the relative position bias and the causal / padding mask, made
+ * once per step by the caller) and the cross-attention's (the encoder's padding) are float masks of the
+ * attention kernel. */
+
+typedef struct {
+    Linear q, k, v, o, cross_q, cross_o, wi0, wi1, wo;
+    const float *norm1, *norm_cross, *norm2; /* the RMS norms' weights */
+} T5Block;
+
+typedef struct {
+    const T5Block *blocks;
+    long layers, hidden, heads, head_dim, mlp;
+    double eps;
+} T5Decoder;
+
+typedef struct {
+    float *x;                  /* (rows, hidden), updated in place */
+    float *const *caches;      /* 2 per layer, keys then values: (rows, heads, max_len, head_dim) */
+    float *const *cross;       /* 2 per layer, the encoder's keys then values, at the cross_* strides */
+    const float *bias;         /* (rows or 1, heads, >= position + 1) at bias_* strides, positions contiguous */
+    const float *cross_bias;   /* (rows, cross_len) at cross_bias_row elements a row */
+    float *work;               /* rows * (2 * hidden + 4 * heads * head_dim + 2 * mlp) */
+    long rows, max_len, position, threads;
+    long bias_batch, bias_head;
+    long cross_len, cross_batch, cross_head, cross_pos;
+    long cross_bias_row;
+} T5Step;
+
+/* y = x / sqrt(mean(x^2) + eps) * weight over each row of n (y may be x) */
+static void rms_norm_rows(const float *x, const float *weight, long rows, long n, float eps, float *y)
+{
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * n;
+        float squares = 0.0f;
+#pragma omp simd reduction(+ : squares)
+        for (long d = 0; d < n; d++)
+            squares += row[d] * row[d];
+        float scale = 1.0f / sqrtf(squares / (float)n + eps);
+        for (long d = 0; d < n; d++)
+            y[r * n + d] = weight[d] * (row[d] * scale);
+    }
+}
+
+/* gate = gelu_tanh(gate) * up, as PyTorch's gelu(approximate="tanh") */
+static void gelu_tanh_times(float *gate, const float *up, long n)
+{
+    const float beta = 0.7978845608028654f, kappa = 0.044715f;
+    for (long i = 0; i < n; i++) {
+        float x = gate[i], inner = beta * (x + kappa * (x * x * x));
+        gate[i] = 0.5f * x * (1.0f + tanhf(inner)) * up[i];
+    }
+}
+
+static int t5_attend(const T5Decoder *d, const T5Step *s, long layer, int cross, const float *q, const float *k,
+                     const float *v, float *out)
+{
+    long heads = d->heads, head_dim = d->head_dim, inner = heads * head_dim;
+    Call c = {0};
+    c.q = q;
+    c.out = out;
+    c.batch = s->rows;
+    c.heads = heads;
+    c.head_dim = head_dim;
+    c.out_batch = inner;
+    c.out_head = head_dim;
+    c.scale = 1.0;
+    c.threads = s->threads;
+    if (cross) {
+        c.k = s->cross[2 * layer];
+        c.v = s->cross[2 * layer + 1];
+        c.mask_float = s->cross_bias;
+        c.length = s->cross_len;
+        c.write_at = -1;
+        c.strides = (Strides){inner, head_dim, s->cross_batch, s->cross_head, s->cross_pos, s->cross_batch,
+                              s->cross_head, s->cross_pos, s->cross_bias_row, 0, 1, 0, 0, 0, 0};
+    } else {
+        long k_head = s->max_len * head_dim, k_batch = heads * k_head;
+        c.new_k = k;
+        c.new_v = v;
+        c.k = s->caches[2 * layer];
+        c.v = s->caches[2 * layer + 1];
+        c.mask_float = s->bias;
+        c.length = s->position + 1;
+        c.write_at = s->position;
+        c.strides = (Strides){inner,       head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
+                              s->bias_batch, s->bias_head, 1,  inner,  head_dim, inner,  head_dim};
+    }
+    return blip2_decode_attention(&c);
+}
+
+static int t5_block_step(const T5Decoder *d, const T5Step *s, long layer)
+{
+    const T5Block *b = d->blocks + layer;
+    long rows = s->rows, hidden = d->hidden, inner = d->heads * d->head_dim, n = rows * hidden;
+    float eps = (float)d->eps;
+    float *x = s->x, *normed = s->work, *out = normed + n, *q = out + n, *k = q + rows * inner,
+          *v = k + rows * inner, *attended = v + rows * inner, *gate = attended + rows * inner,
+          *up = gate + rows * d->mlp;
+    int status;
+    rms_norm_rows(x, b->norm1, rows, hidden, eps, normed);
+    RUN(b->q, normed, q);
+    RUN(b->k, normed, k);
+    RUN(b->v, normed, v);
+    if ((status = t5_attend(d, s, layer, 0, q, k, v, attended)))
+        return status;
+    RUN(b->o, attended, out);
+    add_into(x, out, n);
+    rms_norm_rows(x, b->norm_cross, rows, hidden, eps, normed);
+    RUN(b->cross_q, normed, q);
+    if ((status = t5_attend(d, s, layer, 1, q, 0, 0, attended)))
+        return status;
+    RUN(b->cross_o, attended, out);
+    add_into(x, out, n);
+    rms_norm_rows(x, b->norm2, rows, hidden, eps, normed);
+    RUN(b->wi0, normed, gate);
+    RUN(b->wi1, normed, up);
+    gelu_tanh_times(gate, up, rows * d->mlp);
+    RUN(b->wo, gate, out);
+    add_into(x, out, n);
+    return 0;
+}
+
+/* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
+int blip2_t5_decoder_step(const T5Decoder *d, const T5Step *s)
+{
+    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->head_dim < 1 || d->mlp < 1 || s->rows < 1 ||
+        s->position < 0 || s->position >= s->max_len || s->cross_len < 1)
+        return -1;
+    for (long layer = 0; layer < d->layers; layer++) {
+        int status = t5_block_step(d, s, layer);
+        if (status)
+            return status;
+    }
+    return 0;
+}

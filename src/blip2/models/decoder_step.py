@@ -1,4 +1,5 @@
-"""A decode step of an OPT decoder in one native call (``blip2.native.decoder_step``).
+"""A decode step of an OPT or a T5 decoder in one native call (``blip2.native.decoder_step``,
+``blip2.native.t5_decoder_step``).
 
 Each layer of a decode step is ~40 PyTorch operator and module calls around its six matrix products;
 with int8 or int4 weights those calls take about a third of the step (~2 ms of ~6 ms at OPT-350m's
@@ -58,11 +59,11 @@ def _parts(model: nn.Module) -> list[tuple[list, list[torch.Tensor | None]]]:
     return parts
 
 
-def _key(model: nn.Module, parts: list[tuple[list, list[torch.Tensor | None]]]) -> tuple:
+def _key(attentions: list[nn.Module], parts: list[tuple[list, list[torch.Tensor | None]]]) -> tuple:
     """What a description depends on: the attention kind, every linear layer's description (by identity)
     and every norm tensor's storage."""
     return (
-        tuple(block.attn.fast_kernels for block in model.layers),
+        tuple(attention.fast_kernels for attention in attentions),
         tuple(None if ref is None else ref[1] for linears, _ in parts for ref in linears),
         tuple(None if t is None else (t.data_ptr(), t.dtype) for _, norms in parts for t in norms),
     )
@@ -129,7 +130,7 @@ def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCac
     if described is None or described.cache is None or described.cache() is not cache[0]:
         # the first step of a generation: (re)describe the decoder if any layer changed since
         parts = _parts(model)
-        key = _key(model, parts)
+        key = _key([block.attn for block in model.layers], parts)
         if described is None or described.key != key:
             described = _DESCRIBED[model] = _describe(model, parts, key)
         described.cache = weakref.ref(cache[0])
@@ -148,3 +149,108 @@ def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCac
     except ValueError:  # what it does not take (a full cache, say): the layers say why
         return False
     return True
+
+
+# ---- T5 v1.1 / Flan-T5 decoders (native.t5_decoder_step) ------------------------------------------------
+
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # layers.ACTIVATIONS' tanh approximations
+
+
+def _t5_parts(model: nn.Module) -> list[tuple[list, list[torch.Tensor | None]]]:
+    """Per decoder block of ``model`` (a T5 with a gated feed-forward): its nine linear layers'
+    ``native_linear()`` (in ``native.T5_BLOCK_LINEARS`` order) and its three RMS norms' weights."""
+    parts = []
+    for block in model.decoder:
+        attn, cross, mlp = block.self_attn, block.cross_attn, block.mlp
+        modules = (attn.q, attn.k, attn.v, attn.o, cross.q, cross.o, mlp.wi_0, mlp.wi_1, mlp.wo)
+        linears = [getattr(m, "native_linear", lambda: None)() for m in modules]
+        parts.append((linears, [block.norm1.weight, block.norm_cross.weight, block.norm2.weight]))
+    return parts
+
+
+def _t5_describe(
+    model: nn.Module, parts: list[tuple[list, list[torch.Tensor | None]]], key: tuple
+) -> _Described:
+    """``model`` (a T5) described from its ``parts``, or ``_Described(None, key)`` where it cannot run
+    natively."""
+    cfg = model.cfg
+    blocks = list(model.decoder)
+    norms = [norm for block in blocks for norm in (block.norm1, block.norm_cross, block.norm2)]
+    eps = {norm.eps for norm in norms}
+    fast = all(block.self_attn.fast_kernels and block.cross_attn.fast_kernels for block in blocks)
+    if not cfg.gated or cfg.activation not in TANH_GELUS or not fast or len(eps) != 1:
+        return _Described(None, key)
+    described = _Described(None, key)
+    array = (native.T5StepBlock * len(blocks))()
+    for (linears, weights), entry in zip(parts, array, strict=True):
+        for name, reference in zip(native.T5_BLOCK_LINEARS, linears, strict=True):
+            if reference is None:
+                return _Described(None, key)
+            address, layer, tensors = reference
+            setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
+            described.keep.extend((layer, *tensors))
+        for name, weight in zip(native.T5_BLOCK_NORMS, weights, strict=True):
+            if weight.dtype != torch.float32 or not weight.is_contiguous() or not weight.is_cpu:
+                return _Described(None, key)
+            setattr(entry, name, weight.data_ptr())
+            described.keep.append(weight)
+    described.decoder = native.T5StepDecoder(
+        ctypes.addressof(array),
+        len(blocks),
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.head_dim,
+        cfg.mlp_size,
+        eps.pop(),
+    )
+    described.keep.append(array)
+    return described
+
+
+def run_t5(model: nn.Module, x: torch.Tensor, bias: torch.Tensor, cache, start) -> torch.Tensor | None:
+    """Every decoder layer of ``model`` (a T5) over ``x`` (B, 1, D) for a decode step at position
+    ``start``, in one native call: the hidden states before the final norm (a new tensor), or None where
+    the native step does not apply (the caller then runs the layers; nothing was changed).
+
+    ``bias``: the step's additive self-attention bias (B or 1, H, 1, start + 1), position bias and mask;
+    ``cache``: the generation's ``T5DecoderCache``.
+    """
+    if (
+        cache is None
+        or not model.cfg.gated
+        or not isinstance(start, int)
+        or x.shape[1] != 1
+        or torch.is_grad_enabled()
+        or x.dtype != torch.float32
+        or not x.is_cpu
+        or (kernel := native.t5_decoder_step_kernel()) is None
+    ):
+        return None
+    first = cache.self_attn[0]
+    described = _DESCRIBED.get(model)
+    if described is None or described.cache is None or described.cache() is not first:
+        # the first step of a generation: (re)describe the decoder if any layer changed since
+        parts = _t5_parts(model)
+        attentions = [a for block in model.decoder for a in (block.self_attn, block.cross_attn)]
+        key = _key(attentions, parts)
+        if described is None or described.key != key:
+            described = _DESCRIBED[model] = _t5_describe(model, parts, key)
+        described.cache = weakref.ref(first)
+    if described.decoder is None:
+        return None
+    rows = x.shape[0]
+    out = x.reshape(rows, -1).clone()  # the caller's embeddings stay as they were
+    try:
+        native.t5_decoder_step(
+            kernel,
+            described.decoder,
+            out,
+            [(c.k, c.v) for c in cache.self_attn],
+            cache.cross_kv,
+            bias.contiguous(),  # (the position bias comes permuted)
+            cache.cross_bias,
+            start,
+        )
+    except ValueError:  # what it does not take (a full cache, a cache on another device): the layers
+        return None
+    return out.view(rows, 1, -1)

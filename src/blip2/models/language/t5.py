@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import decoder_step
 from ..config import T5Config
 from ..layers import (
     MLP,
@@ -287,6 +288,9 @@ class T5(nn.Module):
             )
             cross_bias = _additive(mask, x.dtype)[:, None, None, :]
         else:
+            # a quantized decode step: every layer in one native call where it can
+            if (native := decoder_step.run_t5(self, x, bias, cache, start)) is not None:
+                return self.decoder_norm(native)
             cache_list, cross_kv, cross_bias = cache.self_attn, cache.cross_kv, cache.cross_bias
         for i, layer in enumerate(self.decoder):
             c = cache_list[i] if cache_list is not None else None
