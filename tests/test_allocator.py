@@ -50,10 +50,11 @@ def test_freed_blocks_are_reused_without_page_faults():
 
 
 @glibc
-def test_opting_out_leaves_glibc_giving_them_back():
-    raised, faults = _churn("0")
+def test_opting_out_leaves_glibcs_settings():
+    # glibc's own thresholds adapt to the sizes freed, so how many faults its defaults take varies from
+    # run to run (from ~10,000 to ~60,000 here): only the opt-out itself is held
+    raised, _ = _churn("0")
     assert raised == "False"
-    assert faults > 30_000
 
 
 def test_a_cpu_load_keeps_freed_memory(opt_ckpt, monkeypatch):
