@@ -89,6 +89,8 @@ def reset_kernel_choice() -> None:
     native.decode_attention_kernel.cache_clear()
     native.decoder_step_kernel.cache_clear()
     native.encoder_attention_kernel.cache_clear()
+    native.t5_decoder_step_kernel.cache_clear()
+    native.llama_decoder_step_kernel.cache_clear()
     layers.float32_kernel.cache_clear()
     int4.native_fit_kernel.cache_clear()
     int8.native_pack_kernel.cache_clear()

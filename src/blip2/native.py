@@ -1074,3 +1074,222 @@ def t5_decoder_step_kernel(kind: str | None = None):
         _bind_t5_decoder_step,
         _t5_decoder_step_self_check,
     )
+
+
+# ---- a LLaMA decoder's step (blip2_llama_decoder_step in csrc/decoder_step.c; models.decoder_step) -------
+
+LLAMA_BLOCK_LINEARS = ("q", "k", "v", "o", "wi0", "wi1", "wo")
+LLAMA_BLOCK_NORMS = ("norm1", "norm2")
+
+
+class LlamaStepBlock(ctypes.Structure):
+    """One layer of a native LLaMA decoder (``LlamaBlock`` in the C file)."""
+
+    _fields_ = [(name, StepLinear) for name in LLAMA_BLOCK_LINEARS] + [
+        (name, ctypes.c_void_p) for name in LLAMA_BLOCK_NORMS
+    ]
+
+
+class LlamaStepDecoder(ctypes.Structure):
+    """A whole LLaMA decoder (``LlamaDecoder`` in the C file), described once."""
+
+    _fields_ = T5StepDecoder._fields_
+
+
+# LlamaStep: x, caches, mask, cos, sin, work; rows, max_len, position, mask_row, threads
+_LLAMA_STEP_CALL = struct.Struct("<6Q5q")
+
+
+def _bind_llama_decoder_step(library: ctypes.CDLL):
+    kernel = library.blip2_llama_decoder_step
+    kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]  # the decoder, the packed step (_LLAMA_STEP_CALL)
+    kernel.restype = ctypes.c_int
+    return kernel
+
+
+def llama_decoder_step(
+    kernel,
+    decoder: LlamaStepDecoder,
+    x: torch.Tensor,
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position: int,
+) -> None:
+    """One decode step of a LLaMA ``decoder`` over contiguous float32 CPU ``x`` (rows, hidden), in place.
+
+    ``caches`` and ``mask`` as :func:`decoder_step`'s (rows, heads, max_len, head_dim); ``cos``, ``sin``:
+    each row's rotation (rows, head_dim), contiguous. Anything else is refused with ValueError before the
+    kernel runs; a kernel failure is a RuntimeError.
+    """
+    rows, hidden = x.shape if x.dim() == 2 else (0, 0)
+    heads, head_dim = decoder.heads, decoder.head_dim
+    max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
+
+    def cpu_float(t: torch.Tensor) -> bool:
+        return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+
+    if (
+        rows == 0
+        or hidden != decoder.hidden
+        or not cpu_float(x)
+        or len(caches) != decoder.layers
+        or not 0 <= position < max_len
+        or not all(
+            t.shape == (rows, heads, max_len, head_dim) and cpu_float(t) for pair in caches for t in pair
+        )
+        or not (cpu_float(cos) and cpu_float(sin) and cos.shape == sin.shape == (rows, head_dim))
+        or mask.dtype != torch.bool
+        or mask.dim() != 2
+        or mask.shape[0] != rows
+        or mask.shape[1] <= position
+        or mask.stride(1) != 1
+        or not mask.is_cpu
+    ):
+        raise ValueError(
+            f"llama_decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
+            f"(rows, {heads}, L, {head_dim}), a boolean (rows, > {position}) mask and (rows, {head_dim}) cos, sin"
+        )
+    pointers = (ctypes.c_void_p * (2 * len(caches)))(*(t.data_ptr() for pair in caches for t in pair))
+    work = torch.empty(rows * (2 * hidden + 4 * heads * head_dim + 2 * decoder.mlp))
+    call = _LLAMA_STEP_CALL.pack(
+        x.data_ptr(),
+        ctypes.addressof(pointers),
+        mask.data_ptr(),
+        cos.data_ptr(),
+        sin.data_ptr(),
+        work.data_ptr(),
+        rows,
+        max_len,
+        position,
+        mask.stride(0) if rows > 1 else mask.shape[1],
+        torch.get_num_threads(),
+    )
+    status = kernel(ctypes.addressof(decoder), call)
+    if status == -2:
+        raise MemoryError("llama_decoder_step: out of memory")
+    if status != 0:
+        raise RuntimeError(f"llama_decoder_step: a kernel failed (status {status})")
+
+
+def reference_llama_decoder_step(
+    x: torch.Tensor,
+    blocks: list[dict[str, torch.Tensor]],
+    caches: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    position: int,
+    heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """What ``blip2_llama_decoder_step`` computes, in PyTorch (``blocks`` as
+    :func:`reference_t5_decoder_step`'s); the caches are written at ``position``."""
+    rows = x.shape[0]
+
+    def rms(t, weight):
+        return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+
+    def rotate(t):  # (rows, heads, 1, head_dim)
+        half = t.shape[-1] // 2
+        return t * cos[:, None, None] + torch.cat([-t[..., half:], t[..., :half]], -1) * sin[:, None, None]
+
+    keep = mask[:, None, None, : position + 1]
+    for p, (k_cache, v_cache) in zip(blocks, caches, strict=True):
+        h = rms(x, p["norm1"])
+        q, k, v = (F.linear(h, p[f"{name}_weight"]).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
+        q, k = rotate(q), rotate(k)
+        k_cache[:, :, position] = k[:, :, 0]
+        v_cache[:, :, position] = v[:, :, 0]
+        k_all, v_all = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
+        attended = reference_attention(q, k_all, v_all, keep, None).reshape(rows, -1)
+        x = x + F.linear(attended, p["o_weight"])
+        h = rms(x, p["norm2"])
+        x = x + F.linear(F.silu(F.linear(h, p["wi0_weight"])) * F.linear(h, p["wi1_weight"]), p["wo_weight"])
+    return x
+
+
+class PythonLinearLlamaDecoder(PythonLinearDecoder):
+    """A random LLaMA decoder for :func:`llama_decoder_step` whose linear layers are run by a Python
+    callback: what the self-check (and the tests) hold the kernel to :func:`reference_llama_decoder_step`
+    with."""
+
+    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
+        self.generator = torch.Generator().manual_seed(seed)
+        self.heads, self.head_dim, self.eps = heads, head_dim, 1e-6
+        self.callback = LINEAR_FUNCTION(self._run_linear)
+        address = ctypes.cast(self.callback, ctypes.c_void_p).value
+        inner = heads * head_dim
+        sizes = dict.fromkeys(("q", "k", "v"), (inner, hidden)) | {
+            "o": (hidden, inner),
+            "wi0": (mlp, hidden),
+            "wi1": (mlp, hidden),
+            "wo": (hidden, mlp),
+        }
+        self.linears: list[tuple[torch.Tensor, None]] = []
+        self.blocks: list[dict[str, torch.Tensor]] = []
+        self.array = (LlamaStepBlock * layers)()
+        for entry in self.array:
+            block: dict[str, torch.Tensor] = {}
+            for name in LLAMA_BLOCK_LINEARS:
+                block[f"{name}_weight"] = self.randn(*sizes[name]) * 0.3
+                self.linears.append((block[f"{name}_weight"], None))
+                setattr(entry, name, StepLinear(address, len(self.linears)))
+            for name in LLAMA_BLOCK_NORMS:
+                block[name] = 1 + 0.2 * self.randn(hidden)
+                setattr(entry, name, block[name].data_ptr())
+            self.blocks.append(block)
+        self.decoder = LlamaStepDecoder(
+            ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
+        )
+
+    def step_inputs(self, rows: int, max_len: int, position: int):
+        """x, caches, a mask hiding some earlier positions, and each row's rotation at its own position."""
+        heads, head_dim = self.heads, self.head_dim
+        x = self.randn(rows, self.decoder.hidden)
+        caches = [tuple(self.randn(rows, heads, max_len, head_dim) for _ in range(2)) for _ in self.blocks]
+        mask = torch.rand(rows, position + 1, generator=self.generator) > 0.3
+        mask[:, position] = True
+        angles = torch.randint(0, 50, (rows, 1), generator=self.generator) * self.randn(head_dim // 2).abs()
+        angles = torch.cat([angles, angles], -1)
+        return x, caches, mask, angles.cos(), angles.sin()
+
+    def compare(self, kernel, rows: int, max_len: int, position: int):
+        """Runs one step both ways: (caches alike, the kernel's x, the formula's x)."""
+        x, caches, mask, cos, sin = self.step_inputs(rows, max_len, position)
+        want_caches = [(k.clone(), v.clone()) for k, v in caches]
+        want = reference_llama_decoder_step(
+            x, self.blocks, want_caches, mask, cos, sin, position, self.heads, self.eps
+        )
+        got = x.clone()
+        llama_decoder_step(kernel, self.decoder, got, caches, mask, cos, sin, position)
+        same_caches = all(
+            torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+            for pair, want_pair in zip(caches, want_caches, strict=True)
+            for a, b in zip(pair, want_pair, strict=True)
+        )
+        return same_caches, got, want
+
+
+def _llama_decoder_step_self_check(kernel) -> bool:
+    """A 2-layer LLaMA decoder (its inner width unlike its hidden one) on masked rows, against
+    :func:`reference_llama_decoder_step`."""
+    decoder = PythonLinearLlamaDecoder(0, layers=2, hidden=12, heads=3, head_dim=6, mlp=20)
+    same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4)
+    return same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+@functools.cache
+def llama_decoder_step_kernel(kind: str | None = None):
+    """The compiled ``blip2_llama_decoder_step`` of ``kind`` (default ``kernel_kind()``), or None where it
+    cannot be had (logged once)."""
+    return _load_kind(
+        kind or kernel_kind(),
+        STEP_SOURCES,
+        "decoder_step",
+        ATTENTION_FLAGS,
+        "LLaMA decoder step",
+        _bind_llama_decoder_step,
+        _llama_decoder_step_self_check,
+    )

@@ -62,6 +62,74 @@ static inline float reduce(vec v) {
     return _mm_cvtss_f32(s);
 }
 
+/* More of the vector layer, for the kernels compiled after this file (encoder_attention.c,
+ * decoder_step.c): arithmetic, e^x for x <= 0, and from it the sigmoid and tanh. */
+#ifdef __AVX512F__
+#define vmul(a, b) _mm512_mul_ps(a, b)
+#define vadd(a, b) _mm512_add_ps(a, b)
+#define vsub(a, b) _mm512_sub_ps(a, b)
+#define vdiv(a, b) _mm512_div_ps(a, b)
+#define vmax(a, b) _mm512_max_ps(a, b)
+#define vabs(x) _mm512_abs_ps(x)
+#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vcvt(x) _mm512_cvtps_epi32(x)
+#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23))
+#define vzero_below(v, x, limit) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, limit, _CMP_GE_OQ), v)
+#define vselect_negative(x, if_negative, otherwise) \
+    _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), otherwise, if_negative)
+static inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
+#else
+#define vmul(a, b) _mm256_mul_ps(a, b)
+#define vadd(a, b) _mm256_add_ps(a, b)
+#define vsub(a, b) _mm256_sub_ps(a, b)
+#define vdiv(a, b) _mm256_div_ps(a, b)
+#define vmax(a, b) _mm256_max_ps(a, b)
+#define vabs(x) _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x)
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vcvt(x) _mm256_cvtps_epi32(x)
+#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23))
+#define vzero_below(v, x, limit) _mm256_and_ps(v, _mm256_cmp_ps(x, limit, _CMP_GE_OQ))
+#define vselect_negative(x, if_negative, otherwise) \
+    _mm256_blendv_ps(otherwise, if_negative, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ))
+static inline float hmax(vec v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+#endif
+
+/* e^x for x <= 0: 2^n * e^r with |r| <= ln(2) / 2, e^r by its degree-6 Taylor polynomial (relative error
+ * < 2e-7); below -87.3 the result is 0, as expf's underflow. */
+static inline vec vexp(vec x) {
+    const vec lowest = vset1(-87.3f);
+    vec original = x;
+    x = vmax(x, lowest);
+    vec n = vround(vmul(x, vset1(1.44269504088896341f)));
+    vec r = vsub(vsub(x, vmul(n, vset1(0.693359375f))), vmul(n, vset1(-2.12194440e-4f)));
+    vec p = vset1(1.0f / 720.0f);
+    p = vfma(p, r, vset1(1.0f / 120.0f));
+    p = vfma(p, r, vset1(1.0f / 24.0f));
+    p = vfma(p, r, vset1(1.0f / 6.0f));
+    p = vfma(p, r, vset1(0.5f));
+    p = vfma(p, r, vset1(1.0f));
+    p = vfma(p, r, vset1(1.0f));
+    return vzero_below(vmul(p, vpow2(vcvt(n))), original, lowest);
+}
+
+/* 1 / (1 + e^-x), from t = e^-|x|: 1 / (1 + t) for x >= 0, t / (1 + t) below */
+static inline vec vsigmoid(vec x) {
+    vec t = vexp(vsub(vzero(), vabs(x))), denominator = vadd(vset1(1.0f), t);
+    return vselect_negative(x, vdiv(t, denominator), vdiv(vset1(1.0f), denominator));
+}
+
+/* tanh(x) = (1 - t) / (1 + t) with t = e^-2|x|, with x's sign */
+static inline vec vtanh(vec x) {
+    vec t = vexp(vmul(vset1(-2.0f), vabs(x)));
+    vec magnitude = vdiv(vsub(vset1(1.0f), t), vadd(vset1(1.0f), t));
+    return vselect_negative(x, vsub(vzero(), magnitude), magnitude);
+}
+
 /* Vectors of the output summed together (independent chains of fused multiply-adds). */
 #define GROUP 4
 

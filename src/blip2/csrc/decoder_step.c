@@ -220,13 +220,30 @@ static void rms_norm_rows(const float *x, const float *weight, long rows, long n
     }
 }
 
-/* gate = gelu_tanh(gate) * up, as PyTorch's gelu(approximate="tanh") */
-static void gelu_tanh_times(float *gate, const float *up, long n)
+/* gate = act(gate) * up over rows of n, each element by the same vector operations whatever the row count
+ * (a row's tail in a masked vector); act is gelu_tanh (PyTorch's gelu(approximate="tanh")) or silu. */
+static inline vec gelu_tanh(vec x) {
+    vec inner = vmul(vset1(0.7978845608028654f), vadd(x, vmul(vset1(0.044715f), vmul(vmul(x, x), x))));
+    return vmul(vmul(vset1(0.5f), x), vadd(vset1(1.0f), vtanh(inner)));
+}
+
+static inline vec silu(vec x) { return vmul(x, vsigmoid(x)); }
+
+static void gated_rows(float *gate, const float *up, long rows, long n, int gelu)
 {
-    const float beta = 0.7978845608028654f, kappa = 0.044715f;
-    for (long i = 0; i < n; i++) {
-        float x = gate[i], inner = beta * (x + kappa * (x * x * x));
-        gate[i] = 0.5f * x * (1.0f + tanhf(inner)) * up[i];
+    long full = n / LANES * LANES;
+    tail_mask mask = make_tail_mask(n - full);
+    for (long r = 0; r < rows; r++) {
+        float *g = gate + r * n;
+        const float *u = up + r * n;
+        for (long i = 0; i < full; i += LANES) {
+            vec x = vload(g + i);
+            vstore(g + i, vmul(gelu ? gelu_tanh(x) : silu(x), vload(u + i)));
+        }
+        if (full < n) {
+            vec x = vload_tail(g + full, mask);
+            vstore_tail(g + full, vmul(gelu ? gelu_tanh(x) : silu(x), vload_tail(u + full, mask)), mask);
+        }
     }
 }
 
@@ -293,7 +310,7 @@ static int t5_block_step(const T5Decoder *d, const T5Step *s, long layer)
     rms_norm_rows(x, b->norm2, rows, hidden, eps, normed);
     RUN(b->wi0, normed, gate);
     RUN(b->wi1, normed, up);
-    gelu_tanh_times(gate, up, rows * d->mlp);
+    gated_rows(gate, up, rows, d->mlp, 1);
     RUN(b->wo, gate, out);
     add_into(x, out, n);
     return 0;
@@ -307,6 +324,116 @@ int blip2_t5_decoder_step(const T5Decoder *d, const T5Step *s)
         return -1;
     for (long layer = 0; layer < d->layers; layer++) {
         int status = t5_block_step(d, s, layer);
+        if (status)
+            return status;
+    }
+    return 0;
+}
+
+/* ---- LLaMA decoders (Vicuna in InstructBLIP) --------------------------------------------------------------
+ *
+ * A layer, per row (RMS as T5's; rotary positions on the queries and keys with the row's cos and sin;
+ * the attention scaled by 1 / sqrt(head_dim); keys and values of as many heads as the queries):
+ *
+ *     x = x + o(attn(rope(q(RMS1(x))), rope(k(RMS1(x))), v(RMS1(x)), cache, mask))
+ *     x = x + wo(silu(wi0(RMS2(x))) * wi1(RMS2(x)))
+ */
+
+typedef struct {
+    Linear q, k, v, o, wi0, wi1, wo;
+    const float *norm1, *norm2; /* the RMS norms' weights */
+} LlamaBlock;
+
+typedef struct {
+    const LlamaBlock *blocks;
+    long layers, hidden, heads, head_dim, mlp;
+    double eps;
+} LlamaDecoder;
+
+typedef struct {
+    float *x;                  /* (rows, hidden), updated in place */
+    float *const *caches;      /* 2 per layer, keys then values: (rows, heads, max_len, head_dim) */
+    const unsigned char *mask; /* (rows, position + 1) at mask_row elements per row: 1 = attend */
+    const float *cos, *sin;    /* (rows, head_dim): the rotation at each row's position */
+    float *work;               /* rows * (2 * hidden + 4 * heads * head_dim + 2 * mlp) */
+    long rows, max_len, position, mask_row, threads;
+} LlamaStep;
+
+/* x (rows, heads * head_dim) rotated in place: pairs (i, i + head_dim / 2) of each head, as
+ * x * cos + rotate_half(x) * sin with rotate_half(x) = (-x[half:], x[:half]) */
+static void rotate_rows(float *x, const float *cos, const float *sin, long rows, long heads, long head_dim)
+{
+    long half = head_dim / 2;
+    for (long r = 0; r < rows; r++)
+        for (long h = 0; h < heads; h++) {
+            float *v = x + (r * heads + h) * head_dim;
+            const float *c = cos + r * head_dim, *s = sin + r * head_dim;
+            for (long i = 0; i < half; i++) {
+                float a = v[i], b = v[i + half];
+                v[i] = a * c[i] + (-b) * s[i];
+                v[i + half] = b * c[i + half] + a * s[i + half];
+            }
+        }
+}
+
+static int llama_block_step(const LlamaDecoder *d, const LlamaStep *s, long layer)
+{
+    const LlamaBlock *b = d->blocks + layer;
+    long rows = s->rows, hidden = d->hidden, heads = d->heads, head_dim = d->head_dim, inner = heads * head_dim;
+    long n = rows * hidden;
+    float eps = (float)d->eps;
+    float *x = s->x, *normed = s->work, *out = normed + n, *q = out + n, *k = q + rows * inner,
+          *v = k + rows * inner, *attended = v + rows * inner, *gate = attended + rows * inner,
+          *up = gate + rows * d->mlp;
+    rms_norm_rows(x, b->norm1, rows, hidden, eps, normed);
+    RUN(b->q, normed, q);
+    RUN(b->k, normed, k);
+    RUN(b->v, normed, v);
+    rotate_rows(q, s->cos, s->sin, rows, heads, head_dim);
+    rotate_rows(k, s->cos, s->sin, rows, heads, head_dim);
+    long k_head = s->max_len * head_dim, k_batch = heads * k_head;
+    Call c = {0};
+    c.q = q;
+    c.new_k = k;
+    c.new_v = v;
+    c.k = s->caches[2 * layer];
+    c.v = s->caches[2 * layer + 1];
+    c.mask_bool = s->mask;
+    c.out = attended;
+    c.batch = rows;
+    c.heads = heads;
+    c.length = s->position + 1;
+    c.head_dim = head_dim;
+    c.strides = (Strides){inner, head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
+                          s->mask_row, 0, 1, inner, head_dim, inner, head_dim};
+    c.out_batch = inner;
+    c.out_head = head_dim;
+    c.scale = 1.0 / sqrt((double)head_dim);
+    c.scaled = 1;
+    c.threads = s->threads;
+    c.write_at = s->position;
+    int status = blip2_decode_attention(&c);
+    if (status)
+        return status;
+    RUN(b->o, attended, out);
+    add_into(x, out, n);
+    rms_norm_rows(x, b->norm2, rows, hidden, eps, normed);
+    RUN(b->wi0, normed, gate);
+    RUN(b->wi1, normed, up);
+    gated_rows(gate, up, rows, d->mlp, 0);
+    RUN(b->wo, gate, out);
+    add_into(x, out, n);
+    return 0;
+}
+
+/* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
+int blip2_llama_decoder_step(const LlamaDecoder *d, const LlamaStep *s)
+{
+    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->head_dim < 2 || d->head_dim % 2 || d->mlp < 1 ||
+        s->rows < 1 || s->position < 0 || s->position >= s->max_len || s->mask_row < s->position + 1)
+        return -1;
+    for (long layer = 0; layer < d->layers; layer++) {
+        int status = llama_block_step(d, s, layer);
         if (status)
             return status;
     }

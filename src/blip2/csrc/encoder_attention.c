@@ -14,63 +14,19 @@
  * batch, on any thread count.
  *
  * Built by blip2.native after decode_attention.c, as one unit, whose vector type and operations (vec,
- * LANES, vzero, vset1, vload, vstore, vfma, reduce) it uses: either with -mavx2 -mfma (8 lanes) or with
+ * LANES, vload, vfma, vexp, reduce, hmax...) it uses: either with -mavx2 -mfma (8 lanes) or with
  * -mavx512f (16 lanes). Here a pair runs at ~60 % of the FMA rate.
  */
 
 #ifdef __AVX512F__
 #define SCORE_VECTORS 4 /* a score tile: 4 queries x 4 vectors of keys (16 accumulators) */
 #define VALUE_VECTORS 4 /* an output tile: 4 queries x 4 vectors of head_dim */
-#define vmul(a, b) _mm512_mul_ps(a, b)
-#define vadd(a, b) _mm512_add_ps(a, b)
-#define vsub(a, b) _mm512_sub_ps(a, b)
-#define vmax(a, b) _mm512_max_ps(a, b)
-#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vcvt(x) _mm512_cvtps_epi32(x)
-#define vpow2(n) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23))
-static inline float hmax(vec v) { return _mm512_reduce_max_ps(v); }
 #else
 #define SCORE_VECTORS 2 /* 16 registers: 4 x 2 accumulators */
 #define VALUE_VECTORS 2
-#define vmul(a, b) _mm256_mul_ps(a, b)
-#define vadd(a, b) _mm256_add_ps(a, b)
-#define vsub(a, b) _mm256_sub_ps(a, b)
-#define vmax(a, b) _mm256_max_ps(a, b)
-#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#define vcvt(x) _mm256_cvtps_epi32(x)
-#define vpow2(n) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23))
-static inline float hmax(vec v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    m = _mm_max_ss(m, _mm_movehdup_ps(m));
-    return _mm_cvtss_f32(m);
-}
 #endif
 
 #define ROWS 4 /* queries per tile */
-
-/* e^x for x <= 0 (scores minus their maximum): 2^n * e^r with |r| <= ln(2) / 2, e^r by its degree-6
- * Taylor polynomial (relative error < 2e-7); below -87.3 the result is 0, as expf's underflow. */
-static inline vec vexp(vec x) {
-    const vec lowest = vset1(-87.3f);
-    vec zero_below = x;
-    x = vmax(x, lowest);
-    vec n = vround(vmul(x, vset1(1.44269504088896341f)));
-    vec r = vsub(vsub(x, vmul(n, vset1(0.693359375f))), vmul(n, vset1(-2.12194440e-4f)));
-    vec p = vset1(1.0f / 720.0f);
-    p = vfma(p, r, vset1(1.0f / 120.0f));
-    p = vfma(p, r, vset1(1.0f / 24.0f));
-    p = vfma(p, r, vset1(1.0f / 6.0f));
-    p = vfma(p, r, vset1(0.5f));
-    p = vfma(p, r, vset1(1.0f));
-    p = vfma(p, r, vset1(1.0f));
-    vec result = vmul(p, vpow2(vcvt(n)));
-#ifdef __AVX512F__
-    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(zero_below, lowest, _CMP_GE_OQ), result);
-#else
-    return _mm256_and_ps(result, _mm256_cmp_ps(zero_below, lowest, _CMP_GE_OQ));
-#endif
-}
 
 /* Scores of `rows` queries (pointers to their q) against keys [k0, k0 + nv * LANES), each a dot product
  * over d ascending, times scale; the tile's repeated rows (rows < ROWS) are computed and not stored. */

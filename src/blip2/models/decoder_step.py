@@ -1,5 +1,5 @@
-"""A decode step of an OPT or a T5 decoder in one native call (``blip2.native.decoder_step``,
-``blip2.native.t5_decoder_step``).
+"""A decode step of an OPT, T5 or LLaMA decoder in one native call (``blip2.native.decoder_step``,
+``t5_decoder_step``, ``llama_decoder_step``).
 
 Each layer of a decode step is ~40 PyTorch operator and module calls around its six matrix products;
 with int8 or int4 weights those calls take about a third of the step (~2 ms of ~6 ms at OPT-350m's
@@ -107,6 +107,32 @@ def _describe(
     return described
 
 
+def _description(model: nn.Module, first: KVCache, parts_of, attentions_of, describe) -> _Described:
+    """``model``'s description, checked at the first step of each generation (a new ``first`` cache) and
+    made again if any layer changed since: ``parts_of(model)`` lists its layers' parts,
+    ``attentions_of(model)`` its attention modules, ``describe(model, parts, key)`` makes it."""
+    described = _DESCRIBED.get(model)
+    if described is None or described.cache is None or described.cache() is not first:
+        parts = parts_of(model)
+        key = _key(attentions_of(model), parts)
+        if described is None or described.key != key:
+            described = _DESCRIBED[model] = describe(model, parts, key)
+        described.cache = weakref.ref(first)
+    return described
+
+
+def _step_applies(x: torch.Tensor, cache, start) -> bool:
+    """A float32 CPU decode step of one new position with a cache, no gradient wanted."""
+    return (
+        cache is not None
+        and isinstance(start, int)
+        and x.shape[1] == 1
+        and not torch.is_grad_enabled()
+        and x.dtype == torch.float32
+        and x.is_cpu
+    )
+
+
 def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCache] | None, start) -> bool:
     """Runs every layer of ``model`` (an OPT) over ``x`` (B, 1, D), in place, for a decode step at
     position ``start`` and says True; False where the native step does not apply (the caller then runs
@@ -115,25 +141,13 @@ def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCac
     ``mask``: the step's boolean (B, 1, 1, start + 1) causal mask.
     """
     if (
-        cache is None
-        or not isinstance(start, int)
-        or x.shape[1] != 1
-        or torch.is_grad_enabled()
-        or x.dtype != torch.float32
-        or not x.is_cpu
+        not _step_applies(x, cache, start)
         or not x.is_contiguous()
         or mask.shape != (x.shape[0], 1, 1, start + 1)
         or (kernel := native.decoder_step_kernel()) is None
     ):
         return False
-    described = _DESCRIBED.get(model)
-    if described is None or described.cache is None or described.cache() is not cache[0]:
-        # the first step of a generation: (re)describe the decoder if any layer changed since
-        parts = _parts(model)
-        key = _key([block.attn for block in model.layers], parts)
-        if described is None or described.key != key:
-            described = _DESCRIBED[model] = _describe(model, parts, key)
-        described.cache = weakref.ref(cache[0])
+    described = _description(model, cache[0], _parts, lambda m: [b.attn for b in m.layers], _describe)
     if described.decoder is None:
         return False
     rows = x.shape[0]
@@ -148,6 +162,24 @@ def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCac
         )
     except ValueError:  # what it does not take (a full cache, say): the layers say why
         return False
+    return True
+
+
+def _fill(array, parts, linear_names, norm_names, described: _Described) -> bool:
+    """Points each entry of a ctypes ``array`` of blocks at its ``parts`` (linear layers' descriptions,
+    norm weights: all needed), keeping what they point at in ``described``; False where one is missing."""
+    for (linears, weights), entry in zip(parts, array, strict=True):
+        for name, reference in zip(linear_names, linears, strict=True):
+            if reference is None:
+                return False
+            address, layer, tensors = reference
+            setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
+            described.keep.extend((layer, *tensors))
+        for name, weight in zip(norm_names, weights, strict=True):
+            if weight.dtype != torch.float32 or not weight.is_contiguous() or not weight.is_cpu:
+                return False
+            setattr(entry, name, weight.data_ptr())
+            described.keep.append(weight)
     return True
 
 
@@ -182,18 +214,8 @@ def _t5_describe(
         return _Described(None, key)
     described = _Described(None, key)
     array = (native.T5StepBlock * len(blocks))()
-    for (linears, weights), entry in zip(parts, array, strict=True):
-        for name, reference in zip(native.T5_BLOCK_LINEARS, linears, strict=True):
-            if reference is None:
-                return _Described(None, key)
-            address, layer, tensors = reference
-            setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
-            described.keep.extend((layer, *tensors))
-        for name, weight in zip(native.T5_BLOCK_NORMS, weights, strict=True):
-            if weight.dtype != torch.float32 or not weight.is_contiguous() or not weight.is_cpu:
-                return _Described(None, key)
-            setattr(entry, name, weight.data_ptr())
-            described.keep.append(weight)
+    if not _fill(array, parts, native.T5_BLOCK_LINEARS, native.T5_BLOCK_NORMS, described):
+        return _Described(None, key)
     described.decoder = native.T5StepDecoder(
         ctypes.addressof(array),
         len(blocks),
@@ -216,26 +238,18 @@ def run_t5(model: nn.Module, x: torch.Tensor, bias: torch.Tensor, cache, start) 
     ``cache``: the generation's ``T5DecoderCache``.
     """
     if (
-        cache is None
+        not _step_applies(x, cache, start)
         or not model.cfg.gated
-        or not isinstance(start, int)
-        or x.shape[1] != 1
-        or torch.is_grad_enabled()
-        or x.dtype != torch.float32
-        or not x.is_cpu
         or (kernel := native.t5_decoder_step_kernel()) is None
     ):
         return None
-    first = cache.self_attn[0]
-    described = _DESCRIBED.get(model)
-    if described is None or described.cache is None or described.cache() is not first:
-        # the first step of a generation: (re)describe the decoder if any layer changed since
-        parts = _t5_parts(model)
-        attentions = [a for block in model.decoder for a in (block.self_attn, block.cross_attn)]
-        key = _key(attentions, parts)
-        if described is None or described.key != key:
-            described = _DESCRIBED[model] = _t5_describe(model, parts, key)
-        described.cache = weakref.ref(first)
+    described = _description(
+        model,
+        cache.self_attn[0],
+        _t5_parts,
+        lambda m: [a for block in m.decoder for a in (block.self_attn, block.cross_attn)],
+        _t5_describe,
+    )
     if described.decoder is None:
         return None
     rows = x.shape[0]
@@ -252,5 +266,85 @@ def run_t5(model: nn.Module, x: torch.Tensor, bias: torch.Tensor, cache, start) 
             start,
         )
     except ValueError:  # what it does not take (a full cache, a cache on another device): the layers
+        return None
+    return out.view(rows, 1, -1)
+
+
+# ---- LLaMA decoders (native.llama_decoder_step) -----------------------------------------------------------
+
+
+def _llama_parts(model: nn.Module) -> list[tuple[list, list[torch.Tensor | None]]]:
+    """Per block of ``model`` (a LLaMA): its seven linear layers' ``native_linear()`` (in
+    ``native.LLAMA_BLOCK_LINEARS`` order) and its two RMS norms' weights."""
+    parts = []
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        modules = (attn.q, attn.k, attn.v, attn.out, mlp.wi_0, mlp.wi_1, mlp.wo)
+        linears = [getattr(m, "native_linear", lambda: None)() for m in modules]
+        parts.append((linears, [block.norm1.weight, block.norm2.weight]))
+    return parts
+
+
+def _llama_describe(
+    model: nn.Module, parts: list[tuple[list, list[torch.Tensor | None]]], key: tuple
+) -> _Described:
+    """``model`` (a LLaMA) described from its ``parts``, or ``_Described(None, key)`` where it cannot run
+    natively (grouped key/value heads, another activation than SiLU, exact=True)."""
+    cfg = model.cfg
+    blocks = list(model.layers)
+    eps = {norm.eps for block in blocks for norm in (block.norm1, block.norm2)}
+    fast = all(block.attn.fast_kernels for block in blocks)
+    if cfg.num_kv_heads != cfg.num_heads or cfg.activation != "silu" or not fast or len(eps) != 1:
+        return _Described(None, key)
+    described = _Described(None, key)
+    array = (native.LlamaStepBlock * len(blocks))()
+    if not _fill(array, parts, native.LLAMA_BLOCK_LINEARS, native.LLAMA_BLOCK_NORMS, described):
+        return _Described(None, key)
+    described.decoder = native.LlamaStepDecoder(
+        ctypes.addressof(array),
+        len(blocks),
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.head_dim,
+        cfg.mlp_size,
+        eps.pop(),
+    )
+    described.keep.append(array)
+    return described
+
+
+def run_llama(
+    model: nn.Module,
+    x: torch.Tensor,
+    cos_sin: tuple[torch.Tensor, torch.Tensor],
+    mask: torch.Tensor,
+    cache,
+    start,
+) -> torch.Tensor | None:
+    """Every layer of ``model`` (a LLaMA) over ``x`` (B, 1, D) for a decode step at position ``start``, in
+    one native call: the hidden states before the final norm (a new tensor), or None where the native
+    step does not apply (the caller then runs the layers; nothing was changed).
+
+    ``cos_sin``: each row's rotation (B, 1, 1, Dh); ``mask``: the step's boolean (B, 1, 1, start + 1).
+    """
+    rows = x.shape[0]
+    if (
+        not _step_applies(x, cache, start)
+        or mask.shape != (rows, 1, 1, start + 1)
+        or (kernel := native.llama_decoder_step_kernel()) is None
+    ):
+        return None
+    described = _description(
+        model, cache[0], _llama_parts, lambda m: [b.attn for b in m.layers], _llama_describe
+    )
+    if described.decoder is None:
+        return None
+    out = x.reshape(rows, -1).clone()  # the caller's embeddings stay as they were
+    cos, sin = (t.reshape(rows, -1).contiguous() for t in cos_sin)
+    try:
+        native.llama_decoder_step(
+            kernel, described.decoder, out, [(c.k, c.v) for c in cache], mask.view(rows, -1), cos, sin, start
+        )
+    except ValueError:  # what it does not take (a full cache, say): the layers say why
         return None
     return out.view(rows, 1, -1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import decoder_step
 from ..config import LlamaConfig
 from ..layers import (
     GatedMLP,
@@ -167,6 +168,9 @@ class Llama(nn.Module):
         x = inputs_embeds
         cos_sin = self.rotary.cos_sin(window(self.positions(attention_mask), start, t), x.dtype)
         mask = causal_mask(attention_mask, start, t)  # (B, 1, T, S)
+        # a quantized decode step: every layer in one native call where it can
+        if (native := decoder_step.run_llama(self, x, cos_sin, mask, cache, start)) is not None:
+            return self.norm(native)
         for i, layer in enumerate(self.layers):
             layer_cache = cache[i] if cache is not None else None
             x = run_layer(self, layer, x, cos_sin, mask, layer_cache, start)
