@@ -529,11 +529,29 @@ class StepDecoder(ctypes.Structure):
 _STEP_CALL = struct.Struct("<4Q5q")
 
 
-def _bind_decoder_step(library: ctypes.CDLL):
-    kernel = library.blip2_decoder_step
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]  # the decoder, the packed step (_STEP_CALL)
-    kernel.restype = ctypes.c_int
-    return kernel
+def _step_binder(name: str):
+    """A ``bind`` for :func:`_load_kind` of a decoder step's function ``name``: (the decoder, the packed
+    step) -> status."""
+
+    def bind(library: ctypes.CDLL):
+        kernel = getattr(library, name)
+        kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        kernel.restype = ctypes.c_int
+        return kernel
+
+    return bind
+
+
+_bind_decoder_step = _step_binder("blip2_decoder_step")
+
+
+def _run_step(kernel, decoder: ctypes.Structure, call: bytes, what: str) -> None:
+    """One packed decoder-step call; a failure is a MemoryError or a RuntimeError naming ``what``."""
+    status = kernel(ctypes.addressof(decoder), call)
+    if status == -2:
+        raise MemoryError(f"{what}: out of memory")
+    if status != 0:
+        raise RuntimeError(f"{what}: a kernel failed (status {status})")
 
 
 def decoder_step(
@@ -593,11 +611,7 @@ def decoder_step(
         mask.stride(0) if rows > 1 else mask.shape[1],
         torch.get_num_threads(),
     )
-    status = kernel(ctypes.addressof(decoder), call)
-    if status == -2:
-        raise MemoryError("decoder_step: out of memory")
-    if status != 0:
-        raise RuntimeError(f"decoder_step: a kernel failed (status {status})")
+    _run_step(kernel, decoder, call, "decoder_step")
 
 
 def reference_decoder_step(
@@ -637,6 +651,15 @@ def reference_decoder_step(
         if not pre_norm:
             x = norm(p, 2, x)
     return x
+
+
+def _caches_alike(got: list, want: list) -> bool:
+    """Whether two lists of (keys, values) caches hold the same values, to float32 rounding."""
+    return all(
+        torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        for pair, want_pair in zip(got, want, strict=True)
+        for a, b in zip(pair, want_pair, strict=True)
+    )
 
 
 class PythonLinearDecoder:
@@ -711,12 +734,7 @@ class PythonLinearDecoder:
         )
         got = x.clone()
         decoder_step(kernel, self.decoder, got, caches, mask, position)
-        same_caches = all(
-            torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-            for pair, want_pair in zip(caches, want_caches, strict=True)
-            for a, b in zip(pair, want_pair, strict=True)
-        )
-        return same_caches, got, want
+        return _caches_alike(caches, want_caches), got, want
 
 
 def _decoder_step_self_check(kernel) -> bool:
@@ -859,11 +877,7 @@ class T5StepDecoder(ctypes.Structure):
 _T5_STEP_CALL = struct.Struct("<6Q11q")
 
 
-def _bind_t5_decoder_step(library: ctypes.CDLL):
-    kernel = library.blip2_t5_decoder_step
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]  # the decoder, the packed step (_T5_STEP_CALL)
-    kernel.restype = ctypes.c_int
-    return kernel
+_bind_t5_decoder_step = _step_binder("blip2_t5_decoder_step")
 
 
 def t5_decoder_step(
@@ -948,11 +962,7 @@ def t5_decoder_step(
         *cross_strides[:3],
         cross_len,
     )
-    status = kernel(ctypes.addressof(decoder), call)
-    if status == -2:
-        raise MemoryError("t5_decoder_step: out of memory")
-    if status != 0:
-        raise RuntimeError(f"t5_decoder_step: a kernel failed (status {status})")
+    _run_step(kernel, decoder, call, "t5_decoder_step")
 
 
 def reference_t5_decoder_step(
@@ -990,15 +1000,40 @@ def reference_t5_decoder_step(
     return x
 
 
-class PythonLinearT5Decoder(PythonLinearDecoder):
-    """A random T5 decoder for :func:`t5_decoder_step` whose linear layers are run by a Python callback:
-    what the self-check (and the tests) hold the kernel to :func:`reference_t5_decoder_step` with."""
+class _PythonLinearGatedDecoder(PythonLinearDecoder):
+    """A random T5 or LLaMA decoder for their native steps, its linear layers (no biases) run by a Python
+    callback and its RMS norms' weights near 1; ``sizes``: each linear layer's (out, in)."""
 
-    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
+    BLOCK, LINEARS, NORMS, DECODER = T5StepBlock, T5_BLOCK_LINEARS, T5_BLOCK_NORMS, T5StepDecoder
+
+    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int, sizes: dict):
         self.generator = torch.Generator().manual_seed(seed)
         self.heads, self.head_dim, self.eps = heads, head_dim, 1e-6
         self.callback = LINEAR_FUNCTION(self._run_linear)
         address = ctypes.cast(self.callback, ctypes.c_void_p).value
+        self.linears: list[tuple[torch.Tensor, None]] = []
+        self.blocks: list[dict[str, torch.Tensor]] = []
+        self.array = (self.BLOCK * layers)()
+        for entry in self.array:
+            block: dict[str, torch.Tensor] = {}
+            for name in self.LINEARS:
+                block[f"{name}_weight"] = self.randn(*sizes[name]) * 0.3
+                self.linears.append((block[f"{name}_weight"], None))
+                setattr(entry, name, StepLinear(address, len(self.linears)))  # its "layer": the 1-based index
+            for name in self.NORMS:
+                block[name] = 1 + 0.2 * self.randn(hidden)
+                setattr(entry, name, block[name].data_ptr())
+            self.blocks.append(block)
+        self.decoder = self.DECODER(
+            ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
+        )
+
+
+class PythonLinearT5Decoder(_PythonLinearGatedDecoder):
+    """A random T5 decoder for :func:`t5_decoder_step` whose linear layers are run by a Python callback:
+    what the self-check (and the tests) hold the kernel to :func:`reference_t5_decoder_step` with."""
+
+    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
         inner = heads * head_dim
         sizes = dict.fromkeys(("q", "k", "v", "cross_q"), (inner, hidden)) | {
             "o": (hidden, inner),
@@ -1007,22 +1042,7 @@ class PythonLinearT5Decoder(PythonLinearDecoder):
             "wi1": (mlp, hidden),
             "wo": (hidden, mlp),
         }
-        self.linears: list[tuple[torch.Tensor, None]] = []
-        self.blocks: list[dict[str, torch.Tensor]] = []
-        self.array = (T5StepBlock * layers)()
-        for entry in self.array:
-            block: dict[str, torch.Tensor] = {}
-            for name in T5_BLOCK_LINEARS:
-                block[f"{name}_weight"] = self.randn(*sizes[name]) * 0.3
-                self.linears.append((block[f"{name}_weight"], None))
-                setattr(entry, name, StepLinear(address, len(self.linears)))
-            for name in T5_BLOCK_NORMS:
-                block[name] = 1 + 0.2 * self.randn(hidden)
-                setattr(entry, name, block[name].data_ptr())
-            self.blocks.append(block)
-        self.decoder = T5StepDecoder(
-            ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
-        )
+        super().__init__(seed, layers, hidden, heads, head_dim, mlp, sizes)
 
     def compare(self, kernel, rows: int, max_len: int, position: int, cross_len: int):
         """Runs one step both ways: (caches alike, the kernel's x, the formula's x)."""
@@ -1045,12 +1065,7 @@ class PythonLinearT5Decoder(PythonLinearDecoder):
         )
         got = x.clone()
         t5_decoder_step(kernel, self.decoder, got, caches, cross, bias, cross_bias, position)
-        same_caches = all(
-            torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-            for pair, want_pair in zip(caches, want_caches, strict=True)
-            for a, b in zip(pair, want_pair, strict=True)
-        )
-        return same_caches, got, want
+        return _caches_alike(caches, want_caches), got, want
 
 
 def _t5_decoder_step_self_check(kernel) -> bool:
@@ -1100,11 +1115,7 @@ class LlamaStepDecoder(ctypes.Structure):
 _LLAMA_STEP_CALL = struct.Struct("<6Q5q")
 
 
-def _bind_llama_decoder_step(library: ctypes.CDLL):
-    kernel = library.blip2_llama_decoder_step
-    kernel.argtypes = [ctypes.c_void_p, ctypes.c_char_p]  # the decoder, the packed step (_LLAMA_STEP_CALL)
-    kernel.restype = ctypes.c_int
-    return kernel
+_bind_llama_decoder_step = _step_binder("blip2_llama_decoder_step")
 
 
 def llama_decoder_step(
@@ -1166,11 +1177,7 @@ def llama_decoder_step(
         mask.stride(0) if rows > 1 else mask.shape[1],
         torch.get_num_threads(),
     )
-    status = kernel(ctypes.addressof(decoder), call)
-    if status == -2:
-        raise MemoryError("llama_decoder_step: out of memory")
-    if status != 0:
-        raise RuntimeError(f"llama_decoder_step: a kernel failed (status {status})")
+    _run_step(kernel, decoder, call, "llama_decoder_step")
 
 
 def reference_llama_decoder_step(
@@ -1210,16 +1217,14 @@ def reference_llama_decoder_step(
     return x
 
 
-class PythonLinearLlamaDecoder(PythonLinearDecoder):
+class PythonLinearLlamaDecoder(_PythonLinearGatedDecoder):
     """A random LLaMA decoder for :func:`llama_decoder_step` whose linear layers are run by a Python
     callback: what the self-check (and the tests) hold the kernel to :func:`reference_llama_decoder_step`
     with."""
 
+    BLOCK, LINEARS, NORMS, DECODER = LlamaStepBlock, LLAMA_BLOCK_LINEARS, LLAMA_BLOCK_NORMS, LlamaStepDecoder
+
     def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
-        self.generator = torch.Generator().manual_seed(seed)
-        self.heads, self.head_dim, self.eps = heads, head_dim, 1e-6
-        self.callback = LINEAR_FUNCTION(self._run_linear)
-        address = ctypes.cast(self.callback, ctypes.c_void_p).value
         inner = heads * head_dim
         sizes = dict.fromkeys(("q", "k", "v"), (inner, hidden)) | {
             "o": (hidden, inner),
@@ -1227,22 +1232,7 @@ class PythonLinearLlamaDecoder(PythonLinearDecoder):
             "wi1": (mlp, hidden),
             "wo": (hidden, mlp),
         }
-        self.linears: list[tuple[torch.Tensor, None]] = []
-        self.blocks: list[dict[str, torch.Tensor]] = []
-        self.array = (LlamaStepBlock * layers)()
-        for entry in self.array:
-            block: dict[str, torch.Tensor] = {}
-            for name in LLAMA_BLOCK_LINEARS:
-                block[f"{name}_weight"] = self.randn(*sizes[name]) * 0.3
-                self.linears.append((block[f"{name}_weight"], None))
-                setattr(entry, name, StepLinear(address, len(self.linears)))
-            for name in LLAMA_BLOCK_NORMS:
-                block[name] = 1 + 0.2 * self.randn(hidden)
-                setattr(entry, name, block[name].data_ptr())
-            self.blocks.append(block)
-        self.decoder = LlamaStepDecoder(
-            ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
-        )
+        super().__init__(seed, layers, hidden, heads, head_dim, mlp, sizes)
 
     def step_inputs(self, rows: int, max_len: int, position: int):
         """x, caches, a mask hiding some earlier positions, and each row's rotation at its own position."""
@@ -1264,12 +1254,7 @@ class PythonLinearLlamaDecoder(PythonLinearDecoder):
         )
         got = x.clone()
         llama_decoder_step(kernel, self.decoder, got, caches, mask, cos, sin, position)
-        same_caches = all(
-            torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-            for pair, want_pair in zip(caches, want_caches, strict=True)
-            for a, b in zip(pair, want_pair, strict=True)
-        )
-        return same_caches, got, want
+        return _caches_alike(caches, want_caches), got, want
 
 
 def _llama_decoder_step_self_check(kernel) -> bool:

@@ -83,30 +83,42 @@ static void relu(float *x, long n)
         x[i] = x[i] > 0.0f ? x[i] : 0.0f;
 }
 
-static int attend(const Decoder *d, const Step *s, long layer, const float *q, const float *k, const float *v,
-                  float *out)
+/* A decode step's self-attention call over one layer's KV cache (rows, heads, max_len, head_dim): the
+ * step's keys and values written at `position` first, then positions [0, position] attended to; q, k, v
+ * and out are (rows, heads * head_dim). Callers add the mask, the scales. */
+static Call cached_attention(const float *q, const float *k, const float *v, float *k_cache, float *v_cache,
+                             float *out, long rows, long heads, long head_dim, long max_len, long position,
+                             long threads)
 {
-    long hidden = d->hidden, heads = d->heads, head_dim = hidden / heads, length = s->position + 1;
-    long k_head = s->max_len * head_dim, k_batch = heads * k_head;
+    long inner = heads * head_dim, k_head = max_len * head_dim, k_batch = heads * k_head;
     Call c = {0};
     c.q = q;
     c.new_k = k;
     c.new_v = v;
-    c.k = s->caches[2 * layer];
-    c.v = s->caches[2 * layer + 1];
-    c.mask_bool = s->mask;
+    c.k = k_cache;
+    c.v = v_cache;
     c.out = out;
-    c.batch = s->rows;
+    c.batch = rows;
     c.heads = heads;
-    c.length = length;
+    c.length = position + 1;
     c.head_dim = head_dim;
-    c.strides = (Strides){hidden, head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
-                          s->mask_row, 0, 1, hidden, head_dim, hidden, head_dim};
-    c.out_batch = hidden;
+    c.strides = (Strides){inner, head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
+                          0,     0,        1,       inner,  head_dim, inner,  head_dim};
+    c.out_batch = inner;
     c.out_head = head_dim;
     c.scale = 1.0;
-    c.threads = s->threads;
-    c.write_at = s->position;
+    c.threads = threads;
+    c.write_at = position;
+    return c;
+}
+
+static int attend(const Decoder *d, const Step *s, long layer, const float *q, const float *k, const float *v,
+                  float *out)
+{
+    Call c = cached_attention(q, k, v, s->caches[2 * layer], s->caches[2 * layer + 1], out, s->rows, d->heads,
+                              d->hidden / d->heads, s->max_len, s->position, s->threads);
+    c.mask_bool = s->mask;
+    c.strides.mask_batch = s->mask_row;
     c.q_scale = d->q_scale;
     c.q_scaled = 1;
     return blip2_decode_attention(&c);
@@ -250,38 +262,44 @@ static void gated_rows(float *gate, const float *up, long rows, long n, int gelu
 static int t5_attend(const T5Decoder *d, const T5Step *s, long layer, int cross, const float *q, const float *k,
                      const float *v, float *out)
 {
-    long heads = d->heads, head_dim = d->head_dim, inner = heads * head_dim;
-    Call c = {0};
-    c.q = q;
-    c.out = out;
-    c.batch = s->rows;
-    c.heads = heads;
-    c.head_dim = head_dim;
-    c.out_batch = inner;
-    c.out_head = head_dim;
-    c.scale = 1.0;
-    c.threads = s->threads;
-    if (cross) {
+    long heads = d->heads, head_dim = d->head_dim;
+    Call c = cached_attention(q, k, v, s->caches[2 * layer], s->caches[2 * layer + 1], out, s->rows, heads,
+                              head_dim, s->max_len, s->position, s->threads);
+    if (cross) { /* the encoder's keys and values, nothing written */
+        c.new_k = c.new_v = 0;
+        c.write_at = -1;
         c.k = s->cross[2 * layer];
         c.v = s->cross[2 * layer + 1];
-        c.mask_float = s->cross_bias;
         c.length = s->cross_len;
-        c.write_at = -1;
-        c.strides = (Strides){inner, head_dim, s->cross_batch, s->cross_head, s->cross_pos, s->cross_batch,
-                              s->cross_head, s->cross_pos, s->cross_bias_row, 0, 1, 0, 0, 0, 0};
+        c.strides.k_batch = c.strides.v_batch = s->cross_batch;
+        c.strides.k_head = c.strides.v_head = s->cross_head;
+        c.strides.k_pos = c.strides.v_pos = s->cross_pos;
+        c.mask_float = s->cross_bias;
+        c.strides.mask_batch = s->cross_bias_row;
     } else {
-        long k_head = s->max_len * head_dim, k_batch = heads * k_head;
-        c.new_k = k;
-        c.new_v = v;
-        c.k = s->caches[2 * layer];
-        c.v = s->caches[2 * layer + 1];
         c.mask_float = s->bias;
-        c.length = s->position + 1;
-        c.write_at = s->position;
-        c.strides = (Strides){inner,       head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
-                              s->bias_batch, s->bias_head, 1,  inner,  head_dim, inner,  head_dim};
+        c.strides.mask_batch = s->bias_batch;
+        c.strides.mask_head = s->bias_head;
     }
     return blip2_decode_attention(&c);
+}
+
+/* x += wo(act(wi0(RMS(x))) * wi1(RMS(x))) over rows (act: gelu_tanh or silu); work: normed (rows, hidden),
+ * gate and up (rows, mlp), out (rows, hidden). */
+static int gated_feed_forward(const Linear *wi0, const Linear *wi1, const Linear *wo, const float *norm, float *x,
+                              long rows, long hidden, long mlp, float eps, int gelu, float *normed, float *gate,
+                              float *up, float *out, long threads)
+{
+    int status;
+    rms_norm_rows(x, norm, rows, hidden, eps, normed);
+    if ((status = wi0->run(wi0->layer, normed, rows, gate, (int)threads)) ||
+        (status = wi1->run(wi1->layer, normed, rows, up, (int)threads)))
+        return status;
+    gated_rows(gate, up, rows, mlp, gelu);
+    if ((status = wo->run(wo->layer, gate, rows, out, (int)threads)))
+        return status;
+    add_into(x, out, rows * hidden);
+    return 0;
 }
 
 static int t5_block_step(const T5Decoder *d, const T5Step *s, long layer)
@@ -307,13 +325,8 @@ static int t5_block_step(const T5Decoder *d, const T5Step *s, long layer)
         return status;
     RUN(b->cross_o, attended, out);
     add_into(x, out, n);
-    rms_norm_rows(x, b->norm2, rows, hidden, eps, normed);
-    RUN(b->wi0, normed, gate);
-    RUN(b->wi1, normed, up);
-    gated_rows(gate, up, rows, d->mlp, 1);
-    RUN(b->wo, gate, out);
-    add_into(x, out, n);
-    return 0;
+    return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 1, normed, gate, up,
+                              out, s->threads);
 }
 
 /* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
@@ -391,39 +404,19 @@ static int llama_block_step(const LlamaDecoder *d, const LlamaStep *s, long laye
     RUN(b->v, normed, v);
     rotate_rows(q, s->cos, s->sin, rows, heads, head_dim);
     rotate_rows(k, s->cos, s->sin, rows, heads, head_dim);
-    long k_head = s->max_len * head_dim, k_batch = heads * k_head;
-    Call c = {0};
-    c.q = q;
-    c.new_k = k;
-    c.new_v = v;
-    c.k = s->caches[2 * layer];
-    c.v = s->caches[2 * layer + 1];
+    Call c = cached_attention(q, k, v, s->caches[2 * layer], s->caches[2 * layer + 1], attended, rows, heads,
+                              head_dim, s->max_len, s->position, s->threads);
     c.mask_bool = s->mask;
-    c.out = attended;
-    c.batch = rows;
-    c.heads = heads;
-    c.length = s->position + 1;
-    c.head_dim = head_dim;
-    c.strides = (Strides){inner, head_dim, k_batch, k_head, head_dim, k_batch, k_head, head_dim,
-                          s->mask_row, 0, 1, inner, head_dim, inner, head_dim};
-    c.out_batch = inner;
-    c.out_head = head_dim;
+    c.strides.mask_batch = s->mask_row;
     c.scale = 1.0 / sqrt((double)head_dim);
     c.scaled = 1;
-    c.threads = s->threads;
-    c.write_at = s->position;
     int status = blip2_decode_attention(&c);
     if (status)
         return status;
     RUN(b->o, attended, out);
     add_into(x, out, n);
-    rms_norm_rows(x, b->norm2, rows, hidden, eps, normed);
-    RUN(b->wi0, normed, gate);
-    RUN(b->wi1, normed, up);
-    gated_rows(gate, up, rows, d->mlp, 0);
-    RUN(b->wo, gate, out);
-    add_into(x, out, n);
-    return 0;
+    return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 0, normed, gate, up,
+                              out, s->threads);
 }
 
 /* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */

@@ -183,6 +183,23 @@ def _fill(array, parts, linear_names, norm_names, described: _Described) -> bool
     return True
 
 
+def _describe_blocks(
+    parts, key: tuple, block_type, linear_names, norm_names, decoder_type, cfg, eps: float
+) -> _Described:
+    """A T5 or LLaMA decoder described for its native step: a ctypes array of ``block_type`` pointed at
+    the ``parts``, in a ``decoder_type`` of ``cfg``'s sizes; ``_Described(None, key)`` where a part is
+    missing."""
+    described = _Described(None, key)
+    array = (block_type * len(parts))()
+    if not _fill(array, parts, linear_names, norm_names, described):
+        return _Described(None, key)
+    described.decoder = decoder_type(
+        ctypes.addressof(array), len(parts), cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_size, eps
+    )
+    described.keep.append(array)
+    return described
+
+
 # ---- T5 v1.1 / Flan-T5 decoders (native.t5_decoder_step) ------------------------------------------------
 
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # layers.ACTIVATIONS' tanh approximations
@@ -212,21 +229,16 @@ def _t5_describe(
     fast = all(block.self_attn.fast_kernels and block.cross_attn.fast_kernels for block in blocks)
     if not cfg.gated or cfg.activation not in TANH_GELUS or not fast or len(eps) != 1:
         return _Described(None, key)
-    described = _Described(None, key)
-    array = (native.T5StepBlock * len(blocks))()
-    if not _fill(array, parts, native.T5_BLOCK_LINEARS, native.T5_BLOCK_NORMS, described):
-        return _Described(None, key)
-    described.decoder = native.T5StepDecoder(
-        ctypes.addressof(array),
-        len(blocks),
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.head_dim,
-        cfg.mlp_size,
+    return _describe_blocks(
+        parts,
+        key,
+        native.T5StepBlock,
+        native.T5_BLOCK_LINEARS,
+        native.T5_BLOCK_NORMS,
+        native.T5StepDecoder,
+        cfg,
         eps.pop(),
     )
-    described.keep.append(array)
-    return described
 
 
 def run_t5(model: nn.Module, x: torch.Tensor, bias: torch.Tensor, cache, start) -> torch.Tensor | None:
@@ -296,21 +308,16 @@ def _llama_describe(
     fast = all(block.attn.fast_kernels for block in blocks)
     if cfg.num_kv_heads != cfg.num_heads or cfg.activation != "silu" or not fast or len(eps) != 1:
         return _Described(None, key)
-    described = _Described(None, key)
-    array = (native.LlamaStepBlock * len(blocks))()
-    if not _fill(array, parts, native.LLAMA_BLOCK_LINEARS, native.LLAMA_BLOCK_NORMS, described):
-        return _Described(None, key)
-    described.decoder = native.LlamaStepDecoder(
-        ctypes.addressof(array),
-        len(blocks),
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.head_dim,
-        cfg.mlp_size,
+    return _describe_blocks(
+        parts,
+        key,
+        native.LlamaStepBlock,
+        native.LLAMA_BLOCK_LINEARS,
+        native.LLAMA_BLOCK_NORMS,
+        native.LlamaStepDecoder,
+        cfg,
         eps.pop(),
     )
-    described.keep.append(array)
-    return described
 
 
 def run_llama(
