@@ -115,6 +115,34 @@ def kernel_of_kind(kind: str, monkeypatch, load, what: str):
     reset_kernel_choice()
 
 
+def kind_fixture(load, what: str):
+    """A fixture over the native kinds for a test module: the kernel ``load()`` gives on each kind the CPU
+    has, for one test (:func:`kernel_of_kind`); the process's own choice comes back after."""
+
+    @pytest.fixture(params=["avx2", "avx512"])
+    def kernel(request, monkeypatch):
+        yield from kernel_of_kind(request.param, monkeypatch, load, what)
+
+    return kernel
+
+
+def count_rows(monkeypatch, name: str, build) -> list[int]:
+    """The rows of each call of ``blip2.native.<name>`` (a decoder step) from now on, in a list.
+    ``build()`` builds and self-checks its kernel first: those calls are not counted."""
+    from blip2 import native
+
+    calls: list[int] = []
+    build()
+    real = getattr(native, name)
+
+    def counted(kernel, decoder, x, *args):
+        calls.append(x.shape[0])
+        return real(kernel, decoder, x, *args)
+
+    monkeypatch.setattr(native, name, counted)
+    return calls
+
+
 @pytest.fixture(params=["avx2", "avx512"])
 def native_kind(request, monkeypatch) -> str:
     """Linear layers on the native kernel of each kind the CPU has, for one test; the process's own

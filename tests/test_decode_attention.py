@@ -9,16 +9,10 @@ import torch
 import blip2
 from blip2 import native
 from blip2.models import layers
-from conftest import kernel_of_kind, reset_kernel_choice
+from conftest import kind_fixture, reset_kernel_choice
 from factory import make_images
 
-
-@pytest.fixture(params=["avx2", "avx512"])
-def kernel(request, monkeypatch):
-    """The kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    yield from kernel_of_kind(
-        request.param, monkeypatch, native.decode_attention_kernel, "decode attention kernel"
-    )
+kernel = kind_fixture(native.decode_attention_kernel, "decode attention kernel")
 
 
 def _inputs(batch, heads, length, head_dim, seed):

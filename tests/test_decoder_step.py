@@ -16,31 +16,19 @@ from blip2.models.config import OPTConfig
 from blip2.models.language.opt import OPT
 from blip2.models.layers import Linear, normal_init_
 from blip2.quantize import Int4Linear, Int8Linear, kernels
-from conftest import kernel_of_kind
+from conftest import count_rows, kind_fixture
 from factory import make_images
 
 needs_lowbit = pytest.mark.skipif(kernels.native_kind() is None, reason="no native low-bit kernel here")
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def kernel(request, monkeypatch):
-    """The step kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    yield from kernel_of_kind(request.param, monkeypatch, native.decoder_step_kernel, "decoder step")
+kernel = kind_fixture(native.decoder_step_kernel, "decoder step")
 
 
 @pytest.fixture
 def step_calls(monkeypatch) -> list[int]:
     """Counts the native steps taken (rows of each)."""
-    calls: list[int] = []
-    native.decoder_step_kernel()  # built and self-checked first: those calls are not counted
-    real = native.decoder_step
-
-    def counted(kernel, decoder, x, *args):
-        calls.append(x.shape[0])
-        return real(kernel, decoder, x, *args)
-
-    monkeypatch.setattr(native, "decoder_step", counted)
-    return calls
+    return count_rows(monkeypatch, "decoder_step", native.decoder_step_kernel)
 
 
 def _layer_by_layer(monkeypatch) -> None:

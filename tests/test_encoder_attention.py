@@ -11,16 +11,10 @@ import torch.nn.functional as F
 import blip2
 from blip2 import native
 from blip2.models import layers
-from conftest import kernel_of_kind, reset_kernel_choice
+from conftest import kind_fixture, reset_kernel_choice
 from factory import make_images
 
-
-@pytest.fixture(params=["avx2", "avx512"])
-def kernel(request, monkeypatch):
-    """The kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    yield from kernel_of_kind(
-        request.param, monkeypatch, native.encoder_attention_kernel, "encoder attention kernel"
-    )
+kernel = kind_fixture(native.encoder_attention_kernel, "encoder attention kernel")
 
 
 def _qkv(batch, length, heads, head_dim, seed):

@@ -13,18 +13,13 @@ from blip2 import native
 from blip2.generate import OPTRunner
 from blip2.models import decoder_step
 from blip2.quantize import kernels
-from conftest import kernel_of_kind
+from conftest import count_rows, kind_fixture
 from factory import make_images
 
 needs_lowbit = pytest.mark.skipif(kernels.native_kind() is None, reason="no native low-bit kernel here")
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def kernel(request, monkeypatch):
-    """The LLaMA step kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    yield from kernel_of_kind(
-        request.param, monkeypatch, native.llama_decoder_step_kernel, "LLaMA decoder step"
-    )
+kernel = kind_fixture(native.llama_decoder_step_kernel, "LLaMA decoder step")
 
 
 @pytest.fixture(scope="module")
@@ -38,16 +33,7 @@ def llama_ckpt(tmp_path_factory):
 @pytest.fixture
 def step_calls(monkeypatch) -> list[int]:
     """Counts the native LLaMA steps taken (rows of each)."""
-    calls: list[int] = []
-    native.llama_decoder_step_kernel()  # built and self-checked first: those calls are not counted
-    real = native.llama_decoder_step
-
-    def counted(kernel, decoder, x, *args):
-        calls.append(x.shape[0])
-        return real(kernel, decoder, x, *args)
-
-    monkeypatch.setattr(native, "llama_decoder_step", counted)
-    return calls
+    return count_rows(monkeypatch, "llama_decoder_step", native.llama_decoder_step_kernel)
 
 
 # odd widths (vector tails), an inner width unlike the hidden one, one row and several, the first

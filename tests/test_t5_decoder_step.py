@@ -12,31 +12,19 @@ import blip2
 from blip2 import native
 from blip2.models import decoder_step
 from blip2.quantize import kernels
-from conftest import kernel_of_kind
+from conftest import count_rows, kind_fixture
 from factory import make_images
 
 needs_lowbit = pytest.mark.skipif(kernels.native_kind() is None, reason="no native low-bit kernel here")
 
 
-@pytest.fixture(params=["avx2", "avx512"])
-def kernel(request, monkeypatch):
-    """The T5 step kernel of each kind the CPU has, for one test; the process's own choice comes back after."""
-    yield from kernel_of_kind(request.param, monkeypatch, native.t5_decoder_step_kernel, "T5 decoder step")
+kernel = kind_fixture(native.t5_decoder_step_kernel, "T5 decoder step")
 
 
 @pytest.fixture
 def step_calls(monkeypatch) -> list[int]:
     """Counts the native T5 steps taken (rows of each)."""
-    calls: list[int] = []
-    native.t5_decoder_step_kernel()  # built and self-checked first: those calls are not counted
-    real = native.t5_decoder_step
-
-    def counted(kernel, decoder, x, *args):
-        calls.append(x.shape[0])
-        return real(kernel, decoder, x, *args)
-
-    monkeypatch.setattr(native, "t5_decoder_step", counted)
-    return calls
+    return count_rows(monkeypatch, "t5_decoder_step", native.t5_decoder_step_kernel)
 
 
 # odd widths (vector tails), an inner width unlike the hidden one, one row and several, the first

@@ -501,12 +501,15 @@ class StepLinear(ctypes.Structure):
     _fields_ = [("run", ctypes.c_void_p), ("layer", ctypes.c_void_p)]
 
 
+def _block_fields(linears: tuple[str, ...], norms: tuple[str, ...]) -> list[tuple[str, type]]:
+    """A C block struct's fields: its linear layers, then pointers to its norms' tensors."""
+    return [(name, StepLinear) for name in linears] + [(name, ctypes.c_void_p) for name in norms]
+
+
 class StepBlock(ctypes.Structure):
     """One layer of a native decoder (``Block`` in the C file); a norm without affine part is NULL."""
 
-    _fields_ = [(name, StepLinear) for name in BLOCK_LINEARS] + [
-        (name, ctypes.c_void_p) for name in BLOCK_NORMS
-    ]
+    _fields_ = _block_fields(BLOCK_LINEARS, BLOCK_NORMS)
 
 
 class StepDecoder(ctypes.Structure):
@@ -545,6 +548,37 @@ def _step_binder(name: str):
 _bind_decoder_step = _step_binder("blip2_decoder_step")
 
 
+def _cpu_float32(t: torch.Tensor, contiguous: bool = True) -> bool:
+    return t.dtype == torch.float32 and t.is_cpu and (t.is_contiguous() or not contiguous)
+
+
+def _caches_fit(caches: list[tuple[torch.Tensor, torch.Tensor]], shape: tuple[int, ...]) -> bool:
+    """Every cache tensor (rows, heads, max_len, head_dim) of ``shape``, contiguous float32 on the CPU."""
+    return all(t.shape == shape and _cpu_float32(t) for pair in caches for t in pair)
+
+
+def _mask_fits(mask: torch.Tensor, rows: int, position: int) -> bool:
+    """A boolean CPU (rows, > position) mask, its last dimension contiguous."""
+    return (
+        mask.dtype == torch.bool
+        and mask.dim() == 2
+        and mask.shape[0] == rows
+        and mask.shape[1] > position
+        and mask.stride(1) == 1
+        and mask.is_cpu
+    )
+
+
+def _mask_row(mask: torch.Tensor) -> int:
+    """Elements from one row of a (rows, positions) mask to the next."""
+    return mask.stride(0) if mask.shape[0] > 1 else mask.shape[1]
+
+
+def _pointers(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> ctypes.Array:
+    """The tensors' addresses, pair by pair, as a C array."""
+    return (ctypes.c_void_p * (2 * len(pairs)))(*(t.data_ptr() for pair in pairs for t in pair))
+
+
 def _run_step(kernel, decoder: ctypes.Structure, call: bytes, what: str) -> None:
     """One packed decoder-step call; a failure is a MemoryError or a RuntimeError naming ``what``."""
     status = kernel(ctypes.addressof(decoder), call)
@@ -572,33 +606,20 @@ def decoder_step(
     rows, hidden = x.shape if x.dim() == 2 else (0, 0)
     heads = decoder.heads
     max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
-    shape = (rows, heads, max_len, hidden // heads if heads else 0)
-    float32 = torch.float32
     if (
         rows == 0
         or hidden != decoder.hidden
-        or x.dtype != float32
-        or not x.is_cpu
-        or not x.is_contiguous()
+        or not _cpu_float32(x)
         or len(caches) != decoder.layers
         or not 0 <= position < max_len
-        or not all(
-            t.shape == shape and t.dtype == float32 and t.is_cpu and t.is_contiguous()
-            for pair in caches
-            for t in pair
-        )
-        or mask.dtype != torch.bool
-        or mask.dim() != 2
-        or mask.shape[0] != rows
-        or mask.shape[1] <= position
-        or mask.stride(1) != 1
-        or not mask.is_cpu
+        or not _caches_fit(caches, (rows, heads, max_len, hidden // heads if heads else 0))
+        or not _mask_fits(mask, rows, position)
     ):
         raise ValueError(
             f"decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
             f"(rows, {heads}, L, {decoder.hidden // max(heads, 1)}) and a boolean (rows, > {position}) mask"
         )
-    pointers = (ctypes.c_void_p * (2 * len(caches)))(*(t.data_ptr() for pair in caches for t in pair))
+    pointers = _pointers(caches)
     work = torch.empty(rows * (5 * hidden + decoder.mlp))
     call = _STEP_CALL.pack(
         x.data_ptr(),
@@ -608,10 +629,34 @@ def decoder_step(
         rows,
         max_len,
         position,
-        mask.stride(0) if rows > 1 else mask.shape[1],
+        _mask_row(mask),
         torch.get_num_threads(),
     )
     _run_step(kernel, decoder, call, "decoder_step")
+
+
+def _reference_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: tuple[torch.Tensor, torch.Tensor],
+    position: int,
+    mask: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """The references' self-attention of a step: (rows, heads, 1, head_dim) ``k``, ``v`` written into the
+    layer's ``cache`` at ``position``, then ``q`` over positions [0, position]; (rows, heads * head_dim)."""
+    k_cache, v_cache = cache
+    k_cache[:, :, position] = k[:, :, 0]
+    v_cache[:, :, position] = v[:, :, 0]
+    window = slice(0, position + 1)
+    attended = reference_attention(q, k_cache[:, :, window], v_cache[:, :, window], mask, scale)
+    return attended.reshape(q.shape[0], -1)
+
+
+def _reference_rms(t: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """T5's and LLaMA's RMS norm, in the references."""
+    return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
 
 
 def reference_decoder_step(
@@ -636,13 +681,10 @@ def reference_decoder_step(
         return F.layer_norm(t, t.shape[-1:], p[f"norm{i}_weight"], p[f"norm{i}_bias"], eps)
 
     keep = mask[:, None, None, : position + 1]
-    for p, (k_cache, v_cache) in zip(blocks, caches, strict=True):
+    for p, cache in zip(blocks, caches, strict=True):
         h = norm(p, 1, x) if pre_norm else x
         q, k, v = (linear(p, name, h).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
-        k_cache[:, :, position] = k[:, :, 0]
-        v_cache[:, :, position] = v[:, :, 0]
-        k_all, v_all = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
-        attended = reference_attention(q * q_scale, k_all, v_all, keep, 1.0).reshape(rows, -1)
+        attended = _reference_cached_attention(q * q_scale, k, v, cache, position, keep, 1.0)
         x = x + linear(p, "out", attended)
         if not pre_norm:
             x = norm(p, 1, x)
@@ -852,14 +894,12 @@ T5_BLOCK_NORMS = ("norm1", "norm_cross", "norm2")
 class T5StepBlock(ctypes.Structure):
     """One layer of a native T5 decoder (``T5Block`` in the C file): linear layers, RMS norm weights."""
 
-    _fields_ = [(name, StepLinear) for name in T5_BLOCK_LINEARS] + [
-        (name, ctypes.c_void_p) for name in T5_BLOCK_NORMS
-    ]
+    _fields_ = _block_fields(T5_BLOCK_LINEARS, T5_BLOCK_NORMS)
 
 
-class T5StepDecoder(ctypes.Structure):
-    """A whole T5 decoder (``T5Decoder`` in the C file); ``blocks`` points at ``layers`` of
-    :class:`T5StepBlock` (the caller keeps them alive)."""
+class GatedStepDecoder(ctypes.Structure):
+    """A whole T5 or LLaMA decoder (``GatedDecoder`` in the C file); ``blocks`` points at ``layers`` of
+    :class:`T5StepBlock` or :class:`LlamaStepBlock` (the caller keeps them alive)."""
 
     _fields_ = [
         ("blocks", ctypes.c_void_p),
@@ -882,7 +922,7 @@ _bind_t5_decoder_step = _step_binder("blip2_t5_decoder_step")
 
 def t5_decoder_step(
     kernel,
-    decoder: T5StepDecoder,
+    decoder: GatedStepDecoder,
     x: torch.Tensor,
     caches: list[tuple[torch.Tensor, torch.Tensor]],
     cross: list[tuple[torch.Tensor, torch.Tensor]],
@@ -904,45 +944,36 @@ def t5_decoder_step(
     max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
     cross_len = cross[0][0].shape[2] if cross and cross[0][0].dim() == 4 else 0
     cross_strides = cross[0][0].stride() if cross_len else ()
-    float32 = torch.float32
-
-    def cpu_float(t: torch.Tensor) -> bool:
-        return t.dtype == float32 and t.is_cpu
-
     if (
         rows == 0
         or hidden != decoder.hidden
-        or not (cpu_float(x) and x.is_contiguous())
+        or not _cpu_float32(x)
         or len(caches) != decoder.layers
         or len(cross) != decoder.layers
         or not 0 <= position < max_len
+        or not _caches_fit(caches, (rows, heads, max_len, head_dim))
         or not all(
-            t.shape == (rows, heads, max_len, head_dim) and cpu_float(t) and t.is_contiguous()
-            for pair in caches
-            for t in pair
-        )
-        or not all(
-            t.shape == (rows, heads, cross_len, head_dim) and cpu_float(t) and t.stride() == cross_strides
+            t.shape == (rows, heads, cross_len, head_dim)
+            and _cpu_float32(t, contiguous=False)
+            and t.stride() == cross_strides
             for pair in cross
             for t in pair
         )
         or cross_strides[-1] != 1
-        or not cpu_float(bias)
+        or not _cpu_float32(bias, contiguous=False)
         or bias.dim() != 4
         or bias.shape[0] not in (1, rows)
         or bias.shape[1:3] != (heads, 1)
         or bias.shape[3] <= position
         or bias.stride(3) != 1
-        or not cpu_float(cross_bias)
+        or not _cpu_float32(cross_bias)
         or cross_bias.shape != (rows, 1, 1, cross_len)
-        or not cross_bias.is_contiguous()
     ):
         raise ValueError(
             f"t5_decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
             f"(rows, {heads}, L, {head_dim}), as many encoder keys and values, and additive biases"
         )
-    caches_array = (ctypes.c_void_p * (2 * len(caches)))(*(t.data_ptr() for pair in caches for t in pair))
-    cross_array = (ctypes.c_void_p * (2 * len(cross)))(*(t.data_ptr() for pair in cross for t in pair))
+    caches_array, cross_array = _pointers(caches), _pointers(cross)
     inner = heads * head_dim
     work = torch.empty(rows * (2 * hidden + 4 * inner + 2 * decoder.mlp))
     call = _T5_STEP_CALL.pack(
@@ -981,15 +1012,12 @@ def reference_t5_decoder_step(
     rows = x.shape[0]
 
     def rms(t, weight):
-        return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+        return _reference_rms(t, weight, eps)
 
-    for p, (k_cache, v_cache), (k_cross, v_cross) in zip(blocks, caches, cross, strict=True):
+    for p, cache, (k_cross, v_cross) in zip(blocks, caches, cross, strict=True):
         h = rms(x, p["norm1"])
         q, k, v = (F.linear(h, p[f"{name}_weight"]).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
-        k_cache[:, :, position] = k[:, :, 0]
-        v_cache[:, :, position] = v[:, :, 0]
-        k_all, v_all = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
-        attended = reference_attention(q, k_all, v_all, bias[..., : position + 1], 1.0).reshape(rows, -1)
+        attended = _reference_cached_attention(q, k, v, cache, position, bias[..., : position + 1], 1.0)
         x = x + F.linear(attended, p["o_weight"])
         q = F.linear(rms(x, p["norm_cross"]), p["cross_q_weight"]).view(rows, heads, 1, -1)
         attended = reference_attention(q, k_cross, v_cross, cross_bias, 1.0).reshape(rows, -1)
@@ -1004,7 +1032,7 @@ class _PythonLinearGatedDecoder(PythonLinearDecoder):
     """A random T5 or LLaMA decoder for their native steps, its linear layers (no biases) run by a Python
     callback and its RMS norms' weights near 1; ``sizes``: each linear layer's (out, in)."""
 
-    BLOCK, LINEARS, NORMS, DECODER = T5StepBlock, T5_BLOCK_LINEARS, T5_BLOCK_NORMS, T5StepDecoder
+    BLOCK, LINEARS, NORMS = T5StepBlock, T5_BLOCK_LINEARS, T5_BLOCK_NORMS
 
     def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int, sizes: dict):
         self.generator = torch.Generator().manual_seed(seed)
@@ -1024,7 +1052,7 @@ class _PythonLinearGatedDecoder(PythonLinearDecoder):
                 block[name] = 1 + 0.2 * self.randn(hidden)
                 setattr(entry, name, block[name].data_ptr())
             self.blocks.append(block)
-        self.decoder = self.DECODER(
+        self.decoder = GatedStepDecoder(
             ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
         )
 
@@ -1100,15 +1128,7 @@ LLAMA_BLOCK_NORMS = ("norm1", "norm2")
 class LlamaStepBlock(ctypes.Structure):
     """One layer of a native LLaMA decoder (``LlamaBlock`` in the C file)."""
 
-    _fields_ = [(name, StepLinear) for name in LLAMA_BLOCK_LINEARS] + [
-        (name, ctypes.c_void_p) for name in LLAMA_BLOCK_NORMS
-    ]
-
-
-class LlamaStepDecoder(ctypes.Structure):
-    """A whole LLaMA decoder (``LlamaDecoder`` in the C file), described once."""
-
-    _fields_ = T5StepDecoder._fields_
+    _fields_ = _block_fields(LLAMA_BLOCK_LINEARS, LLAMA_BLOCK_NORMS)
 
 
 # LlamaStep: x, caches, mask, cos, sin, work; rows, max_len, position, mask_row, threads
@@ -1120,7 +1140,7 @@ _bind_llama_decoder_step = _step_binder("blip2_llama_decoder_step")
 
 def llama_decoder_step(
     kernel,
-    decoder: LlamaStepDecoder,
+    decoder: GatedStepDecoder,
     x: torch.Tensor,
     caches: list[tuple[torch.Tensor, torch.Tensor]],
     mask: torch.Tensor,
@@ -1137,32 +1157,21 @@ def llama_decoder_step(
     rows, hidden = x.shape if x.dim() == 2 else (0, 0)
     heads, head_dim = decoder.heads, decoder.head_dim
     max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
-
-    def cpu_float(t: torch.Tensor) -> bool:
-        return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
-
     if (
         rows == 0
         or hidden != decoder.hidden
-        or not cpu_float(x)
+        or not _cpu_float32(x)
         or len(caches) != decoder.layers
         or not 0 <= position < max_len
-        or not all(
-            t.shape == (rows, heads, max_len, head_dim) and cpu_float(t) for pair in caches for t in pair
-        )
-        or not (cpu_float(cos) and cpu_float(sin) and cos.shape == sin.shape == (rows, head_dim))
-        or mask.dtype != torch.bool
-        or mask.dim() != 2
-        or mask.shape[0] != rows
-        or mask.shape[1] <= position
-        or mask.stride(1) != 1
-        or not mask.is_cpu
+        or not _caches_fit(caches, (rows, heads, max_len, head_dim))
+        or not (_cpu_float32(cos) and _cpu_float32(sin) and cos.shape == sin.shape == (rows, head_dim))
+        or not _mask_fits(mask, rows, position)
     ):
         raise ValueError(
             f"llama_decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
             f"(rows, {heads}, L, {head_dim}), a boolean (rows, > {position}) mask and (rows, {head_dim}) cos, sin"
         )
-    pointers = (ctypes.c_void_p * (2 * len(caches)))(*(t.data_ptr() for pair in caches for t in pair))
+    pointers = _pointers(caches)
     work = torch.empty(rows * (2 * hidden + 4 * heads * head_dim + 2 * decoder.mlp))
     call = _LLAMA_STEP_CALL.pack(
         x.data_ptr(),
@@ -1174,7 +1183,7 @@ def llama_decoder_step(
         rows,
         max_len,
         position,
-        mask.stride(0) if rows > 1 else mask.shape[1],
+        _mask_row(mask),
         torch.get_num_threads(),
     )
     _run_step(kernel, decoder, call, "llama_decoder_step")
@@ -1196,21 +1205,17 @@ def reference_llama_decoder_step(
     rows = x.shape[0]
 
     def rms(t, weight):
-        return weight * (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps))
+        return _reference_rms(t, weight, eps)
 
     def rotate(t):  # (rows, heads, 1, head_dim)
         half = t.shape[-1] // 2
         return t * cos[:, None, None] + torch.cat([-t[..., half:], t[..., :half]], -1) * sin[:, None, None]
 
     keep = mask[:, None, None, : position + 1]
-    for p, (k_cache, v_cache) in zip(blocks, caches, strict=True):
+    for p, cache in zip(blocks, caches, strict=True):
         h = rms(x, p["norm1"])
         q, k, v = (F.linear(h, p[f"{name}_weight"]).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
-        q, k = rotate(q), rotate(k)
-        k_cache[:, :, position] = k[:, :, 0]
-        v_cache[:, :, position] = v[:, :, 0]
-        k_all, v_all = k_cache[:, :, : position + 1], v_cache[:, :, : position + 1]
-        attended = reference_attention(q, k_all, v_all, keep, None).reshape(rows, -1)
+        attended = _reference_cached_attention(rotate(q), rotate(k), v, cache, position, keep, None)
         x = x + F.linear(attended, p["o_weight"])
         h = rms(x, p["norm2"])
         x = x + F.linear(F.silu(F.linear(h, p["wi0_weight"])) * F.linear(h, p["wi1_weight"]), p["wo_weight"])
@@ -1222,7 +1227,7 @@ class PythonLinearLlamaDecoder(_PythonLinearGatedDecoder):
     callback: what the self-check (and the tests) hold the kernel to :func:`reference_llama_decoder_step`
     with."""
 
-    BLOCK, LINEARS, NORMS, DECODER = LlamaStepBlock, LLAMA_BLOCK_LINEARS, LLAMA_BLOCK_NORMS, LlamaStepDecoder
+    BLOCK, LINEARS, NORMS = LlamaStepBlock, LLAMA_BLOCK_LINEARS, LLAMA_BLOCK_NORMS
 
     def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
         inner = heads * head_dim

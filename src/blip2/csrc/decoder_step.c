@@ -198,11 +198,32 @@ typedef struct {
     const float *norm1, *norm_cross, *norm2; /* the RMS norms' weights */
 } T5Block;
 
+/* A T5 or LLaMA decoder: `blocks` are `layers` T5Blocks or LlamaBlocks. */
 typedef struct {
-    const T5Block *blocks;
+    const void *blocks;
     long layers, hidden, heads, head_dim, mlp;
     double eps;
-} T5Decoder;
+} GatedDecoder;
+
+/* The T5 and LLaMA steps' work buffer: rows * (2 * hidden + 4 * heads * head_dim + 2 * mlp) floats. */
+typedef struct {
+    float *normed, *out, *q, *k, *v, *attended, *gate, *up;
+} GatedWork;
+
+static GatedWork gated_work(const GatedDecoder *d, float *work, long rows)
+{
+    long n = rows * d->hidden, inner = rows * d->heads * d->head_dim;
+    GatedWork w;
+    w.normed = work;
+    w.out = w.normed + n;
+    w.q = w.out + n;
+    w.k = w.q + inner;
+    w.v = w.k + inner;
+    w.attended = w.v + inner;
+    w.gate = w.attended + inner;
+    w.up = w.gate + rows * d->mlp;
+    return w;
+}
 
 typedef struct {
     float *x;                  /* (rows, hidden), updated in place */
@@ -259,7 +280,7 @@ static void gated_rows(float *gate, const float *up, long rows, long n, int gelu
     }
 }
 
-static int t5_attend(const T5Decoder *d, const T5Step *s, long layer, int cross, const float *q, const float *k,
+static int t5_attend(const GatedDecoder *d, const T5Step *s, long layer, int cross, const float *q, const float *k,
                      const float *v, float *out)
 {
     long heads = d->heads, head_dim = d->head_dim;
@@ -302,14 +323,13 @@ static int gated_feed_forward(const Linear *wi0, const Linear *wi1, const Linear
     return 0;
 }
 
-static int t5_block_step(const T5Decoder *d, const T5Step *s, long layer)
+static int t5_block_step(const GatedDecoder *d, const T5Step *s, long layer)
 {
-    const T5Block *b = d->blocks + layer;
-    long rows = s->rows, hidden = d->hidden, inner = d->heads * d->head_dim, n = rows * hidden;
+    const T5Block *b = (const T5Block *)d->blocks + layer;
+    long rows = s->rows, hidden = d->hidden, n = rows * hidden;
     float eps = (float)d->eps;
-    float *x = s->x, *normed = s->work, *out = normed + n, *q = out + n, *k = q + rows * inner,
-          *v = k + rows * inner, *attended = v + rows * inner, *gate = attended + rows * inner,
-          *up = gate + rows * d->mlp;
+    GatedWork w = gated_work(d, s->work, rows);
+    float *x = s->x, *normed = w.normed, *out = w.out, *q = w.q, *k = w.k, *v = w.v, *attended = w.attended;
     int status;
     rms_norm_rows(x, b->norm1, rows, hidden, eps, normed);
     RUN(b->q, normed, q);
@@ -325,12 +345,12 @@ static int t5_block_step(const T5Decoder *d, const T5Step *s, long layer)
         return status;
     RUN(b->cross_o, attended, out);
     add_into(x, out, n);
-    return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 1, normed, gate, up,
-                              out, s->threads);
+    return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 1, normed, w.gate,
+                              w.up, out, s->threads);
 }
 
 /* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
-int blip2_t5_decoder_step(const T5Decoder *d, const T5Step *s)
+int blip2_t5_decoder_step(const GatedDecoder *d, const T5Step *s)
 {
     if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->head_dim < 1 || d->mlp < 1 || s->rows < 1 ||
         s->position < 0 || s->position >= s->max_len || s->cross_len < 1)
@@ -358,12 +378,6 @@ typedef struct {
 } LlamaBlock;
 
 typedef struct {
-    const LlamaBlock *blocks;
-    long layers, hidden, heads, head_dim, mlp;
-    double eps;
-} LlamaDecoder;
-
-typedef struct {
     float *x;                  /* (rows, hidden), updated in place */
     float *const *caches;      /* 2 per layer, keys then values: (rows, heads, max_len, head_dim) */
     const unsigned char *mask; /* (rows, position + 1) at mask_row elements per row: 1 = attend */
@@ -389,15 +403,13 @@ static void rotate_rows(float *x, const float *cos, const float *sin, long rows,
         }
 }
 
-static int llama_block_step(const LlamaDecoder *d, const LlamaStep *s, long layer)
+static int llama_block_step(const GatedDecoder *d, const LlamaStep *s, long layer)
 {
-    const LlamaBlock *b = d->blocks + layer;
-    long rows = s->rows, hidden = d->hidden, heads = d->heads, head_dim = d->head_dim, inner = heads * head_dim;
-    long n = rows * hidden;
+    const LlamaBlock *b = (const LlamaBlock *)d->blocks + layer;
+    long rows = s->rows, hidden = d->hidden, heads = d->heads, head_dim = d->head_dim, n = rows * hidden;
     float eps = (float)d->eps;
-    float *x = s->x, *normed = s->work, *out = normed + n, *q = out + n, *k = q + rows * inner,
-          *v = k + rows * inner, *attended = v + rows * inner, *gate = attended + rows * inner,
-          *up = gate + rows * d->mlp;
+    GatedWork w = gated_work(d, s->work, rows);
+    float *x = s->x, *normed = w.normed, *out = w.out, *q = w.q, *k = w.k, *v = w.v, *attended = w.attended;
     rms_norm_rows(x, b->norm1, rows, hidden, eps, normed);
     RUN(b->q, normed, q);
     RUN(b->k, normed, k);
@@ -415,12 +427,12 @@ static int llama_block_step(const LlamaDecoder *d, const LlamaStep *s, long laye
         return status;
     RUN(b->o, attended, out);
     add_into(x, out, n);
-    return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 0, normed, gate, up,
-                              out, s->threads);
+    return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 0, normed, w.gate,
+                              w.up, out, s->threads);
 }
 
 /* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
-int blip2_llama_decoder_step(const LlamaDecoder *d, const LlamaStep *s)
+int blip2_llama_decoder_step(const GatedDecoder *d, const LlamaStep *s)
 {
     if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->head_dim < 2 || d->head_dim % 2 || d->mlp < 1 ||
         s->rows < 1 || s->position < 0 || s->position >= s->max_len || s->mask_row < s->position + 1)

@@ -81,18 +81,8 @@ def _describe(
         return _Described(None, key)
     described = _Described(None, key)
     array = (native.StepBlock * len(blocks))()
-    for (linears, norms), entry in zip(parts, array, strict=True):
-        for name, reference in zip(native.BLOCK_LINEARS, linears, strict=True):
-            if reference is None:
-                return _Described(None, key)
-            address, layer, tensors = reference
-            setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
-            described.keep.extend((layer, *tensors))
-        for name, tensor in zip(native.BLOCK_NORMS, norms, strict=True):
-            if tensor is not None and (tensor.dtype != torch.float32 or not tensor.is_contiguous()):
-                return _Described(None, key)
-            setattr(entry, name, None if tensor is None else tensor.data_ptr())
-            described.keep.append(tensor)
+    if not _fill(array, parts, native.BLOCK_LINEARS, native.BLOCK_NORMS, described):
+        return _Described(None, key)
     described.decoder = native.StepDecoder(
         ctypes.addressof(array),
         len(blocks),
@@ -166,34 +156,35 @@ def run(model: nn.Module, x: torch.Tensor, mask: torch.Tensor, cache: list[KVCac
 
 
 def _fill(array, parts, linear_names, norm_names, described: _Described) -> bool:
-    """Points each entry of a ctypes ``array`` of blocks at its ``parts`` (linear layers' descriptions,
-    norm weights: all needed), keeping what they point at in ``described``; False where one is missing."""
-    for (linears, weights), entry in zip(parts, array, strict=True):
+    """Points each entry of a ctypes ``array`` of blocks at its ``parts`` (every linear layer's
+    description; its norms' tensors, NULL for an absent one: OPT's norms without an affine part),
+    keeping what they point at in ``described``; False where a part cannot run natively."""
+    for (linears, tensors), entry in zip(parts, array, strict=True):
         for name, reference in zip(linear_names, linears, strict=True):
             if reference is None:
                 return False
-            address, layer, tensors = reference
+            address, layer, packed = reference
             setattr(entry, name, native.StepLinear(address, ctypes.addressof(layer)))
-            described.keep.extend((layer, *tensors))
-        for name, weight in zip(norm_names, weights, strict=True):
-            if weight.dtype != torch.float32 or not weight.is_contiguous() or not weight.is_cpu:
+            described.keep.extend((layer, *packed))
+        for name, tensor in zip(norm_names, tensors, strict=True):
+            if tensor is not None and (
+                tensor.dtype != torch.float32 or not tensor.is_contiguous() or not tensor.is_cpu
+            ):
                 return False
-            setattr(entry, name, weight.data_ptr())
-            described.keep.append(weight)
+            setattr(entry, name, None if tensor is None else tensor.data_ptr())
+            described.keep.append(tensor)
     return True
 
 
-def _describe_blocks(
-    parts, key: tuple, block_type, linear_names, norm_names, decoder_type, cfg, eps: float
-) -> _Described:
+def _describe_blocks(parts, key: tuple, block_type, linear_names, norm_names, cfg, eps: float) -> _Described:
     """A T5 or LLaMA decoder described for its native step: a ctypes array of ``block_type`` pointed at
-    the ``parts``, in a ``decoder_type`` of ``cfg``'s sizes; ``_Described(None, key)`` where a part is
-    missing."""
+    the ``parts``, in a ``native.GatedStepDecoder`` of ``cfg``'s sizes; ``_Described(None, key)`` where a
+    part is missing."""
     described = _Described(None, key)
     array = (block_type * len(parts))()
     if not _fill(array, parts, linear_names, norm_names, described):
         return _Described(None, key)
-    described.decoder = decoder_type(
+    described.decoder = native.GatedStepDecoder(
         ctypes.addressof(array), len(parts), cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_size, eps
     )
     described.keep.append(array)
@@ -235,7 +226,6 @@ def _t5_describe(
         native.T5StepBlock,
         native.T5_BLOCK_LINEARS,
         native.T5_BLOCK_NORMS,
-        native.T5StepDecoder,
         cfg,
         eps.pop(),
     )
@@ -314,7 +304,6 @@ def _llama_describe(
         native.LlamaStepBlock,
         native.LLAMA_BLOCK_LINEARS,
         native.LLAMA_BLOCK_NORMS,
-        native.LlamaStepDecoder,
         cfg,
         eps.pop(),
     )

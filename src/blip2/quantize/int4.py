@@ -168,8 +168,7 @@ def pack_int4(
     for i in range(0, out_features, chunk):
         w = weight.detach()[i : i + chunk].float()
         rows = w.shape[0]
-        if not torch.isfinite(w).all():
-            raise ValueError("the weight holds NaN or infinite values: it cannot be quantized")
+        kernels.require_finite(w)
         if native_fit is not None:
             q_rows, scale, minimum = _native_fit(w, padded, group_size, native_fit)
         else:

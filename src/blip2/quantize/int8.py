@@ -44,8 +44,7 @@ def quantize_weight(
     scale = torch.empty(out_features, dtype=torch.float32, device=weight.device)
     for i in range(0, out_features, chunk):
         w = weight.detach()[i : i + chunk].float()
-        if w.device.type != "meta" and not torch.isfinite(w).all():  # (meta: planning a placement)
-            raise ValueError("the weight holds NaN or infinite values: it cannot be quantized")
+        kernels.require_finite(w)
         s = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).clamp_min_(1e-12) / 127.0
         q[i : i + chunk, :in_features] = (w / s[:, None]).round_().clamp_(-127, 127)
         scale[i : i + chunk] = s
@@ -65,8 +64,7 @@ def _native_pack(
     scale = torch.empty(out_features, dtype=torch.float32)
     for i in range(0, out_features, chunk):
         w = weight.detach()[i : i + chunk].float().contiguous()
-        if not torch.isfinite(w).all():
-            raise ValueError("the weight holds NaN or infinite values: it cannot be quantized")
+        kernels.require_finite(w)
         quantize(w.data_ptr(), w.shape[0], in_features, padded, i, qweight.data_ptr(), scale.data_ptr(),
                  torch.get_num_threads())  # fmt: skip
         if done is not None:

@@ -32,6 +32,13 @@ INT4_CHUNK = 128  # int4: a group is a multiple of it
 KINDS = {"avx2": 1, "avx512": 2}  # the kernel's instruction sets (bits of blip2_lowbit_cpu_kinds)
 
 
+def require_finite(weight: torch.Tensor) -> None:
+    """Refuses a weight (or a chunk of one) holding NaN or infinity: quantized, it would be garbage. A
+    meta tensor (a placement being planned) passes."""
+    if weight.device.type != "meta" and not torch.isfinite(weight).all():
+        raise ValueError("the weight holds NaN or infinite values: it cannot be quantized")
+
+
 def padded_width(in_features: int, block: int) -> int:
     """``in_features`` rounded up to whole blocks: packed weights are padded with zeros to it."""
     return -(-in_features // block) * block
