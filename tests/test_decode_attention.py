@@ -85,6 +85,19 @@ def test_a_fully_masked_row_gives_nan_as_pytorch_does(kernel):
     )
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_nan_or_infinite_score_gives_nan_as_pytorch_does(kernel, bad):
+    """Vectorized exponentials would turn a NaN score into a zero weight: the kernel must not."""
+    q, k, v, _ = _inputs(2, 3, 21, 8, seed=4)
+    q[1, 2, 0, 0] = 1.0
+    k[1, 2, 17, 0] = bad  # one score (NaN or +inf) of row 1, head 2, past the first blocks of four
+    got = native.decode_attention(q, k, v, None, None, kernel)
+    want = native.reference_attention(q, k, v, None, None)
+    assert want[1, 2].isnan().all() and got[1, 2].isnan().all()
+    assert not got[0].isnan().any() and not got[1, :2].isnan().any()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+
+
 def test_merging_the_heads_after_is_a_view(kernel):
     q, k, v, _ = _inputs(2, 4, 5, 8, seed=1)
     out = native.decode_attention(q, k, v, None, None, kernel)

@@ -6,9 +6,10 @@
  * softmax, the head split and merge), each costing more in overhead than its arithmetic at the few
  * dozen positions of a caption. Here each (row, head) pair is computed alone, in a fixed order:
  * every score is a dot product over head_dim (lane l takes d = l (mod LANES), d ascending, one fused
- * multiply-add each, then one fixed reduction tree), the softmax goes over s ascending, and the
- * output is the weighted sum of the values, s ascending. Nothing depends on the batch, the other
- * heads or the thread count, so a row's result is the same bits alone or in any batch.
+ * multiply-add each, then one fixed reduction tree), the softmax's exponentials are taken LANES
+ * positions at a time and summed lane by lane (then by the same tree), and the output is the weighted
+ * sum of the values, s ascending. Nothing depends on the batch, the other heads or the thread count,
+ * so a row's result is the same bits alone or in any batch.
  *
  * Mask semantics are PyTorch's: a boolean mask (1 = attend) sets the masked scores to -inf, a float
  * mask is added. A pair with every position masked gives NaN, as softmax of all -inf does.
@@ -33,6 +34,7 @@ typedef __mmask16 tail_mask;
 #define vstore_tail(p, v, mask) _mm512_mask_storeu_ps(p, mask, v)
 #define vfma(a, b, c) _mm512_fmadd_ps(a, b, c)
 static inline tail_mask make_tail_mask(long tail) { return (tail_mask)((1u << tail) - 1u); }
+#define vselect_tail(v, mask) _mm512_maskz_mov_ps(mask, v)
 static inline __m256 halve(vec v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
@@ -50,6 +52,7 @@ typedef __m256i tail_mask;
 static inline tail_mask make_tail_mask(long tail) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)tail), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
+#define vselect_tail(v, mask) _mm256_and_ps(v, _mm256_castsi256_ps(mask))
 static inline __m256 halve(vec v) { return v; }
 #endif
 
@@ -142,34 +145,106 @@ typedef struct {
     long new_k_batch, new_k_head, new_v_batch, new_v_head;
 } Strides;
 
-/* One (row, head) pair: scores into the scratch buffer, then the output row. */
+/* A score: q . key over head_dim (lane l takes d = l (mod LANES), d ascending, then the lane sum). */
+static inline vec dot_lanes(const float *q, const float *key, long body, long head_dim, tail_mask tail) {
+    vec acc = vzero();
+    long d = 0;
+    for (; d < body; d += LANES) acc = vfma(vload(q + d), vload(key + d), acc);
+    if (d < head_dim) acc = vfma(vload_tail(q + d, tail), vload_tail(key + d, tail), acc);
+    return acc;
+}
+
+/* How far ahead (in positions) the score loop asks for keys: a pair's keys come from memory when the
+ * step's weights have pushed its cache out, and the loop alone has too few loads in flight. */
+#define KEYS_AHEAD 16
+
+static inline void prefetch_rows(const float *first, long rows, long row_stride, long row_bytes) {
+    for (long s = 0; s < rows; s++)
+        for (long byte = 0; byte < row_bytes; byte += 64)
+            _mm_prefetch((const char *)(first + s * row_stride) + byte, _MM_HINT_T0);
+}
+
+static inline float masked_score(float score, long s, const float *mask_float, const unsigned char *mask_bool,
+                                 const Strides *st, float scale, int scaled) {
+    if (scaled) score = score * scale;
+    if (mask_bool && !mask_bool[s * st->mask_pos]) score = -INFINITY;
+    if (mask_float) score = score + mask_float[s * st->mask_pos];
+    return score;
+}
+
+/* One (row, head) pair: scores into the scratch buffer, then the output row. Four scores at a time
+ * (independent chains, each summed as one alone would be); the softmax's exponentials LANES at a time,
+ * its total lane by lane, then by the reduction tree. */
 static void one_pair(const float *q, const float *k, const float *v, const float *mask_float,
                      const unsigned char *mask_bool, const Strides *st, long length, long head_dim,
                      float scale, int scaled, float *scores, float *out) {
     tail_mask tail = make_tail_mask(head_dim % LANES);
-    long body = head_dim - head_dim % LANES;
+    long body = head_dim - head_dim % LANES, row_bytes = head_dim * (long)sizeof(float);
+    prefetch_rows(k, length < KEYS_AHEAD ? length : KEYS_AHEAD, st->k_pos, row_bytes);
     float top = -INFINITY;
-    for (long s = 0; s < length; s++) {
-        const float *key = k + s * st->k_pos;
-        vec acc = vzero();
+    int nan_seen = 0;
+    long s = 0;
+    for (; s + 4 <= length; s += 4) {
+        long ahead = s + KEYS_AHEAD;
+        if (ahead + 4 <= length) prefetch_rows(k + ahead * st->k_pos, 4, st->k_pos, row_bytes);
+        else if (ahead < length) prefetch_rows(k + ahead * st->k_pos, length - ahead, st->k_pos, row_bytes);
+        const float *k0 = k + s * st->k_pos, *k1 = k0 + st->k_pos, *k2 = k1 + st->k_pos, *k3 = k2 + st->k_pos;
+        vec a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
         long d = 0;
-        for (; d < body; d += LANES) acc = vfma(vload(q + d), vload(key + d), acc);
-        if (d < head_dim) acc = vfma(vload_tail(q + d, tail), vload_tail(key + d, tail), acc);
-        float score = reduce(acc);
-        if (scaled) score = score * scale;
-        if (mask_bool && !mask_bool[s * st->mask_pos]) score = -INFINITY;
-        if (mask_float) score = score + mask_float[s * st->mask_pos];
+        for (; d < body; d += LANES) {
+            vec qd = vload(q + d);
+            a0 = vfma(qd, vload(k0 + d), a0);
+            a1 = vfma(qd, vload(k1 + d), a1);
+            a2 = vfma(qd, vload(k2 + d), a2);
+            a3 = vfma(qd, vload(k3 + d), a3);
+        }
+        if (d < head_dim) {
+            vec qd = vload_tail(q + d, tail);
+            a0 = vfma(qd, vload_tail(k0 + d, tail), a0);
+            a1 = vfma(qd, vload_tail(k1 + d, tail), a1);
+            a2 = vfma(qd, vload_tail(k2 + d, tail), a2);
+            a3 = vfma(qd, vload_tail(k3 + d, tail), a3);
+        }
+        float s0 = masked_score(reduce(a0), s, mask_float, mask_bool, st, scale, scaled);
+        float s1 = masked_score(reduce(a1), s + 1, mask_float, mask_bool, st, scale, scaled);
+        float s2 = masked_score(reduce(a2), s + 2, mask_float, mask_bool, st, scale, scaled);
+        float s3 = masked_score(reduce(a3), s + 3, mask_float, mask_bool, st, scale, scaled);
+        scores[s] = s0, scores[s + 1] = s1, scores[s + 2] = s2, scores[s + 3] = s3;
+        top = fmaxf(fmaxf(top, fmaxf(s0, s1)), fmaxf(s2, s3));
+        nan_seen |= isnan(s0) | isnan(s1) | isnan(s2) | isnan(s3);
+    }
+    for (; s < length; s++) {
+        float score = masked_score(reduce(dot_lanes(q, k + s * st->k_pos, body, head_dim, tail)), s, mask_float,
+                                   mask_bool, st, scale, scaled);
         scores[s] = score;
-        if (score > top) top = score;
+        top = fmaxf(top, score);
+        nan_seen |= isnan(score);
     }
-    /* every position masked: top stays -inf, and -inf - -inf = NaN everywhere, as in PyTorch */
-    float total = 0.0f;
-    for (long s = 0; s < length; s++) {
-        scores[s] = expf(scores[s] - top);
-        total += scores[s];
+    prefetch_rows(v, length < KEYS_AHEAD ? length : KEYS_AHEAD, st->v_pos, row_bytes);
+    if (nan_seen || !(top < INFINITY && top > -INFINITY)) {
+        /* a NaN score, a +inf one or every position masked: PyTorch's softmax gives NaN everywhere */
+        for (long d = 0; d < head_dim; d++) out[d] = NAN;
+        return;
     }
-    float inverse = 1.0f / total;
-    for (long s = 0; s < length; s++) scores[s] *= inverse;
+    vec top_lanes = vset1(top), totals = vzero();
+    long tail_length = length % LANES;
+    for (s = 0; s + LANES <= length; s += LANES) {
+        vec e = vexp(vsub(vload(scores + s), top_lanes));
+        vstore(scores + s, e);
+        totals = vadd(totals, e);
+    }
+    if (tail_length) {
+        tail_mask last = make_tail_mask(tail_length);
+        vec e = vexp(vsub(vload_tail(scores + s, last), top_lanes));
+        vstore_tail(scores + s, e, last);
+        totals = vadd(totals, vselect_tail(e, last));
+    }
+    vec inverse = vset1(1.0f / reduce(totals));
+    for (s = 0; s + LANES <= length; s += LANES) vstore(scores + s, vmul(vload(scores + s), inverse));
+    if (tail_length) {
+        tail_mask last = make_tail_mask(tail_length);
+        vstore_tail(scores + s, vmul(vload_tail(scores + s, last), inverse), last);
+    }
     /* out = sum over s of p_s v_s, GROUP vectors of head_dim at a time: independent FMA chains */
     long d = 0;
     for (; d + GROUP * LANES <= body; d += GROUP * LANES) {
@@ -178,6 +253,9 @@ static void one_pair(const float *q, const float *k, const float *v, const float
         for (long s = 0; s < length; s++) {
             vec p = vset1(scores[s]);
             const float *value = v + s * st->v_pos + d;
+            if (s + KEYS_AHEAD < length)
+                for (long byte = 0; byte < GROUP * LANES * (long)sizeof(float); byte += 64)
+                    _mm_prefetch((const char *)(value + KEYS_AHEAD * st->v_pos) + byte, _MM_HINT_T0);
             _Pragma("GCC unroll 4") for (int g = 0; g < GROUP; g++) acc[g] = vfma(p, vload(value + g * LANES), acc[g]);
         }
         _Pragma("GCC unroll 4") for (int g = 0; g < GROUP; g++) vstore(out + d + g * LANES, acc[g]);
