@@ -643,14 +643,17 @@ def _reference_cached_attention(
     position: int,
     mask: torch.Tensor | None,
     scale: float | None,
+    group: int = 1,
 ) -> torch.Tensor:
-    """The references' self-attention of a step: (rows, heads, 1, head_dim) ``k``, ``v`` written into the
-    layer's ``cache`` at ``position``, then ``q`` over positions [0, position]; (rows, heads * head_dim)."""
+    """The references' self-attention of a step: (rows, kv_heads, 1, head_dim) ``k``, ``v`` written into
+    the layer's ``cache`` at ``position``, then ``q`` (rows, kv_heads * group, 1, head_dim) over positions
+    [0, position], each key/value head repeated for ``group`` query heads; (rows, heads * head_dim)."""
     k_cache, v_cache = cache
     k_cache[:, :, position] = k[:, :, 0]
     v_cache[:, :, position] = v[:, :, 0]
     window = slice(0, position + 1)
-    attended = reference_attention(q, k_cache[:, :, window], v_cache[:, :, window], mask, scale)
+    keys, values = (t[:, :, window].repeat_interleave(group, 1) for t in (k_cache, v_cache))
+    attended = reference_attention(q, keys, values, mask, scale)
     return attended.reshape(q.shape[0], -1)
 
 
@@ -906,6 +909,7 @@ class GatedStepDecoder(ctypes.Structure):
         ("layers", ctypes.c_long),
         ("hidden", ctypes.c_long),
         ("heads", ctypes.c_long),
+        ("kv_heads", ctypes.c_long),  # T5's: its heads; a LLaMA's: fewer where its keys are grouped
         ("head_dim", ctypes.c_long),
         ("mlp", ctypes.c_long),
         ("eps", ctypes.c_double),
@@ -1034,9 +1038,20 @@ class _PythonLinearGatedDecoder(PythonLinearDecoder):
 
     BLOCK, LINEARS, NORMS = T5StepBlock, T5_BLOCK_LINEARS, T5_BLOCK_NORMS
 
-    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int, sizes: dict):
+    def __init__(
+        self,
+        seed: int,
+        layers: int,
+        hidden: int,
+        heads: int,
+        head_dim: int,
+        mlp: int,
+        sizes: dict,
+        kv_heads: int | None = None,
+    ):
         self.generator = torch.Generator().manual_seed(seed)
         self.heads, self.head_dim, self.eps = heads, head_dim, 1e-6
+        self.kv_heads = kv_heads or heads
         self.callback = LINEAR_FUNCTION(self._run_linear)
         address = ctypes.cast(self.callback, ctypes.c_void_p).value
         self.linears: list[tuple[torch.Tensor, None]] = []
@@ -1053,7 +1068,7 @@ class _PythonLinearGatedDecoder(PythonLinearDecoder):
                 setattr(entry, name, block[name].data_ptr())
             self.blocks.append(block)
         self.decoder = GatedStepDecoder(
-            ctypes.addressof(self.array), layers, hidden, heads, head_dim, mlp, self.eps
+            ctypes.addressof(self.array), layers, hidden, heads, self.kv_heads, head_dim, mlp, self.eps
         )
 
 
@@ -1150,12 +1165,12 @@ def llama_decoder_step(
 ) -> None:
     """One decode step of a LLaMA ``decoder`` over contiguous float32 CPU ``x`` (rows, hidden), in place.
 
-    ``caches`` and ``mask`` as :func:`decoder_step`'s (rows, heads, max_len, head_dim); ``cos``, ``sin``:
-    each row's rotation (rows, head_dim), contiguous. Anything else is refused with ValueError before the
-    kernel runs; a kernel failure is a RuntimeError.
+    ``caches`` and ``mask`` as :func:`decoder_step`'s, the caches (rows, kv_heads, max_len, head_dim);
+    ``cos``, ``sin``: each row's rotation (rows, head_dim), contiguous. Anything else is refused with
+    ValueError before the kernel runs; a kernel failure is a RuntimeError.
     """
     rows, hidden = x.shape if x.dim() == 2 else (0, 0)
-    heads, head_dim = decoder.heads, decoder.head_dim
+    heads, kv_heads, head_dim = decoder.heads, decoder.kv_heads, decoder.head_dim
     max_len = caches[0][0].shape[2] if caches and caches[0][0].dim() == 4 else 0
     if (
         rows == 0
@@ -1163,13 +1178,14 @@ def llama_decoder_step(
         or not _cpu_float32(x)
         or len(caches) != decoder.layers
         or not 0 <= position < max_len
-        or not _caches_fit(caches, (rows, heads, max_len, head_dim))
+        or not _caches_fit(caches, (rows, kv_heads, max_len, head_dim))
         or not (_cpu_float32(cos) and _cpu_float32(sin) and cos.shape == sin.shape == (rows, head_dim))
         or not _mask_fits(mask, rows, position)
     ):
         raise ValueError(
             f"llama_decoder_step takes float32 CPU x (rows, {decoder.hidden}), {decoder.layers} caches of "
-            f"(rows, {heads}, L, {head_dim}), a boolean (rows, > {position}) mask and (rows, {head_dim}) cos, sin"
+            f"(rows, {kv_heads}, L, {head_dim}), a boolean (rows, > {position}) mask and (rows, {head_dim}) "
+            "cos, sin"
         )
     pointers = _pointers(caches)
     work = torch.empty(rows * (2 * hidden + 4 * heads * head_dim + 2 * decoder.mlp))
@@ -1199,10 +1215,12 @@ def reference_llama_decoder_step(
     position: int,
     heads: int,
     eps: float,
+    kv_heads: int | None = None,
 ) -> torch.Tensor:
     """What ``blip2_llama_decoder_step`` computes, in PyTorch (``blocks`` as
-    :func:`reference_t5_decoder_step`'s); the caches are written at ``position``."""
-    rows = x.shape[0]
+    :func:`reference_t5_decoder_step`'s); the caches (``kv_heads`` heads, default ``heads``) are written
+    at ``position``; query head h attends with key/value head h // (heads // kv_heads)."""
+    rows, kv_heads = x.shape[0], kv_heads or heads
 
     def rms(t, weight):
         return _reference_rms(t, weight, eps)
@@ -1214,8 +1232,11 @@ def reference_llama_decoder_step(
     keep = mask[:, None, None, : position + 1]
     for p, cache in zip(blocks, caches, strict=True):
         h = rms(x, p["norm1"])
-        q, k, v = (F.linear(h, p[f"{name}_weight"]).view(rows, heads, 1, -1) for name in ("q", "k", "v"))
-        attended = _reference_cached_attention(rotate(q), rotate(k), v, cache, position, keep, None)
+        q = F.linear(h, p["q_weight"]).view(rows, heads, 1, -1)
+        k, v = (F.linear(h, p[f"{name}_weight"]).view(rows, kv_heads, 1, -1) for name in ("k", "v"))
+        attended = _reference_cached_attention(
+            rotate(q), rotate(k), v, cache, position, keep, None, heads // kv_heads
+        )
         x = x + F.linear(attended, p["o_weight"])
         h = rms(x, p["norm2"])
         x = x + F.linear(F.silu(F.linear(h, p["wi0_weight"])) * F.linear(h, p["wi1_weight"]), p["wo_weight"])
@@ -1229,21 +1250,33 @@ class PythonLinearLlamaDecoder(_PythonLinearGatedDecoder):
 
     BLOCK, LINEARS, NORMS = LlamaStepBlock, LLAMA_BLOCK_LINEARS, LLAMA_BLOCK_NORMS
 
-    def __init__(self, seed: int, layers: int, hidden: int, heads: int, head_dim: int, mlp: int):
-        inner = heads * head_dim
-        sizes = dict.fromkeys(("q", "k", "v"), (inner, hidden)) | {
+    def __init__(
+        self,
+        seed: int,
+        layers: int,
+        hidden: int,
+        heads: int,
+        head_dim: int,
+        mlp: int,
+        kv_heads: int | None = None,
+    ):
+        inner, kv_inner = heads * head_dim, (kv_heads or heads) * head_dim
+        sizes = {
+            "q": (inner, hidden),
+            "k": (kv_inner, hidden),
+            "v": (kv_inner, hidden),
             "o": (hidden, inner),
             "wi0": (mlp, hidden),
             "wi1": (mlp, hidden),
             "wo": (hidden, mlp),
         }
-        super().__init__(seed, layers, hidden, heads, head_dim, mlp, sizes)
+        super().__init__(seed, layers, hidden, heads, head_dim, mlp, sizes, kv_heads)
 
     def step_inputs(self, rows: int, max_len: int, position: int):
         """x, caches, a mask hiding some earlier positions, and each row's rotation at its own position."""
-        heads, head_dim = self.heads, self.head_dim
+        kv_heads, head_dim = self.kv_heads, self.head_dim
         x = self.randn(rows, self.decoder.hidden)
-        caches = [tuple(self.randn(rows, heads, max_len, head_dim) for _ in range(2)) for _ in self.blocks]
+        caches = [tuple(self.randn(rows, kv_heads, max_len, head_dim) for _ in range(2)) for _ in self.blocks]
         mask = torch.rand(rows, position + 1, generator=self.generator) > 0.3
         mask[:, position] = True
         angles = torch.randint(0, 50, (rows, 1), generator=self.generator) * self.randn(head_dim // 2).abs()
@@ -1255,7 +1288,7 @@ class PythonLinearLlamaDecoder(_PythonLinearGatedDecoder):
         x, caches, mask, cos, sin = self.step_inputs(rows, max_len, position)
         want_caches = [(k.clone(), v.clone()) for k, v in caches]
         want = reference_llama_decoder_step(
-            x, self.blocks, want_caches, mask, cos, sin, position, self.heads, self.eps
+            x, self.blocks, want_caches, mask, cos, sin, position, self.heads, self.eps, self.kv_heads
         )
         got = x.clone()
         llama_decoder_step(kernel, self.decoder, got, caches, mask, cos, sin, position)
@@ -1263,11 +1296,16 @@ class PythonLinearLlamaDecoder(_PythonLinearGatedDecoder):
 
 
 def _llama_decoder_step_self_check(kernel) -> bool:
-    """A 2-layer LLaMA decoder (its inner width unlike its hidden one) on masked rows, against
-    :func:`reference_llama_decoder_step`."""
-    decoder = PythonLinearLlamaDecoder(0, layers=2, hidden=12, heads=3, head_dim=6, mlp=20)
-    same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4)
-    return same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    """2-layer LLaMA decoders (their inner width unlike their hidden one; one with grouped key/value
+    heads) on masked rows, against :func:`reference_llama_decoder_step`."""
+    for heads, kv_heads in [(3, 3), (4, 2)]:
+        decoder = PythonLinearLlamaDecoder(
+            0, 2, hidden=12, heads=heads, head_dim=6, mlp=20, kv_heads=kv_heads
+        )
+        same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4)
+        if not (same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)):
+            return False
+    return True
 
 
 @functools.cache

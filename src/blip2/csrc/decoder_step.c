@@ -201,7 +201,7 @@ typedef struct {
 /* A T5 or LLaMA decoder: `blocks` are `layers` T5Blocks or LlamaBlocks. */
 typedef struct {
     const void *blocks;
-    long layers, hidden, heads, head_dim, mlp;
+    long layers, hidden, heads, kv_heads, head_dim, mlp; /* kv_heads: T5's are its heads */
     double eps;
 } GatedDecoder;
 
@@ -352,8 +352,8 @@ static int t5_block_step(const GatedDecoder *d, const T5Step *s, long layer)
 /* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
 int blip2_t5_decoder_step(const GatedDecoder *d, const T5Step *s)
 {
-    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->head_dim < 1 || d->mlp < 1 || s->rows < 1 ||
-        s->position < 0 || s->position >= s->max_len || s->cross_len < 1)
+    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->kv_heads != d->heads || d->head_dim < 1 ||
+        d->mlp < 1 || s->rows < 1 || s->position < 0 || s->position >= s->max_len || s->cross_len < 1)
         return -1;
     for (long layer = 0; layer < d->layers; layer++) {
         int status = t5_block_step(d, s, layer);
@@ -379,7 +379,7 @@ typedef struct {
 
 typedef struct {
     float *x;                  /* (rows, hidden), updated in place */
-    float *const *caches;      /* 2 per layer, keys then values: (rows, heads, max_len, head_dim) */
+    float *const *caches;      /* 2 per layer, keys then values: (rows, kv_heads, max_len, head_dim) */
     const unsigned char *mask; /* (rows, position + 1) at mask_row elements per row: 1 = attend */
     const float *cos, *sin;    /* (rows, head_dim): the rotation at each row's position */
     float *work;               /* rows * (2 * hidden + 4 * heads * head_dim + 2 * mlp) */
@@ -406,7 +406,8 @@ static void rotate_rows(float *x, const float *cos, const float *sin, long rows,
 static int llama_block_step(const GatedDecoder *d, const LlamaStep *s, long layer)
 {
     const LlamaBlock *b = (const LlamaBlock *)d->blocks + layer;
-    long rows = s->rows, hidden = d->hidden, heads = d->heads, head_dim = d->head_dim, n = rows * hidden;
+    long rows = s->rows, hidden = d->hidden, heads = d->heads, kv_heads = d->kv_heads, head_dim = d->head_dim,
+         n = rows * hidden;
     float eps = (float)d->eps;
     GatedWork w = gated_work(d, s->work, rows);
     float *x = s->x, *normed = w.normed, *out = w.out, *q = w.q, *k = w.k, *v = w.v, *attended = w.attended;
@@ -415,16 +416,26 @@ static int llama_block_step(const GatedDecoder *d, const LlamaStep *s, long laye
     RUN(b->k, normed, k);
     RUN(b->v, normed, v);
     rotate_rows(q, s->cos, s->sin, rows, heads, head_dim);
-    rotate_rows(k, s->cos, s->sin, rows, heads, head_dim);
-    Call c = cached_attention(q, k, v, s->caches[2 * layer], s->caches[2 * layer + 1], attended, rows, heads,
-                              head_dim, s->max_len, s->position, s->threads);
-    c.mask_bool = s->mask;
-    c.strides.mask_batch = s->mask_row;
-    c.scale = 1.0 / sqrt((double)head_dim);
-    c.scaled = 1;
-    int status = blip2_decode_attention(&c);
-    if (status)
-        return status;
+    rotate_rows(k, s->cos, s->sin, rows, kv_heads, head_dim);
+    /* Query head h attends with key/value head h / group: one call per place r in the groups, over the
+     * query heads r, group + r, ... (the first call writes the step's keys and values into the cache). */
+    long group = heads / kv_heads;
+    for (long r = 0; r < group; r++) {
+        Call c = cached_attention(q + r * head_dim, k, v, s->caches[2 * layer], s->caches[2 * layer + 1],
+                                  attended + r * head_dim, rows, kv_heads, head_dim, s->max_len, s->position,
+                                  s->threads);
+        c.strides.q_batch = c.out_batch = heads * head_dim;
+        c.strides.q_head = c.out_head = group * head_dim;
+        if (r > 0)
+            c.write_at = -1;
+        c.mask_bool = s->mask;
+        c.strides.mask_batch = s->mask_row;
+        c.scale = 1.0 / sqrt((double)head_dim);
+        c.scaled = 1;
+        int status = blip2_decode_attention(&c);
+        if (status)
+            return status;
+    }
     RUN(b->o, attended, out);
     add_into(x, out, n);
     return gated_feed_forward(&b->wi0, &b->wi1, &b->wo, b->norm2, x, rows, hidden, d->mlp, eps, 0, normed, w.gate,
@@ -434,8 +445,9 @@ static int llama_block_step(const GatedDecoder *d, const LlamaStep *s, long laye
 /* Returns 0; -1 for sizes it does not take; else the first failing kernel's status. */
 int blip2_llama_decoder_step(const GatedDecoder *d, const LlamaStep *s)
 {
-    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->head_dim < 2 || d->head_dim % 2 || d->mlp < 1 ||
-        s->rows < 1 || s->position < 0 || s->position >= s->max_len || s->mask_row < s->position + 1)
+    if (d->layers < 1 || d->hidden < 1 || d->heads < 1 || d->kv_heads < 1 || d->heads % d->kv_heads ||
+        d->head_dim < 2 || d->head_dim % 2 || d->mlp < 1 || s->rows < 1 || s->position < 0 ||
+        s->position >= s->max_len || s->mask_row < s->position + 1)
         return -1;
     for (long layer = 0; layer < d->layers; layer++) {
         int status = llama_block_step(d, s, layer);

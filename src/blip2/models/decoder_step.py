@@ -185,7 +185,14 @@ def _describe_blocks(parts, key: tuple, block_type, linear_names, norm_names, cf
     if not _fill(array, parts, linear_names, norm_names, described):
         return _Described(None, key)
     described.decoder = native.GatedStepDecoder(
-        ctypes.addressof(array), len(parts), cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.mlp_size, eps
+        ctypes.addressof(array),
+        len(parts),
+        cfg.hidden_size,
+        cfg.num_heads,
+        getattr(cfg, "num_kv_heads", cfg.num_heads),  # (T5's keys are not grouped)
+        cfg.head_dim,
+        cfg.mlp_size,
+        eps,
     )
     described.keep.append(array)
     return described
@@ -291,12 +298,12 @@ def _llama_describe(
     model: nn.Module, parts: list[tuple[list, list[torch.Tensor | None]]], key: tuple
 ) -> _Described:
     """``model`` (a LLaMA) described from its ``parts``, or ``_Described(None, key)`` where it cannot run
-    natively (grouped key/value heads, another activation than SiLU, exact=True)."""
+    natively (another activation than SiLU, exact=True)."""
     cfg = model.cfg
     blocks = list(model.layers)
     eps = {norm.eps for block in blocks for norm in (block.norm1, block.norm2)}
     fast = all(block.attn.fast_kernels for block in blocks)
-    if cfg.num_kv_heads != cfg.num_heads or cfg.activation != "silu" or not fast or len(eps) != 1:
+    if cfg.num_heads % cfg.num_kv_heads or cfg.activation != "silu" or not fast or len(eps) != 1:
         return _Described(None, key)
     return _describe_blocks(
         parts,
