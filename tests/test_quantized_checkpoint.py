@@ -4,7 +4,9 @@ identical to quantizing at load, and a packing that does not match its config re
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ import blip2
 import blip2.quantize.int4
 import blip2.quantize.int8
 from blip2.cli import build_parser, main
+from blip2.models.weights import save_checkpoint
 from blip2.quantize import Int4Linear, Int8Linear
 from factory import make_images
 
@@ -183,6 +186,23 @@ def test_cli_quantize_writes_a_checkpoint(opt_ckpt, tmp_path, capsys):
     assert torch.equal(_logits(m, "opt"), _logits(blip2.load(opt_ckpt, quantize="int4"), "opt"))
     assert main(["quantize", str(opt_ckpt), str(dst), "--bits", "8"]) == 1  # not over an existing folder
     assert "not an empty folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask 022", "umask 077"])
+def test_written_weights_are_as_readable_as_the_umask_allows(opt_ckpt, tmp_path, umask):
+    """safetensors creates its files for their owner only: a checkpoint written for a team (a shared
+    models folder) would be unreadable to it, unlike the config beside it."""
+    old = os.umask(umask)
+    try:
+        blip2.load(opt_ckpt, quantize="int8").save(tmp_path / "q8")
+        save_checkpoint(blip2.load(opt_ckpt).model, opt_ckpt, tmp_path / "float")
+    finally:
+        os.umask(old)
+    for folder in ("q8", "float"):
+        modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / folder).iterdir()}
+        assert modes["model.safetensors"] == 0o666 & ~umask, modes
+        assert modes["model.safetensors"] == modes["config.json"]
+        assert not list((tmp_path / folder).glob("*.tmp"))
 
 
 def test_server_and_cli_accept_int4():

@@ -14,7 +14,6 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import (
     AddedToken,
     Tokenizer,
@@ -28,7 +27,7 @@ from tokenizers import (
 
 from ..models.blip2 import Blip2
 from ..models.config import CLIP_MEAN, CLIP_STD, Blip2Config
-from ..models.weights import hub_tensors
+from ..models.weights import hub_tensors, save_safetensors
 from ..processor import IMAGE_TOKEN
 
 OPT_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]  # OPT's ids 0..3; </s> is BOS and EOS
@@ -148,9 +147,7 @@ def write_checkpoint(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    tmp = out / "model.safetensors.tmp"
-    save_file(hub_tensors(model, cfg), str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    save_safetensors(hub_tensors(model, cfg), out / "model.safetensors")
     _dump(out / "config.json", cfg.to_dict())
     _dump(out / "processor_config.json", processor_dict(cfg))
     tokenizer.save(str(out / "tokenizer.json"))

@@ -637,6 +637,29 @@ def save_checkpoint(
     return write_checkpoint(state, src, out_folder)
 
 
+def _umask() -> int:
+    """This process's file-creation mask (read without changing it where Linux tells it)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``tensors`` as the safetensors file ``path``, written whole before it replaces any file there, and
+    readable as the process's umask allows (as ``config.json`` beside it is): safetensors itself creates
+    its files readable by their owner only, which would keep a checkpoint written for a team from it."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+
+
 def write_checkpoint(
     state: dict[str, torch.Tensor],
     src_folder: str | os.PathLike,
@@ -647,8 +670,6 @@ def write_checkpoint(
     (config, tokenizer, processor, generation config) copied; ``config``, if given, is written as
     ``config.json`` instead of the source's."""
     import shutil
-
-    from safetensors.torch import save_file
 
     src, out = Path(src_folder), Path(out_folder)
     if src.resolve() == out.resolve():
@@ -666,9 +687,7 @@ def write_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("*.safetensors"), *out.glob("pytorch_model*.bin"), *out.glob("*.index.json")]:
         stale.unlink()
-    tmp = out / "model.safetensors.tmp"
-    save_file(flat, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out / "model.safetensors")
+    save_safetensors(flat, out / "model.safetensors")
     for pattern in CHECKPOINT_SIDE_FILES:
         for f in src.glob(pattern):
             if f.is_file() and not f.name.endswith(".index.json"):
