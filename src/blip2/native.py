@@ -785,29 +785,32 @@ class PythonLinearDecoder:
 def _decoder_step_self_check(kernel) -> bool:
     """A pre-norm decoder with layer-norm weights and a post-norm one without, on masked rows, against
     :func:`reference_decoder_step`."""
-    for seed, pre_norm in ((0, True), (1, False)):
-        decoder = PythonLinearDecoder(
-            seed, layers=2, hidden=12, heads=3, mlp=20, pre_norm=pre_norm, affine=pre_norm
+    return all(
+        _step_agrees(
+            PythonLinearDecoder(
+                seed, layers=2, hidden=12, heads=3, mlp=20, pre_norm=pre_norm, affine=pre_norm
+            ).compare(kernel, rows=3, max_len=7, position=4)
         )
-        same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4)
-        if not (same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)):
-            return False
-    return True
+        for seed, pre_norm in ((0, True), (1, False))
+    )
+
+
+def _step_agrees(compared: tuple[bool, torch.Tensor, torch.Tensor]) -> bool:
+    """A self-check's verdict on one ``compare`` of a test decoder: caches alike, outputs close."""
+    same_caches, got, want = compared
+    return same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _load_step(kind: str | None, what: str, bind, check):
+    """One of ``csrc/decoder_step.c``'s steps (the three share one compiled unit), as :func:`_load_kind`."""
+    return _load_kind(kind or kernel_kind(), STEP_SOURCES, "decoder_step", ATTENTION_FLAGS, what, bind, check)
 
 
 @functools.cache
 def decoder_step_kernel(kind: str | None = None):
     """The compiled ``blip2_decoder_step`` of ``kind`` (default ``kernel_kind()``), or None where it
     cannot be had (logged once)."""
-    return _load_kind(
-        kind or kernel_kind(),
-        STEP_SOURCES,
-        "decoder_step",
-        ATTENTION_FLAGS,
-        "decoder step",
-        _bind_decoder_step,
-        _decoder_step_self_check,
-    )
+    return _load_step(kind, "decoder step", _bind_decoder_step, _decoder_step_self_check)
 
 
 # ---- the image encoder's attention kernel (csrc/encoder_attention.c; used by blip2.models.vision) -------
@@ -1115,23 +1118,14 @@ def _t5_decoder_step_self_check(kernel) -> bool:
     """A 2-layer T5 decoder (its inner width unlike its hidden one) on masked rows, against
     :func:`reference_t5_decoder_step`."""
     decoder = PythonLinearT5Decoder(0, layers=2, hidden=12, heads=3, head_dim=5, mlp=20)
-    same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4, cross_len=6)
-    return same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+    return _step_agrees(decoder.compare(kernel, rows=3, max_len=7, position=4, cross_len=6))
 
 
 @functools.cache
 def t5_decoder_step_kernel(kind: str | None = None):
     """The compiled ``blip2_t5_decoder_step`` of ``kind`` (default ``kernel_kind()``), or None where it
     cannot be had (logged once)."""
-    return _load_kind(
-        kind or kernel_kind(),
-        STEP_SOURCES,
-        "decoder_step",
-        ATTENTION_FLAGS,
-        "T5 decoder step",
-        _bind_t5_decoder_step,
-        _t5_decoder_step_self_check,
-    )
+    return _load_step(kind, "T5 decoder step", _bind_t5_decoder_step, _t5_decoder_step_self_check)
 
 
 # ---- a LLaMA decoder's step (blip2_llama_decoder_step in csrc/decoder_step.c; models.decoder_step) -------
@@ -1298,26 +1292,18 @@ class PythonLinearLlamaDecoder(_PythonLinearGatedDecoder):
 def _llama_decoder_step_self_check(kernel) -> bool:
     """2-layer LLaMA decoders (their inner width unlike their hidden one; one with grouped key/value
     heads) on masked rows, against :func:`reference_llama_decoder_step`."""
-    for heads, kv_heads in [(3, 3), (4, 2)]:
-        decoder = PythonLinearLlamaDecoder(
-            0, 2, hidden=12, heads=heads, head_dim=6, mlp=20, kv_heads=kv_heads
+    return all(
+        _step_agrees(
+            PythonLinearLlamaDecoder(
+                0, 2, hidden=12, heads=heads, head_dim=6, mlp=20, kv_heads=kv_heads
+            ).compare(kernel, rows=3, max_len=7, position=4)
         )
-        same_caches, got, want = decoder.compare(kernel, rows=3, max_len=7, position=4)
-        if not (same_caches and torch.allclose(got, want, rtol=1e-4, atol=1e-4)):
-            return False
-    return True
+        for heads, kv_heads in [(3, 3), (4, 2)]
+    )
 
 
 @functools.cache
 def llama_decoder_step_kernel(kind: str | None = None):
     """The compiled ``blip2_llama_decoder_step`` of ``kind`` (default ``kernel_kind()``), or None where it
     cannot be had (logged once)."""
-    return _load_kind(
-        kind or kernel_kind(),
-        STEP_SOURCES,
-        "decoder_step",
-        ATTENTION_FLAGS,
-        "LLaMA decoder step",
-        _bind_llama_decoder_step,
-        _llama_decoder_step_self_check,
-    )
+    return _load_step(kind, "LLaMA decoder step", _bind_llama_decoder_step, _llama_decoder_step_self_check)
