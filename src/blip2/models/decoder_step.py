@@ -79,22 +79,17 @@ def _describe(
     eps = {block.norm1.eps for block in blocks} | {block.norm2.eps for block in blocks}
     if cfg.activation != "relu" or not all(block.attn.fast_kernels for block in blocks) or len(eps) != 1:
         return _Described(None, key)
-    described = _Described(None, key)
-    array = (native.StepBlock * len(blocks))()
-    if not _fill(array, parts, native.BLOCK_LINEARS, native.BLOCK_NORMS, described):
-        return _Described(None, key)
-    described.decoder = native.StepDecoder(
-        ctypes.addressof(array),
-        len(blocks),
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.mlp_size,
-        bool(cfg.pre_norm),
-        eps.pop(),
-        blocks[0].attn.scale,
+    eps, scale = eps.pop(), blocks[0].attn.scale
+    return _describe_blocks(
+        parts,
+        key,
+        native.StepBlock,
+        native.BLOCK_LINEARS,
+        native.BLOCK_NORMS,
+        lambda address, layers: native.StepDecoder(
+            address, layers, cfg.hidden_size, cfg.num_heads, cfg.mlp_size, bool(cfg.pre_norm), eps, scale
+        ),
     )
-    described.keep.append(array)
-    return described
 
 
 def _description(model: nn.Module, first: KVCache, parts_of, attentions_of, describe) -> _Described:
@@ -176,17 +171,25 @@ def _fill(array, parts, linear_names, norm_names, described: _Described) -> bool
     return True
 
 
-def _describe_blocks(parts, key: tuple, block_type, linear_names, norm_names, cfg, eps: float) -> _Described:
-    """A T5 or LLaMA decoder described for its native step: a ctypes array of ``block_type`` pointed at
-    the ``parts``, in a ``native.GatedStepDecoder`` of ``cfg``'s sizes; ``_Described(None, key)`` where a
-    part is missing."""
+def _describe_blocks(parts, key: tuple, block_type, linear_names, norm_names, make_decoder) -> _Described:
+    """A decoder described for its native step: a ctypes array of ``block_type`` pointed at the
+    ``parts``, in the decoder struct ``make_decoder(array address, layers)`` makes;
+    ``_Described(None, key)`` where a part is missing."""
     described = _Described(None, key)
     array = (block_type * len(parts))()
     if not _fill(array, parts, linear_names, norm_names, described):
         return _Described(None, key)
-    described.decoder = native.GatedStepDecoder(
-        ctypes.addressof(array),
-        len(parts),
+    described.decoder = make_decoder(ctypes.addressof(array), len(parts))
+    described.keep.append(array)
+    return described
+
+
+def _gated_decoder(cfg, eps: float):
+    """``make_decoder`` for :func:`_describe_blocks`: a ``native.GatedStepDecoder`` of a T5's or a LLaMA's
+    sizes."""
+    return lambda address, layers: native.GatedStepDecoder(
+        address,
+        layers,
         cfg.hidden_size,
         cfg.num_heads,
         getattr(cfg, "num_kv_heads", cfg.num_heads),  # (T5's keys are not grouped)
@@ -194,8 +197,6 @@ def _describe_blocks(parts, key: tuple, block_type, linear_names, norm_names, cf
         cfg.mlp_size,
         eps,
     )
-    described.keep.append(array)
-    return described
 
 
 # ---- T5 v1.1 / Flan-T5 decoders (native.t5_decoder_step) ------------------------------------------------
@@ -233,8 +234,7 @@ def _t5_describe(
         native.T5StepBlock,
         native.T5_BLOCK_LINEARS,
         native.T5_BLOCK_NORMS,
-        cfg,
-        eps.pop(),
+        _gated_decoder(cfg, eps.pop()),
     )
 
 
@@ -311,8 +311,7 @@ def _llama_describe(
         native.LlamaStepBlock,
         native.LLAMA_BLOCK_LINEARS,
         native.LLAMA_BLOCK_NORMS,
-        cfg,
-        eps.pop(),
+        _gated_decoder(cfg, eps.pop()),
     )
 
 
