@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import blip2
 from blip2 import native
@@ -16,7 +15,7 @@ from blip2.models.config import OPTConfig
 from blip2.models.language.opt import OPT
 from blip2.models.layers import Linear, normal_init_
 from blip2.quantize import Int4Linear, Int8Linear, kernels
-from conftest import count_rows, kind_fixture
+from conftest import assert_steps_match_layers, count_rows, kind_fixture
 from factory import make_images
 
 needs_lowbit = pytest.mark.skipif(kernels.native_kind() is None, reason="no native low-bit kernel here")
@@ -138,10 +137,8 @@ def test_opt_steps_equal_the_layers_run_one_by_one(kernel, step_calls, monkeypat
     layered = _steps(lm, embeds, mask, tokens)
     # the layer norms round differently in their last bits, which can move an activation across an int8
     # rounding boundary: close, not equal
-    cos = F.cosine_similarity(native_logits, layered, dim=-1)
-    assert cos.min() > 0.9999, cos
+    assert_steps_match_layers(native_logits, layered)
     torch.testing.assert_close(native_logits, layered, rtol=0.02, atol=0.02 * float(layered.abs().max()))
-    assert torch.equal(native_logits.argmax(-1), layered.argmax(-1))
 
 
 @needs_lowbit
