@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from kernel_ab import alternate
 
 from blip2 import native
 
@@ -78,15 +79,7 @@ def main() -> None:
                 mask = torch.ones(rows, 1, 1, length, dtype=torch.bool)
 
                 call = (q, caches, weights, mask, length)
-                for function in functions:
-                    step(function, *call)
-                ratios, best = [], [float("inf")] * 2
-                for r in range(args.rounds):
-                    times = {}
-                    for i in (0, 1) if r % 2 else (1, 0):
-                        times[i] = step(functions[i], *call)[0]
-                        best[i] = min(best[i], times[i])
-                    ratios.append(times[1] / times[0])
+                ratios, best = alternate(lambda k, call=call: step(functions[k], *call)[0], args.rounds)
                 old, new = (step(function, *call)[1] for function in functions)
                 difference = max((a - b).abs().max().item() for a, b in zip(old, new, strict=True))
                 print(f"| {rows} | {length} | {best[0] * 1e3:.3f} | {best[1] * 1e3:.3f} "

@@ -40,26 +40,31 @@ def build(source: str, folder: str, index: int):
     return function
 
 
-def compare(functions, cases, rounds: int, calls: int, threads: int) -> tuple[list[float], list[float]]:
-    """Per-round ratios (second / first build) and each build's best time of ``cases`` run in order."""
-
-    def run(function) -> None:
-        for layer, x, y in cases:
-            function(ctypes.byref(layer), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
-
-    for function in functions:
-        run(function)
+def alternate(timed, rounds: int) -> tuple[list[float], list[float]]:
+    """``timed(k)`` (seconds taken by build k, 0 or 1) once each untimed, then ``rounds`` rounds timing
+    both, alternating which goes first: the per-round ratios (second / first build) and each one's best."""
+    timed(0), timed(1)
     ratios, best = [], [float("inf")] * 2
     for r in range(rounds):
         times = {}
         for k in (0, 1) if r % 2 else (1, 0):
-            start = time.perf_counter()
-            for _ in range(calls):
-                run(functions[k])
-            times[k] = (time.perf_counter() - start) / calls
+            times[k] = timed(k)
             best[k] = min(best[k], times[k])
         ratios.append(times[1] / times[0])
     return ratios, best
+
+
+def compare(functions, cases, rounds: int, calls: int, threads: int) -> tuple[list[float], list[float]]:
+    """Per-round ratios (second / first build) and each build's best time of ``cases`` run in order."""
+
+    def timed(k: int) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            for layer, x, y in cases:
+                functions[k](ctypes.byref(layer), x.data_ptr(), x.shape[0], y.data_ptr(), threads)
+        return (time.perf_counter() - start) / calls
+
+    return alternate(timed, rounds)
 
 
 def main() -> None:
