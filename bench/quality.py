@@ -8,6 +8,8 @@ Demo: caption exact match and VQA accuracy (``blip2.demo.evaluate``) on held-out
 Test checkpoints: ``tests/factory.py`` OPT and T5 ones (seeds 0-3), two images and prompts each; the
 cosine of the logits to float32's, flattened per sample (as ``tests/test_quantize.py``), the mean and
 the lowest over samples and checkpoints. The demo model's logits likewise, on 8 held-out scenes.
+"int4 GPTQ": int4 calibrated (``blip2 quantize --calibration``) on 32 other images with the same prompts
+(test checkpoints) or on 32 training scenes with the demo's prompts (demo), as ``tests/test_gptq.py``.
 
 What 4 bits can do on those checkpoints (``--bound``): the language model's weights (where int4 costs the
 most) replaced, in the float model, by int4's dequantized weights; by the best affine 4-bit grid per group
@@ -30,20 +32,47 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-METHODS = (None, "int8", "int4")
+METHODS = (None, "int8", "int4", "int4 GPTQ")
 PROMPTS = ["a photo of", "Question: what? Answer:"]
 T5_DECODER_INPUT = [[0, 5, 9, 3], [0, 7, 2, 4]]
 
 
-def demo_scores(seeds: list[int], count: int) -> list[str]:
+def _calibrated(path, images, prompts):
+    """``path`` loaded and quantized to int4 by GPTQ on ``images`` / ``prompts``."""
     import blip2
+    from blip2.quantize.calibrate import quantize_calibrated
+
+    pipe = blip2.load(path)
+    quantize_calibrated(pipe, images, prompts=prompts, count=len(images), progress=False)
+    return pipe
+
+
+def _demo(method: str | None):
+    import blip2
+    from blip2.chat import QUESTION_TEMPLATE
+    from blip2.demo.scenes import generate
+
+    if method != "int4 GPTQ":
+        return blip2.load("demo", quantize=method)
+    scenes = generate(0, 32, "train")
+    rng = np.random.default_rng(0)
+    prompts = ["a photo of"] + [
+        QUESTION_TEMPLATE.format(s.sample_questions(rng, 1)[0][0]) for s in scenes[:7]
+    ]
+    return _calibrated("demo", [s.render() for s in scenes], prompts)
+
+
+def demo_scores(seeds: list[int], count: int) -> list[str]:
     from blip2.demo.evaluate import evaluate
 
-    lines = ["| seed | scenes | float32 caption / VQA | int8 | int4 |", "|---|---|---|---|---|"]
+    lines = [
+        "| seed | scenes | float32 caption / VQA | int8 | int4 | int4 GPTQ |",
+        "|---|---|---|---|---|---|",
+    ]
     for seed in seeds:
         cells = []
         for method in METHODS:
-            s = evaluate(pipeline=blip2.load("demo", quantize=method), seed=seed, count=count)
+            s = evaluate(pipeline=_demo(method), seed=seed, count=count)
             cells.append(f"{s['caption_exact_match']:.3f} / {s['vqa_accuracy']:.3f}")
         lines.append(f"| {seed} | {count} | " + " | ".join(cells) + " |")
     return lines
@@ -67,7 +96,7 @@ def demo_cosines(seed: int) -> list[str]:
     with torch.inference_mode():
         a = ref.model(**enc).logits
         for method in METHODS[1:]:
-            b = blip2.load("demo", quantize=method).model(**enc).logits
+            b = _demo(method).model(**enc).logits
             found[method] = F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).tolist()
     return ["| demo, seed " + str(seed) + " | " + " | ".join(_cells(found)) + " |"]
 
@@ -88,15 +117,23 @@ def _test_checkpoints(tmp: str, lm: str, count: int):
 
 def logit_cosines(checkpoints: int) -> list[str]:
     import blip2
+    from factory import make_images
 
-    lines = ["| checkpoints | int8 mean / lowest | int4 mean / lowest |", "|---|---|---|"]
+    lines = [
+        "| checkpoints | int8 mean / lowest | int4 mean / lowest | int4 GPTQ mean / lowest |",
+        "|---|---|---|---|",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for lm in ("opt", "t5"):
-            found: dict[str, list[float]] = {"int8": [], "int4": []}
-            for path, enc, kwargs, a in _test_checkpoints(tmp, lm, checkpoints):
+            found: dict[str, list[float]] = {method: [] for method in METHODS[1:]}
+            for seed, (path, enc, kwargs, a) in enumerate(_test_checkpoints(tmp, lm, checkpoints)):
                 with torch.inference_mode():
                     for method in found:
-                        b = blip2.load(path, quantize=method).model(**enc, **kwargs).logits
+                        if method == "int4 GPTQ":
+                            model = _calibrated(path, make_images(32, seed=1000 + seed), PROMPTS).model
+                        else:
+                            model = blip2.load(path, quantize=method).model
+                        b = model(**enc, **kwargs).logits
                         found[method] += F.cosine_similarity(a.flatten(1), b.flatten(1), dim=-1).tolist()
             lines.append(f"| {lm} × {checkpoints} | " + " | ".join(_cells(found)) + " |")
     return lines

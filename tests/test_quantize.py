@@ -277,21 +277,16 @@ def _inputs(m, n=2):
     return m.processor(images=make_images(n), text=["a photo of", "Question: what is it? Answer:"][:n])
 
 
-# int4 on the random T5: 0.94-0.97 (OPT ~0.993). It is how far this T5 moves under any noise of int4's
-# size: its weights plus their own int4 errors shuffled give 0.96-0.98. The trained demo model is the
-# quality test (test_demo_quality.py).
+# int4 rounded at load on the random test checkpoints: OPT 0.976-0.981 (per position >= 0.93), T5 0.978-0.983
+# (>= 0.96) with its encoder int8 (0.94-0.97 when it was int4). Calibrated int4 (GPTQ) is held to the
+# issue's 0.98 in test_gptq.py; the trained demo model's scores in test_quantize_demo.py.
 @pytest.mark.parametrize(
     "lm,method,bound,position_bound",
     [
         ("opt", "int8", 0.99, 0.98),
         ("t5", "int8", 0.99, 0.98),
-        (
-            "opt",
-            "int4",
-            0.97,
-            0.9,
-        ),  # the sharpened test OPT (factory.sharpen_opt): 0.973, per position >= 0.918
-        ("t5", "int4", 0.93, 0.88),
+        ("opt", "int4", 0.97, 0.9),  # the sharpened test OPT (factory.sharpen_opt)
+        ("t5", "int4", 0.97, 0.94),
     ],
 )
 def test_logits_close_to_float32(lm, method, bound, position_bound, opt_ckpt, t5_ckpt):
@@ -328,6 +323,17 @@ def test_plan_and_counts(opt_ckpt):
     assert by_part == {"vision": {"int4"}, "qformer": {"int8"}, "language_model": {"int4"}}
     assert set(plan(m.model, "int8").values()) == {"int8"}
     assert quantize_model_(m.model, "int4") == n_linear
+
+
+def test_t5_encoder_stays_int8_under_int4(t5_ckpt):
+    """T5's encoder runs once per prompt (no decode step reads it) and held half of int4's logit error on
+    the T5 test checkpoints: it is int8 under int4, its decoder int4."""
+    m = blip2.load(t5_ckpt, quantize="int4")
+    lm = m.model.language_model
+    encoder = {type(mod) for mod in lm.encoder.modules()} & {Int4Linear, Int8Linear}
+    decoder = {type(mod) for mod in lm.decoder.modules()} & {Int4Linear, Int8Linear}
+    assert (encoder, decoder) == ({Int8Linear}, {Int4Linear})
+    assert isinstance(lm.lm_head, Int4Linear)
 
 
 def test_load_rejects_bad_combinations(opt_ckpt):

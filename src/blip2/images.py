@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # torch is imported where it is needed: decode processes neve
 
 # Largest image (width × height) read from a file or bytes; the same default as Pillow's own bomb guard.
 MAX_IMAGE_PIXELS = 89_478_485
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # image files in folders
 
 ImageSource: TypeAlias = (
     "Image.Image | str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | torch.Tensor"

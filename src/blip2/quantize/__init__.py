@@ -3,9 +3,11 @@ int4) and their kernels. The model files see only ``nn.Linear``-like modules.
 
 ``blip2.load(..., quantize="int8")``: every linear layer of the vision encoder, the Q-Former and the
 language model int8 (per output channel). ``quantize="int4"``: the vision encoder's and the language
-model's int4 (group-wise, ``group_size`` 128 by default), the Q-Former's int8 (see
-``model.INT4_PARTS``). The projection and the retrieval heads stay float. ``blip2 quantize SRC DST --bits 8|4`` writes a checkpoint that holds the packed tensors
-(``checkpoint``), which ``blip2.load`` maps into memory without quantizing anything.
+model's int4 (group-wise, ``group_size`` 128 by default), the Q-Former's and T5's encoder's int8 (see
+``model.int4_layer``). The projection and the retrieval heads stay float. ``blip2 quantize SRC DST
+--bits 8|4`` writes a checkpoint that holds the packed tensors (``checkpoint``), which ``blip2.load``
+maps into memory without quantizing anything; with ``--calibration IMAGES`` its int4 codes are fitted
+by GPTQ to the inputs the layers meet on those images (``calibrate``, ``gptq``) instead of rounded.
 
 Kernels (``kernels``, ``csrc/lowbit_linear.c``): weights are stored in blocks of 16 outputs; the input
 is quantized to int8 per row and block of 128 inputs (int8) or group (int4) and multiplied in integers

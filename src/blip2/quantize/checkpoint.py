@@ -71,9 +71,15 @@ def method_of(model: nn.Module) -> tuple[str | None, int | None]:
 # ---- writing ------------------------------------------------------------------------------------------
 
 
-def save(model: nn.Module, src_folder: str | os.PathLike, out_folder: str | os.PathLike) -> Path:
+def save(
+    model: nn.Module,
+    src_folder: str | os.PathLike,
+    out_folder: str | os.PathLike,
+    calibration: dict | None = None,
+) -> Path:
     """Write ``model`` (loaded from ``src_folder``, float or quantized) as a checkpoint in ``out_folder``:
-    its low-bit layers' packed tensors, every other tensor from the source's files as they are."""
+    its low-bit layers' packed tensors, every other tensor from the source's files as they are.
+    ``calibration``: how the codes were fitted (``calibrate``), noted in the quantization entry."""
     src = Path(src_folder)
     cfg = Blip2Config.from_file(src / "config.json")
     layers = quantized_layers(model)
@@ -101,6 +107,8 @@ def save(model: nn.Module, src_folder: str | os.PathLike, out_folder: str | os.P
     config.pop("quantization", None)
     if layers:
         config["quantization"] = describe(layers, names)
+        if calibration is not None:
+            config["quantization"]["calibration"] = calibration
     return write_checkpoint(state, src, out_folder, config)
 
 

@@ -232,6 +232,33 @@ class Int4Linear(kernels.LowbitLinear):
             layer.bias = linear.bias.detach().float().clone()
         return layer
 
+    @classmethod
+    def from_codes(
+        cls,
+        q: torch.Tensor,
+        scales: torch.Tensor,
+        mins: torch.Tensor,
+        bias: torch.Tensor | None,
+        in_features: int,
+        group_size: int = DEFAULT_GROUP_SIZE,
+        kernel: str | None = None,
+    ) -> Int4Linear:
+        """A layer of codes fitted elsewhere (``gptq``): ``q`` (out, padded) in [0, 15], ``scales`` and
+        ``mins`` (out, groups) float16."""
+        out_features, padded = q.shape
+        layer = cls(in_features, out_features, bias is not None, group_size, kernel)
+        if (
+            padded != kernels.padded_width(in_features, group_size)
+            or scales.shape != (out_features, padded // group_size)
+            or mins.shape != scales.shape
+        ):
+            raise ValueError(f"codes of shape {tuple(q.shape)} / {tuple(scales.shape)} do not fit {layer}")
+        layer.qweight = kernels.block_int4(q, padded)
+        layer.scales, layer.mins = kernels.block_groups(scales.half()), kernels.block_groups(mins.half())
+        if bias is not None:
+            layer.bias = bias.detach().float().clone()
+        return layer
+
     def dequantized(self) -> torch.Tensor:
         """The (out, in) float32 weight the packing stands for."""
         return kernels.int4_weight(self.qweight, self.scales, self.mins, self.out_features)[

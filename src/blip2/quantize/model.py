@@ -20,8 +20,18 @@ QUANTIZED_PARTS = ("vision", "qformer", "language_model")
 # int4 where it pays (bench/README.md): the language model, whose decode steps are bound by reading its
 # weights (half the bytes), and the image encoder (half the memory -- 0.5 GB less for ViT-g -- for 5-10 %
 # more time than int8: both kernels are bound by vpdpbusd there, and int4's also unpacks nibbles; the demo
-# model scores alike). The Q-Former stays int8: small, and int4 there costs the most in logits.
+# model scores alike). The Q-Former stays int8: small, and int4 there costs the most in logits. So does
+# T5's encoder, which no decode step reads (it runs once per prompt, bound by arithmetic, where int4 is
+# no faster): int4 there was half of int4's logit error on the T5 test checkpoints (bench/README.md).
 INT4_PARTS = ("vision", "language_model")
+INT8_UNDER_INT4 = ("language_model.encoder.",)
+
+
+def int4_layer(name: str) -> bool:
+    """Whether the linear layer ``name`` (from the model's root) is int4 when the model is int4."""
+    return name.split(".", 1)[0] in INT4_PARTS and not name.startswith(INT8_UNDER_INT4)
+
+
 QuantizedLinear = Int8Linear | Int4Linear
 
 
@@ -40,10 +50,10 @@ def plan(model: nn.Module, method: str) -> dict[str, str]:
         root = getattr(model, part, None)
         if root is None:
             continue
-        bits = "int4" if method == "int4" and part in INT4_PARTS else "int8"
         for name, module in root.named_modules():
             if type(module) in (nn.Linear, Linear):
-                out[f"{part}.{name}"] = bits
+                path = f"{part}.{name}"
+                out[path] = "int4" if method == "int4" and int4_layer(path) else "int8"
     return out
 
 
