@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, load_image
 from . import memory
 from .checkpoint import method_of, save
-from .gptq import DAMP, gptq_int4, hessian_passes, layer_names_in_order
+from .gptq import DAMP, Hessian, gptq_int4, hessian_passes, layer_names_in_order
 from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size
 from .model import plan, quantize_model_, replace
 
@@ -57,15 +57,16 @@ def image_files(sources: Sequence[str | os.PathLike], count: int) -> list[Path]:
     return found[:count]
 
 
-def _forwards(
-    pipeline, images: list, prompts: Sequence[str], batch: int, progress: bool | None
-) -> list[Callable[[], None]]:
-    """One forward per image: the prompt and the float model's sampled continuation, teacher-forced."""
+IMAGE_KEYS = ("pixel_values", "qformer_input_ids", "qformer_attention_mask")
+
+
+def _inputs(pipeline, images: list, prompts: Sequence[str], batch: int, progress: bool | None) -> list[dict]:
+    """One model input per image: the prompt and the float model's sampled continuation, teacher-forced
+    (a retrieval checkpoint: the pixels alone)."""
     model, processor = pipeline.model, pipeline.processor
     rows = [prompts[i % len(prompts)] for i in range(len(images))]
-    if model.language_model is None:  # a retrieval checkpoint: the image side is all there is
-        pixels = [processor.image_processor([image]) for image in images]
-        return [lambda p=p: model.image_features(p) for p in pixels]
+    if model.language_model is None:
+        return [{"pixel_values": processor.image_processor([image])} for image in images]
     continuations: list[list[int]] = []
     starts = tqdm(range(0, len(images), batch), "calibration texts", unit="batch",
                   disable=None if progress is None else not progress)  # fmt: skip
@@ -81,7 +82,7 @@ def _forwards(
             top_p=1.0,
             seed=start,
         )
-    runs = []
+    inputs = []
     image_token = model.cfg.image_token_index  # a generated one would take the image's place
     for image, prompt, new in zip(images, rows, continuations, strict=True):
         enc = processor(images=[image], text=[prompt])
@@ -92,8 +93,8 @@ def _forwards(
             enc["attention_mask"] = torch.ones_like(enc["input_ids"])
         else:
             enc["decoder_input_ids"] = model.shift_right(new_ids)
-        runs.append(lambda enc=enc: model(**enc))
-    return runs
+        inputs.append(enc)
+    return inputs
 
 
 def quantize_calibrated(
@@ -131,13 +132,19 @@ def quantize_calibrated(
         raise InputError("no calibration images given")
     model = pipeline.model
     with torch.inference_mode():
-        runs = _forwards(pipeline, loaded, prompts, batch=8, progress=progress)
-    names = [name for name, bits in plan(model, "int4").items() if bits == "int4"]
-    with torch.inference_mode():
-        names = layer_names_in_order(model, names, runs[0])
+        inputs = _inputs(pipeline, loaded, prompts, batch=8, progress=progress)
+    layers = plan(model, "int4")
+    # int8 layers (the Q-Former, T5's encoder) are rounded first, so that the int4 ones are fitted to
+    # what they will meet: the image side first, then the language model on the prefix it gives
+    quantize_model_(
+        model, "int4", group_size, progress=False, layers={n: b for n, b in layers.items() if b == "int8"}
+    )
+    int4 = [name for name, bits in layers.items() if bits == "int4"]
+    vision = [name for name in int4 if not name.startswith("language_model.")]
+    language = [name for name in int4 if name.startswith("language_model.")]
     mappings = memory.file_mappings()
 
-    def quantize(name: str, hessian: torch.Tensor) -> None:
+    def quantize(name: str, hessian: Hessian) -> None:
         linear = model.get_submodule(name)
         codes = gptq_int4(linear.weight, hessian, group_size, damp)
         layer = Int4Linear.from_codes(
@@ -146,12 +153,23 @@ def quantize_calibrated(
         memory.release(linear.weight, mappings)
         replace(model, name, layer)  # later passes run through the int4 layer, as inference will
 
-    bar = tqdm(total=len(names), desc="calibrating int4 (GPTQ)", unit="layer",
+    def image_side(enc: dict) -> torch.Tensor:
+        return model.image_features(*(enc.get(key) for key in IMAGE_KEYS))
+
+    bar = tqdm(total=len(int4), desc="calibrating int4 (GPTQ)", unit="layer",
                disable=None if progress is None else not progress)  # fmt: skip
     with torch.inference_mode(), bar:
-        hessian_passes(model, names, runs, budget_bytes, quantize, bar.update)
-    quantize_model_(model, "int4", group_size, progress=progress)  # the rest (the Q-Former's int8)
-    log.info("GPTQ: %d int4 layers on %d calibration images", len(names), len(loaded))
+        if vision:
+            runs = [lambda enc=enc: image_side(enc) for enc in inputs]
+            ordered = layer_names_in_order(model, vision, runs[0])
+            hessian_passes(model, ordered, runs, budget_bytes, quantize, bar.update)
+        if language:  # the image prefix computed once, by the quantized image side
+            texts = [{k: v for k, v in enc.items() if k not in IMAGE_KEYS} for enc in inputs]
+            prefixes = [image_side(enc).prefix for enc in inputs]
+            runs = [lambda t=t, p=p: model(**t, image_prefix=p) for t, p in zip(texts, prefixes, strict=True)]
+            ordered = layer_names_in_order(model, language, runs[0])
+            hessian_passes(model, ordered, runs, budget_bytes, quantize, bar.update)
+    log.info("GPTQ: %d int4 layers on %d calibration images", len(vision) + len(language), len(loaded))
     return {
         "method": "gptq",
         "images": len(loaded),

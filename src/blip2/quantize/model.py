@@ -72,15 +72,19 @@ def replace(model: nn.Module, name: str, layer: nn.Module) -> None:
 
 @torch.no_grad()
 def quantize_model_(
-    model: nn.Module, method: str = "int8", group_size: int = DEFAULT_GROUP_SIZE, progress: bool | None = None
+    model: nn.Module,
+    method: str = "int8",
+    group_size: int = DEFAULT_GROUP_SIZE,
+    progress: bool | None = None,
+    layers: dict[str, str] | None = None,
 ) -> int:
     """Replace, in place, the linear layers of a BLIP-2 model by int8 / int4 ones (see :func:`plan`).
 
     Returns the number of layers replaced. Meant to run right after loading, on CPU; the float weights'
     file pages are given back as they are packed. ``progress``: a bar on stderr (None:
-    when stderr is a terminal).
+    when stderr is a terminal). ``layers``: only these (name -> bits, a part of the plan).
     """
-    layers = plan(model, method)
+    layers = plan(model, method) if layers is None else layers
     mappings = memory.file_mappings()
 
     def done(chunk: torch.Tensor) -> None:
