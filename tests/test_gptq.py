@@ -240,3 +240,12 @@ def test_instructblip_calibrates(kind, request, tmp_path):
     assert calibrated.mean() > rounded.mean(), (calibrated, rounded)
     out = save_calibrated(pipe, tmp_path / "int4", {"method": "gptq"})
     assert blip2.load(out).ask(make_images(1)[0], "what is it?", max_new_tokens=3) is not None
+
+
+def test_a_weight_that_cannot_be_quantized_is_named(opt_ckpt):
+    pipe = blip2.load(opt_ckpt)
+    fc1 = pipe.model.language_model.layers[1].mlp.fc1
+    fc1.weight = torch.nn.Parameter(fc1.weight.detach().clone(), requires_grad=False)
+    fc1.weight[3, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"language_model\.layers\.1\.mlp\.fc1: .*(NaN|infinit)"):
+        quantize_calibrated(pipe, make_images(4), progress=False)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, load_image
-from . import memory
+from . import kernels, memory
 from .checkpoint import method_of, save
 from .gptq import DAMP, Hessian, gptq_int4, hessian_passes, layer_names_in_order
 from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size
@@ -131,9 +131,14 @@ def quantize_calibrated(
     if not loaded:
         raise InputError("no calibration images given")
     model = pipeline.model
+    layers = plan(model, "int4")
+    for name in layers:  # before the float model runs on them
+        try:
+            kernels.require_finite(model.get_submodule(name).weight)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from e
     with torch.inference_mode():
         inputs = _inputs(pipeline, loaded, prompts, batch=8, progress=progress)
-    layers = plan(model, "int4")
     # int8 layers (the Q-Former, T5's encoder) are rounded first, so that the int4 ones are fitted to
     # what they will meet: the image side first, then the language model on the prefix it gives
     quantize_model_(
@@ -146,7 +151,10 @@ def quantize_calibrated(
 
     def quantize(name: str, hessian: Hessian) -> None:
         linear = model.get_submodule(name)
-        codes = gptq_int4(linear.weight, hessian, group_size, damp)
+        try:
+            codes = gptq_int4(linear.weight, hessian, group_size, damp)
+        except ValueError as e:  # a weight that cannot be quantized, or inputs that cannot fit it: say which
+            raise ValueError(f"{name}: {e}") from e
         layer = Int4Linear.from_codes(
             codes.q, codes.scales, codes.mins, linear.bias, linear.in_features, group_size
         )

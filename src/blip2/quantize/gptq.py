@@ -55,12 +55,15 @@ def static_groups(weight: torch.Tensor, group_size: int) -> Int4Codes:
     """Round-to-nearest int4 codes of (out, in) ``weight``, with the scales and minimums that
     ``pack_int4`` fits (its range search and least-squares refit)."""
     out, in_features = weight.shape
+    kernels.require_finite(weight)
     padded = kernels.padded_width(in_features, check_group_size(group_size))
     groups = padded // group_size
     real = (torch.arange(padded) < in_features).view(groups, group_size)
     w = F.pad(weight.float(), (0, padded - in_features)).view(out, groups, group_size)
     q, scales, mins = _fit(w, real)
     q = q.masked_fill(~real, 0)
+    if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
+        raise ValueError("weights too large for int4's float16 scales")
     return Int4Codes(q.view(out, padded).to(torch.uint8), scales, mins)
 
 
