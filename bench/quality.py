@@ -9,7 +9,8 @@ Test checkpoints: ``tests/factory.py`` OPT and T5 ones (seeds 0-3), two images a
 cosine of the logits to float32's, flattened per sample (as ``tests/test_quantize.py``), the mean and
 the lowest over samples and checkpoints. The demo model's logits likewise, on 8 held-out scenes.
 "int4 GPTQ": int4 calibrated (``blip2 quantize --calibration``) on 32 other images with the same prompts
-(test checkpoints) or on 32 training scenes with the demo's prompts (demo), as ``tests/test_gptq.py``.
+(test checkpoints, as ``tests/test_gptq.py``) or on 32 training scenes, each with a caption prompt or its
+own question (demo, as ``tests/test_quantize_demo.py``).
 
 What 4 bits can do on those checkpoints (``--bound``): the language model's weights (where int4 costs the
 most) replaced, in the float model, by int4's dequantized weights; by the best affine 4-bit grid per group
@@ -56,8 +57,9 @@ def _demo(method: str | None):
         return blip2.load("demo", quantize=method)
     scenes = generate(0, 32, "train")
     rng = np.random.default_rng(0)
-    prompts = ["a photo of"] + [
-        QUESTION_TEMPLATE.format(s.sample_questions(rng, 1)[0][0]) for s in scenes[:7]
+    prompts = [  # one per scene (prompts go to the images in turn): a caption prompt or its own question
+        "a photo of" if i % 2 == 0 else QUESTION_TEMPLATE.format(s.sample_questions(rng, 1)[0][0])
+        for i, s in enumerate(scenes)
     ]
     return _calibrated("demo", [s.render() for s in scenes], prompts)
 

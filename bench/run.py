@@ -138,9 +138,7 @@ class Ours:
 
     def clear(self) -> None:
         """Every timed call pays for its images, as the reference's do."""
-        self.m.prefix_cache.clear()
-        self.m.prefill_cache.clear()
-        self.m.vision_cache.clear()  # InstructBLIP: the vision encoder's output per image
+        self.m.clear_caches()
 
     def generate(self, images, prompts, n):
         self.clear()

@@ -75,6 +75,13 @@ class Pipeline:
     def config(self) -> Blip2Config:
         return self.model.cfg
 
+    def clear_caches(self) -> None:
+        """Forget what was computed per image (image prefixes, prefilled keys / values): needed after the
+        model's weights change in place (``blip2.quantize.calibrate``, training)."""
+        self.prefix_cache.clear()
+        self.prefill_cache.clear()
+        self.vision_cache.clear()
+
     def save(self, folder: str | os.PathLike) -> Path:
         """Write the model as loaded to ``folder`` (hub layout): a quantized model's low-bit layers as their
         packed tensors (``blip2.load(folder)`` then maps them, quantizing nothing), the rest as the source

@@ -109,15 +109,18 @@ def quantize_calibrated(
 ) -> dict:
     """Quantize a float CPU ``pipeline``'s model in place to int4 (as ``quantize="int4"``), its int4 layers
     fitted by GPTQ to calibration inputs: ``images`` (paths, folders, or images; the first ``count``).
-    Returns the ``calibration`` note :func:`save_calibrated` writes into ``config.json``.
-
-    The pipeline is consumed: save it, then load the saved checkpoint to run it.
+    Returns the ``calibration`` note :func:`save_calibrated` writes into ``config.json``. The pipeline
+    runs quantized afterwards; saved, it loads in a second.
     """
     check_group_size(group_size)
     if method_of(pipeline.model)[0] is not None:
         raise InputError("this model is already quantized: calibrate its float source")
     if pipeline.device.type != "cpu":
         raise InputError("calibrated int4 is written on the CPU: load the source with device='cpu'")
+    if pipeline.decoder is not None:
+        raise InputError(
+            "calibrate a pipeline loaded without compile= (its static decoder holds the float weights)"
+        )
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise InputError("calibration prompts must be a non-empty list of strings")
     if count < 1:
@@ -177,6 +180,7 @@ def quantize_calibrated(
             runs = [lambda t=t, p=p: model(**t, image_prefix=p) for t, p in zip(texts, prefixes, strict=True)]
             ordered = layer_names_in_order(model, language, runs[0])
             hessian_passes(model, ordered, runs, budget_bytes, quantize, bar.update)
+    pipeline.clear_caches()  # the float model's image prefixes and prefills
     log.info("GPTQ: %d int4 layers on %d calibration images", len(vision) + len(language), len(loaded))
     return {
         "method": "gptq",
