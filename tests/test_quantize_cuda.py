@@ -176,7 +176,7 @@ def test_quantizing_for_the_cpu_part_of_a_placement_uses_the_cpu_kernels(opt_ckp
 
 def test_cuda_layers_follow_the_cpus_choice_of_bits(opt_ckpt):
     """Under int4 the Q-Former's layers are int8 on a non-CPU device too, as on the CPU
-    (``blip2.quantize.model.int4_layer``); the meta device stands in for CUDA (shapes only)."""
+    (``blip2.quantize.cuda.layer_bits``); the meta device stands in for CUDA (shapes only)."""
     pipe = blip2.load(opt_ckpt)
     quantize_model_(pipe.model, 4, lambda _: "meta", "dequant")
     layers = {n: m for n, m in pipe.model.named_modules() if isinstance(m, CudaInt8Linear | CudaInt4Linear)}

@@ -23,6 +23,7 @@ QUANTIZED_PARTS = ("vision", "qformer", "language_model")
 # model scores alike). The Q-Former stays int8: small, and int4 there costs the most in logits. So does
 # T5's encoder, which no decode step reads (it runs once per prompt, bound by arithmetic, where int4 is
 # no faster): int4 there was half of int4's logit error on the T5 test checkpoints (bench/README.md).
+# (On CUDA, where int4 is for fitting a card, T5's encoder stays int4: ``cuda.layer_bits``.)
 INT4_PARTS = ("vision", "language_model")
 INT8_UNDER_INT4 = ("language_model.encoder.",)
 
