@@ -65,6 +65,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--calibration-count",
         type=int,
+        metavar="N",
         default=32,
         help="calibration images used, the first in sorted order (default 32)",
     )
