@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .calibrate import quantize_calibrated, save_calibrated
     from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, pack_int4
     from .int8 import Int8Linear, fbgemm_available, pack_int8, quantize_weight
     from .model import METHODS, QUANTIZED_PARTS, QuantizedLinear, check_method, plan, quantize_model_
@@ -35,8 +36,10 @@ _EXPORTS = {
     "pack_int4": ".int4",
     "pack_int8": ".int8",
     "plan": ".model",
+    "quantize_calibrated": ".calibrate",
     "quantize_model_": ".model",
     "quantize_weight": ".int8",
+    "save_calibrated": ".calibrate",
 }
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -50,7 +53,9 @@ __all__ = [
     "pack_int4",
     "pack_int8",
     "plan",
+    "quantize_calibrated",
     "quantize_model_",
     "quantize_weight",
+    "save_calibrated",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -8,8 +8,10 @@ The inputs each int4 layer is fitted to are what it meets when the model caption
 calibration image with a prompt (``DEFAULT_PROMPTS`` in turn) and a continuation the float model samples
 from its own distribution (temperature 1, as LLM-QAT's self-generated data: greedy text of a weak model
 repeats itself), teacher-forced in one forward, so that the language model's layers see the prompt's
-positions and those of text it generates. The Q-Former's int8 layers are rounded as without
-calibration. The result is an ordinary int4 checkpoint: only the 4-bit codes differ.
+positions and those of text it generates. The int8 layers (the Q-Former, T5's encoder) are rounded as
+without calibration, first; then the image side's int4 layers are fitted, then the language model's on
+the image prefix the quantized image side gives. The result is an ordinary int4 checkpoint: only the
+4-bit codes differ.
 """
 
 from __future__ import annotations
