@@ -32,13 +32,15 @@ def _correlated_inputs(n: int, width: int, seed: int) -> torch.Tensor:
     return (torch.randn(n, width, generator=g) @ mixing) * scale
 
 
-@pytest.mark.parametrize("in_features", [256, 200])  # 200: the last group is part padding
-def test_gptq_output_error_is_well_below_rounding(in_features):
+@pytest.mark.parametrize(
+    "in_features,group", [(256, 128), (200, 128), (640, 256)]
+)  # 200, 640: the last group is part padding
+def test_gptq_output_error_is_well_below_rounding(in_features, group):
     w = torch.randn(64, in_features, generator=torch.Generator().manual_seed(1)) * 0.05
     x = _correlated_inputs(2048, in_features, seed=2)
     held_out = _correlated_inputs(1024, in_features, seed=3)
-    codes = gptq_int4(w, x.T @ x, group_size=128)
-    rounded = static_groups(w, 128)
+    codes = gptq_int4(w, x.T @ x, group_size=group)
+    rounded = static_groups(w, group)
     assert codes.q.dtype == torch.uint8 and int(codes.q.max()) <= 15
     assert torch.equal(codes.scales, rounded.scales) and torch.equal(codes.mins, rounded.mins)
     assert not codes.q[:, in_features:].any()  # padding codes stay zero
@@ -253,3 +255,16 @@ def test_a_weight_that_cannot_be_quantized_is_named(opt_ckpt):
     fc1.weight[3, 5] = float("inf")
     with pytest.raises(ValueError, match=r"language_model\.layers\.1\.mlp\.fc1: .*(NaN|infinit)"):
         quantize_calibrated(pipe, make_images(4), progress=False)
+
+
+@pytest.mark.parametrize("n", [100, 700])  # below and above the halving's base
+def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_inverse(n):
+    from blip2.quantize.gptq import _inverse_cholesky
+
+    x = _correlated_inputs(2 * n, n, seed=11)
+    h = x.T @ x
+    upper = _inverse_cholesky(h, damp=0.01)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(n)
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    want = torch.linalg.cholesky(torch.linalg.inv(damped.double()), upper=True)
+    torch.testing.assert_close(upper.double(), want, rtol=1e-3, atol=1e-4 * want.abs().max().item())

