@@ -15,7 +15,7 @@ from blip2.cli import main
 from blip2.errors import ImageError, InputError
 from blip2.quantize import Int4Linear, Int8Linear
 from blip2.quantize.calibrate import image_files, quantize_calibrated, save_calibrated
-from blip2.quantize.gptq import gptq_int4, hessian_passes, shared_inputs, static_groups
+from blip2.quantize.gptq import gptq_int4, hessian_passes, probe, static_groups
 from blip2.quantize.model import plan
 from factory import build_checkpoint, make_images
 
@@ -91,7 +91,8 @@ def test_passes_share_an_input_and_respect_the_budget(opt_ckpt):
     names = [
         n for n, bits in plan(model, "int4").items() if bits == "int4" and n.startswith("language_model")
     ]
-    owner = shared_inputs(model, names, runs[0])
+    order, owner = probe(model, names[::-1], runs[0])
+    assert order == names  # the forward's order, whatever the order asked in
     attn = "language_model.layers.0.attn"
     assert owner[f"{attn}.q"] == owner[f"{attn}.k"] == owner[f"{attn}.v"] == f"{attn}.q"
     assert (
@@ -119,7 +120,7 @@ def test_passes_share_an_input_and_respect_the_budget(opt_ckpt):
     for budget in (1, 1 << 30):  # one layer a pass, or all in one
         seen.clear()
         with torch.inference_mode():
-            hessian_passes(model, names, runs, budget, check)
+            hessian_passes(model, names[::-1], runs, budget, check)
         assert seen == names
 
 

@@ -27,9 +27,10 @@ from tqdm import tqdm
 
 from ..errors import InputError
 from ..images import IMAGE_SUFFIXES, load_image
+from ..models.blip2 import ImageFeatures
 from . import kernels, memory
 from .checkpoint import method_of, save
-from .gptq import DAMP, Hessian, gptq_int4, hessian_passes, layer_names_in_order
+from .gptq import DAMP, Hessian, gptq_int4, hessian_passes
 from .int4 import DEFAULT_GROUP_SIZE, Int4Linear, check_group_size
 from .model import plan, quantize_model_, replace
 
@@ -166,7 +167,7 @@ def quantize_calibrated(
         memory.release(linear.weight, mappings)
         replace(model, name, layer)  # later passes run through the int4 layer, as inference will
 
-    def image_side(enc: dict) -> torch.Tensor:
+    def image_side(enc: dict) -> ImageFeatures:
         return model.image_features(*(enc.get(key) for key in IMAGE_KEYS))
 
     bar = tqdm(total=len(int4), desc="calibrating int4 (GPTQ)", unit="layer",
@@ -174,14 +175,12 @@ def quantize_calibrated(
     with torch.inference_mode(), bar:
         if vision:
             runs = [lambda enc=enc: image_side(enc) for enc in inputs]
-            ordered = layer_names_in_order(model, vision, runs[0])
-            hessian_passes(model, ordered, runs, budget_bytes, quantize, bar.update)
+            hessian_passes(model, vision, runs, budget_bytes, quantize, bar.update)
         if language:  # the image prefix computed once, by the quantized image side
             texts = [{k: v for k, v in enc.items() if k not in IMAGE_KEYS} for enc in inputs]
             prefixes = [image_side(enc).prefix for enc in inputs]
             runs = [lambda t=t, p=p: model(**t, image_prefix=p) for t, p in zip(texts, prefixes, strict=True)]
-            ordered = layer_names_in_order(model, language, runs[0])
-            hessian_passes(model, ordered, runs, budget_bytes, quantize, bar.update)
+            hessian_passes(model, language, runs, budget_bytes, quantize, bar.update)
     pipeline.clear_caches()  # the float model's image prefixes and prefills
     log.info("GPTQ: %d int4 layers on %d calibration images", len(vision) + len(language), len(loaded))
     return {

@@ -22,11 +22,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import kernels
-from .int4 import _fit, check_group_size
+from .int4 import pack_int4
 
 log = logging.getLogger(__name__)
 
@@ -44,27 +43,19 @@ class Int4Codes:
     mins: torch.Tensor
 
     def dequantized(self, in_features: int) -> torch.Tensor:
-        out, padded = self.q.shape
-        groups = self.scales.shape[1]
-        q = self.q.float().view(out, groups, padded // groups)
-        w = q * self.scales.float()[..., None] + self.mins.float()[..., None]
-        return w.view(out, padded)[:, :in_features]
+        return kernels.int4_dequantized(self.q, self.scales, self.mins)[:, :in_features]
 
 
 def static_groups(weight: torch.Tensor, group_size: int) -> Int4Codes:
-    """Round-to-nearest int4 codes of (out, in) ``weight``, with the scales and minimums that
-    ``pack_int4`` fits (its range search and least-squares refit)."""
-    out, in_features = weight.shape
-    kernels.require_finite(weight)
-    padded = kernels.padded_width(in_features, check_group_size(group_size))
-    groups = padded // group_size
-    real = (torch.arange(padded) < in_features).view(groups, group_size)
-    w = F.pad(weight.float(), (0, padded - in_features)).view(out, groups, group_size)
-    q, scales, mins = _fit(w, real)
-    q = q.masked_fill(~real, 0)
-    if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
-        raise ValueError("weights too large for int4's float16 scales")
-    return Int4Codes(q.view(out, padded).to(torch.uint8), scales, mins)
+    """Round-to-nearest int4 codes of (out, in) ``weight``: ``pack_int4``'s own (its range search and
+    least-squares refit), unblocked."""
+    out = weight.shape[0]
+    qweight, scales, mins = pack_int4(weight, group_size)
+    return Int4Codes(
+        kernels.unblock_int4(qweight)[:out].contiguous(),
+        kernels.unblock_groups(scales)[:out].contiguous(),
+        kernels.unblock_groups(mins)[:out].contiguous(),
+    )
 
 
 class Hessian:
@@ -176,45 +167,50 @@ class _PassDone(Exception):
     not needed."""
 
 
-def shared_inputs(model: nn.Module, names: list[str], run: Callable[[], None]) -> dict[str, str]:
-    """Layer -> the first layer in ``names`` fed the very same input tensor in one forward (``run``)."""
+def probe(
+    model: nn.Module, names: Iterable[str], run: Callable[[], None]
+) -> tuple[list[str], dict[str, str]]:
+    """One forward (``run``) watched: ``names`` in the order it calls them (those it never calls last),
+    and layer -> the first of them fed the very same input tensor (an attention's q, k and v)."""
     seen: dict[str, torch.Tensor] = {}
 
     def record(name: str, x: torch.Tensor) -> None:  # (a pre-hook's return value would replace the input)
         seen.setdefault(name, x)
 
+    wanted = set(names)
     hooks = [
         model.get_submodule(name).register_forward_pre_hook(lambda _, args, name=name: record(name, args[0]))
-        for name in names
+        for name in wanted
     ]
     try:
         run()
     finally:
         for hook in hooks:
             hook.remove()
+    order = list(seen) + sorted(wanted - set(seen))
     owner: dict[str, str] = {}
-    for name in names:
+    for name in order:
         x = seen.get(name)
         owner[name] = next((o for o in owner.values() if x is not None and seen.get(o) is x), name)
-    return owner
+    return order, owner
 
 
 def hessian_passes(
     model: nn.Module,
-    names: list[str],
+    names: Iterable[str],
     batches: list[Callable[[], None]],
     budget_bytes: int,
     quantize: Callable[[str, Hessian], None],
     progress: Callable[[int], None] | None = None,
 ) -> None:
-    """For every layer in ``names`` (in the order the forward runs them): H = Σ XᵀX over ``batches``
+    """For every layer in ``names``, in the order the forward runs them: H = Σ XᵀX over ``batches``
     (each a forward of ``model``), then ``quantize(name, H)``. Layers are taken a pass at a time, their
     H's together at most ``budget_bytes`` (float32; one layer at least); a pass's layers are quantized
     before the next pass's forwards run."""
-    owner = shared_inputs(model, names, batches[0])
+    order, owner = probe(model, names, batches[0])
     passes: list[list[str]] = [[]]
     used = 0
-    for name in names:
+    for name in order:
         size = model.get_submodule(name).in_features ** 2 * 4 if owner[name] == name else 0
         if passes[-1] and used + size > budget_bytes:
             passes.append([])
@@ -265,23 +261,3 @@ def _collect(model: nn.Module, names: set[str], batches: list[Callable[[], None]
         for hook in hooks:
             hook.remove()
     return hessians
-
-
-def layer_names_in_order(model: nn.Module, names: Iterable[str], run: Callable[[], None]) -> list[str]:
-    """``names`` in the order a forward (``run``) calls them; layers it never calls last."""
-    wanted = set(names)
-    order: dict[str, None] = {}
-
-    def record(name: str) -> None:
-        order.setdefault(name)
-
-    hooks = [
-        model.get_submodule(name).register_forward_pre_hook(lambda *_, name=name: record(name))
-        for name in wanted
-    ]
-    try:
-        run()
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return list(order) + sorted(wanted - set(order))

@@ -104,10 +104,15 @@ def int4_weight(
     qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, out_features: int
 ) -> torch.Tensor:
     """The dequantized (N, padded) float32 weight."""
-    groups = scales.shape[1]
-    q = unblock_int4(qweight)[:out_features].float().view(out_features, groups, -1)
-    scale, low = (unblock_groups(t)[:out_features].float()[..., None] for t in (scales, mins))
-    return (q * scale + low).view(out_features, -1)
+    scale, low = (unblock_groups(t)[:out_features] for t in (scales, mins))
+    return int4_dequantized(unblock_int4(qweight)[:out_features], scale, low)
+
+
+def int4_dequantized(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """Unblocked codes (N, padded) and per-group scales / minimums (N, groups) -> (N, padded) float32."""
+    rows, groups = scales.shape
+    grouped = q.float().view(rows, groups, -1)
+    return (grouped * scales.float()[..., None] + mins.float()[..., None]).view(rows, -1)
 
 
 # ---- the same arithmetic in PyTorch -------------------------------------------------------------------
