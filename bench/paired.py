@@ -9,6 +9,7 @@ seconds apart, and the median over rounds is reported beside each one's best. Ea
 
     python bench/paired.py                                   # small: int8 vs int4 saved checkpoints
     python bench/paired.py --shape opt-2.7b --batch 1 --rounds 6
+    python bench/paired.py --split                           # the caption's first token and later steps too
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--batch", type=int, default=4, help="images per caption call")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--split", action="store_true",
+        help="also time the caption's first token and its later steps ((t(n) - t(1)) / (n - 1), all rows)",
+    )  # fmt: skip
     args = ap.parse_args()
 
     import torch
@@ -54,6 +59,15 @@ def main() -> None:
         f"caption, {args.batch} images x {n} tokens (s)": lambda r: timed(
             lambda: r.generate(images[: args.batch], [""] * args.batch, n), k),
     }  # fmt: skip
+    if args.split:
+
+        def caption(r, tokens: int) -> float:
+            return timed(lambda: r.generate(images[: args.batch], [""] * args.batch, tokens), k)
+
+        tasks[f"caption's first token, {args.batch} images (s)"] = lambda r: caption(r, 1)
+        tasks[f"caption's later steps, {args.batch} rows (s/step)"] = lambda r: (
+            (caption(r, n) - caption(r, 1)) / (n - 1)
+        )
     for r in runners.values():  # warm-up
         for task in tasks.values():
             task(r)
