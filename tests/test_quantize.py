@@ -336,7 +336,7 @@ def test_t5_encoder_stays_int8_under_int4(t5_ckpt):
     assert isinstance(lm.lm_head, Int4Linear)
 
 
-def test_load_rejects_bad_combinations(opt_ckpt):
+def test_load_rejects_bad_combinations(opt_ckpt, tmp_path):
     with pytest.raises(ValueError, match="quantize"):
         blip2.load(opt_ckpt, quantize="int3")
     with pytest.raises(ValueError, match="exact"):
@@ -345,6 +345,8 @@ def test_load_rejects_bad_combinations(opt_ckpt):
         blip2.load(opt_ckpt, quantize="int8", group_size=128)
     with pytest.raises(ValueError, match="multiple of 128"):
         blip2.load(opt_ckpt, quantize="int4", group_size=100)
+    with pytest.raises(ValueError, match="^int4 group size must be"):  # before reading the checkpoint
+        blip2.load(tmp_path / "missing", quantize="int4", group_size=100)
 
 
 PROMPTS = [

@@ -422,6 +422,7 @@ def load(
     static-shape step without capture, on any device (see ``blip2.fastdecode``).
     """
     from .quantize.checkpoint import method_of
+    from .quantize.int4 import check_group_size
 
     t0 = time.perf_counter()
     bits, kernel = _quantize_spec(quantize)
@@ -429,6 +430,8 @@ def load(
         raise ValueError(f"compile must be False, True, 'graphs', 'inductor' or 'static', not {compile!r}")
     if group_size is not None and bits != 4:
         raise ValueError("group_size is for quantize='int4'")
+    if group_size is not None:
+        check_group_size(group_size)  # before the checkpoint is read
     if quantize and exact:
         raise ValueError("exact=True is the reference's float32 arithmetic: it does not go with quantize")
     placed = isinstance(device, Mapping) or device == "auto"
