@@ -172,6 +172,7 @@ def test_quantize_cli_calibrates(opt_ckpt, tmp_path, capsys):
     for i, image in enumerate(make_images(6, seed=40)):
         image.save(folder / ("more" if i % 2 else ".") / f"{i}.png")
     (folder / "notes.txt").write_text("not an image")
+    make_images(1, seed=41)[0].save(folder / ".hidden.png")  # left out, as `blip2 index` leaves it
     assert [p.name for p in image_files([folder], 4)] == ["0.png", "2.png", "4.png", "1.png"]
     dst = tmp_path / "q4"
     args = ["quantize", str(opt_ckpt), str(dst), "--bits", "4", "--calibration", str(folder),

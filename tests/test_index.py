@@ -210,14 +210,14 @@ def test_links_and_files_vanishing_mid_walk_are_reported_not_fatal(pipe, itm_ckp
     assert "missing file" in errors["ghost.png"] and "out of the indexed folder" in errors["escape.png"]
 
     # a file deleted between the walk and its stat: reported, the rest goes on, its old rows dropped
-    real_scan = indexing.scan
+    real_scan = indexing.scan_images
 
     def scan_then_delete(*args, **kwargs):
         found = real_scan(*args, **kwargs)
         (photos / "img002.png").unlink()
         return found
 
-    monkeypatch.setattr(indexing, "scan", scan_then_delete)
+    monkeypatch.setattr(indexing, "scan_images", scan_then_delete)
     # and a folder that cannot be listed this time: reported, what was indexed in it kept
     real_scandir = os.scandir
     monkeypatch.setattr(os, "scandir", lambda p=".": _raise(PermissionError(13, "Permission denied", str(p)))

@@ -38,7 +38,35 @@ if TYPE_CHECKING:  # torch is imported where it is needed: decode processes neve
 
 # Largest image (width × height) read from a file or bytes; the same default as Pillow's own bomb guard.
 MAX_IMAGE_PIXELS = 89_478_485
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}  # image files in folders
+
+
+def image_extensions() -> set[str]:
+    """The file suffixes Pillow opens (lower case, with the dot)."""
+    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def scan_images(root: Path, skip: Path | None = None, on_error=None) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) under ``root``, sorted; hidden files and folders and ``skip`` (an
+    index or output folder inside it) left out.
+    A folder that cannot be listed is passed to ``on_error`` (path, message) and left out."""
+
+    def unlistable(e: OSError) -> None:
+        if on_error is not None:
+            on_error(Path(e.filename), f"cannot list the folder ({e.strerror or e})")
+
+    exts = image_extensions()
+    images, others = [], []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
+        here = Path(dirpath)
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and (skip is None or here / d != skip)
+        )
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            (images if Path(name).suffix.lower() in exts else others).append(here / name)
+    return images, others
+
 
 ImageSource: TypeAlias = (
     "Image.Image | str | os.PathLike | bytes | bytearray | memoryview | np.ndarray | torch.Tensor"

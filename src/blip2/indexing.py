@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .errors import InputError
+from .images import scan_images
 from .index import META, Hit, Index, write_lock
 
 log = logging.getLogger(__name__)
@@ -32,34 +33,6 @@ class BuildReport:
     not_images: list[str] = field(default_factory=list)
     reclaimed: int = 0  # rows of removed or changed files dropped by compaction
     search: str = "exact"
-
-
-def image_extensions() -> set[str]:
-    from PIL import Image
-
-    return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-def scan(root: Path, skip: Path | None = None, on_error=None) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) under ``root``, sorted; hidden files and ``skip`` (the index) left out.
-    A folder that cannot be listed is passed to ``on_error`` (path, message) and left out."""
-
-    def unlistable(e: OSError) -> None:
-        if on_error is not None:
-            on_error(Path(e.filename), f"cannot list the folder ({e.strerror or e})")
-
-    exts = image_extensions()
-    images, others = [], []
-    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable):
-        here = Path(dirpath)
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and (skip is None or here / d != skip)
-        )
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            (images if Path(name).suffix.lower() in exts else others).append(here / name)
-    return images, others
 
 
 def inside(root: Path, rel: str | os.PathLike) -> Path | None:
@@ -149,7 +122,7 @@ def _build(pipe, root: Path, out: Path, model: str, batch_size: int, ann: str, p
         unlisted.append("" if rel == "." else rel + "/")
         fail(rel, message)
 
-    files, others = scan(root, skip=out.resolve(), on_error=unlistable)
+    files, others = scan_images(root, skip=out.resolve(), on_error=unlistable)
     report.not_images = [str(p.relative_to(root)) for p in others]
     todo: list[tuple[Path, dict[str, Any]]] = []
     seen = set()

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..images import IMAGE_SUFFIXES
 from .vqa import VqaReference
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
 
 # ---- JSON ---------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import InputError
-from ..images import IMAGE_SUFFIXES, load_image
+from ..images import load_image, scan_images
 from ..models.blip2 import ImageFeatures
 from . import kernels, memory
 from .checkpoint import method_of, save
@@ -43,20 +43,23 @@ BUDGET_BYTES = 2 << 30  # input covariances collected at once (float32)
 
 
 def image_files(sources: Sequence[str | os.PathLike], count: int) -> list[Path]:
-    """The first ``count`` image files of ``sources`` (files, or folders searched recursively), sorted."""
+    """The first ``count`` image files of ``sources`` (files, or folders searched recursively as
+    ``blip2 index`` does: ``images.scan_images``), in order."""
+
+    def unlistable(folder: Path, message: str) -> None:
+        raise InputError(f"{folder}: {message} (calibration images)")
+
     found: list[Path] = []
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += scan_images(path, on_error=unlistable)[0]
         elif path.is_file():
             found.append(path)
         else:
             raise InputError(f"{path}: no such file or folder (calibration images)")
     if not found:
-        raise InputError(
-            f"no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) in {', '.join(map(str, sources))}"
-        )
+        raise InputError(f"no image files Pillow opens in {', '.join(map(str, sources))}")
     return found[:count]
 
 
