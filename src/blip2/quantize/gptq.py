@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +167,23 @@ class _PassDone(Exception):
     not needed."""
 
 
+@contextlib.contextmanager
+def _watching(
+    model: nn.Module, names: Iterable[str], see: Callable[[str, torch.Tensor], None]
+) -> Iterator[None]:
+    """``see(name, input)`` before each named layer runs, while inside (``see`` returns None: a value
+    returned from a pre-hook would replace the input)."""
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _, args, name=name: see(name, args[0]))
+        for name in names
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def probe(
     model: nn.Module, names: Iterable[str], run: Callable[[], None]
 ) -> tuple[list[str], dict[str, str]]:
@@ -174,19 +191,12 @@ def probe(
     and layer -> the first of them fed the very same input tensor (an attention's q, k and v)."""
     seen: dict[str, torch.Tensor] = {}
 
-    def record(name: str, x: torch.Tensor) -> None:  # (a pre-hook's return value would replace the input)
+    def record(name: str, x: torch.Tensor) -> None:
         seen.setdefault(name, x)
 
     wanted = set(names)
-    hooks = [
-        model.get_submodule(name).register_forward_pre_hook(lambda _, args, name=name: record(name, args[0]))
-        for name in wanted
-    ]
-    try:
+    with _watching(model, wanted, record):
         run()
-    finally:
-        for hook in hooks:
-            hook.remove()
     order = list(seen) + sorted(wanted - set(seen))
     owner: dict[str, str] = {}
     for name in order:
@@ -248,16 +258,9 @@ def _collect(model: nn.Module, names: set[str], batches: list[Callable[[], None]
         if seen == names:
             raise _PassDone
 
-    hooks = [
-        model.get_submodule(name).register_forward_pre_hook(lambda _, args, name=name: collect(name, args[0]))
-        for name in names
-    ]
-    try:
+    with _watching(model, names, collect):
         for run in batches:
             seen.clear()
             with contextlib.suppress(_PassDone):
                 run()
-    finally:
-        for hook in hooks:
-            hook.remove()
     return hessians
