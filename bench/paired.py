@@ -53,21 +53,15 @@ def main() -> None:
     runners = {lib: Ours(saved_dir(source, lib), None) for lib in libs}
     images = make_images(max(4, args.batch), size=224, seed=1)
     n, k = args.tokens, args.repeat
+    caption_name = f"caption, {args.batch} images x {n} tokens (s)"
+    first_name = f"caption's first token, {args.batch} images (s)"
     tasks = {
         "decode (s/token)": lambda r: (timed(lambda: r.generate(images[:1], [""], n), k)
                                        - timed(lambda: r.generate(images[:1], [""], 1), k)) / (n - 1),
-        f"caption, {args.batch} images x {n} tokens (s)": lambda r: timed(
-            lambda: r.generate(images[: args.batch], [""] * args.batch, n), k),
+        caption_name: lambda r: timed(lambda: r.generate(images[: args.batch], [""] * args.batch, n), k),
     }  # fmt: skip
     if args.split:
-
-        def caption(r, tokens: int) -> float:
-            return timed(lambda: r.generate(images[: args.batch], [""] * args.batch, tokens), k)
-
-        tasks[f"caption's first token, {args.batch} images (s)"] = lambda r: caption(r, 1)
-        tasks[f"caption's later steps, {args.batch} rows (s/step)"] = lambda r: (
-            (caption(r, n) - caption(r, 1)) / (n - 1)
-        )
+        tasks[first_name] = lambda r: timed(lambda: r.generate(images[: args.batch], [""] * args.batch, 1), k)
     for r in runners.values():  # warm-up
         for task in tasks.values():
             task(r)
@@ -76,6 +70,14 @@ def main() -> None:
         for name, task in tasks.items():
             for lib in libs if turn % 2 == 0 else libs[::-1]:
                 times[name][lib].append(task(runners[lib]))
+    if args.split:  # each round's later steps from its own caption and first token
+        times[f"caption's later steps, {args.batch} rows (s/step)"] = {
+            lib: [
+                (t - t1) / (n - 1)
+                for t, t1 in zip(times[caption_name][lib], times[first_name][lib], strict=True)
+            ]
+            for lib in libs
+        }
     a, b = libs
     lines = [
         f"| measure | {a} best | {b} best | time {b} / {a}: median of rounds (range) | {a} / {b} |",
